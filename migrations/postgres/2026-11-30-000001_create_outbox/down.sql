@@ -1,0 +1,3 @@
+DROP TABLE devour_outbox;
+DROP FUNCTION devour_shard(text, bigint);
+DROP FUNCTION devour_murmur2(bytea);

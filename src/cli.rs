@@ -1,0 +1,215 @@
+//! The `devour` command line: argument parsing and the commands behind it. The binary only
+//! calls [`main`]; an application's own binary can do the same to get every subcommand.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Config, ConfigError, CONFIG_ENV};
+use crate::db::{DbError, DbPool};
+
+/// Exit code of a runtime failure (database or broker unreachable, a query failed).
+pub const EXIT_FAILURE: u8 = 1;
+/// Exit code of bad usage or bad configuration.
+pub const EXIT_USAGE: u8 = 2;
+
+/// devour: a transactional outbox for Kafka on Diesel.
+#[derive(Debug, Parser)]
+#[command(name = "devour", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where the configuration comes from; flattened into every subcommand.
+#[derive(Debug, Clone, Args)]
+pub struct ConfigOpts {
+    /// Path of devour.toml (default: ./devour.toml; keys can be overridden by DEVOUR_* variables).
+    #[arg(long = "config", short = 'c', env = CONFIG_ENV, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+}
+
+impl ConfigOpts {
+    /// Loads and validates the configuration, honouring `--config`.
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        let mut env: Vec<(String, String)> = std::env::vars().collect();
+        if let Some(path) = &self.config {
+            env.retain(|(k, _)| k != CONFIG_ENV);
+            env.push((CONFIG_ENV.to_string(), path.display().to_string()));
+        }
+        Config::load_with_env(env)
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Inspect the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Apply devour's database migrations (creates the outbox table).
+    ///
+    /// Example: DEVOUR_DATABASE_URL=postgres://app:pw@127.0.0.1/app devour migrate
+    Migrate(MigrateArgs),
+    /// Look at the outbox table.
+    #[command(subcommand)]
+    Outbox(OutboxCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate devour.toml plus DEVOUR_* overrides and print the effective configuration with
+    /// secrets redacted. Exits 0 when valid, 2 with the error otherwise.
+    ///
+    /// Example: DEVOUR_CONFIG=/etc/devour.toml devour config check
+    Check(ConfigArgs),
+}
+
+#[derive(Debug, Args)]
+struct ConfigArgs {
+    #[command(flatten)]
+    config: ConfigOpts,
+}
+
+#[derive(Debug, Args)]
+struct MigrateArgs {
+    #[command(flatten)]
+    config: ConfigOpts,
+}
+
+#[derive(Debug, Subcommand)]
+enum OutboxCommand {
+    /// List the oldest undelivered rows.
+    ///
+    /// Example: devour outbox pending --limit 20
+    Pending(PendingArgs),
+}
+
+#[derive(Debug, Args)]
+struct PendingArgs {
+    #[command(flatten)]
+    config: ConfigOpts,
+    /// How many rows to show.
+    #[arg(long, default_value_t = 50)]
+    limit: i64,
+    /// Print one JSON object per row instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A command's failure, with the exit code it maps to.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Db(#[from] DbError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Failure {
+    fn exit_code(&self) -> u8 {
+        match self {
+            Failure::Config(_) => EXIT_USAGE,
+            Failure::Db(_) | Failure::Io(_) => EXIT_FAILURE,
+        }
+    }
+}
+
+/// Parses the process arguments, runs the command, prints any error, and returns the exit code
+/// (0 ok, 1 runtime failure, 2 bad usage or configuration).
+pub fn main() -> ExitCode {
+    init_logging();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { EXIT_USAGE } else { 0 });
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("devour: error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Command::Config(ConfigCommand::Check(args)) => {
+            let config = args.config.load()?;
+            let source = match &config.file {
+                Some(p) => p.display().to_string(),
+                None => "built-in defaults (no devour.toml found)".into(),
+            };
+            let mut out = std::io::stdout().lock();
+            writeln!(
+                out,
+                "# devour configuration is valid: {source} + DEVOUR_* environment overrides"
+            )?;
+            for w in &config.warnings {
+                writeln!(out, "# warning: {w}")?;
+            }
+            write!(out, "{}", config.to_redacted_toml())?;
+            Ok(())
+        }
+        Command::Migrate(args) => {
+            let config = args.config.load()?;
+            let pool = DbPool::connect(&config.database)?;
+            let applied = pool.migrate()?;
+            if applied.is_empty() {
+                println!("{}: up to date", config.database.url);
+            } else {
+                for m in &applied {
+                    println!("{}: applied {m}", config.database.url);
+                }
+            }
+            Ok(())
+        }
+        Command::Outbox(OutboxCommand::Pending(args)) => {
+            let config = args.config.load()?;
+            let pool = DbPool::connect(&config.database)?;
+            let rows = pool.get()?.pending(args.limit)?;
+            let mut out = std::io::stdout().lock();
+            if args.json {
+                for r in &rows {
+                    writeln!(out, "{}", serde_json::to_string(r).expect("rows serialize"))?;
+                }
+            } else {
+                writeln!(
+                    out,
+                    "{:>8}  {:<24} {:<16} {:<8} {:>7}  {:<26} payload",
+                    "id", "topic", "key", "event", "bytes", "created_at"
+                )?;
+                for r in &rows {
+                    writeln!(
+                        out,
+                        "{:>8}  {:<24} {:<16} {:<8} {:>7}  {:<26} {}",
+                        r.id,
+                        r.topic,
+                        r.partition_key.as_deref().unwrap_or("-"),
+                        r.event.as_deref().unwrap_or("-"),
+                        r.payload_bytes,
+                        r.created_at,
+                        r.payload_preview
+                    )?;
+                }
+                writeln!(out, "({} undelivered row(s) shown)", rows.len())?;
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,1091 @@
+//! `devour.toml`: loading, `DEVOUR_*` environment overrides and validation.
+//!
+//! Loading only validates: nothing connects here. Every failure is a [`ConfigError`] that names
+//! the file (or environment variable), the dotted key and the reason.
+//!
+//! The file is found through `DEVOUR_CONFIG` (a path), else `./devour.toml`; without either, the
+//! defaults plus environment overrides are used. Each key can be overridden by an environment
+//! variable named `DEVOUR_` + the dotted key in upper case with `.` replaced by `_`
+//! (`database.url` → `DEVOUR_DATABASE_URL`, `kafka.ssl_config.cafile` →
+//! `DEVOUR_KAFKA_SSL_CONFIG_CAFILE`). librdkafka pass-through properties use
+//! `DEVOUR_KAFKA_PROPERTY_` + the property name in upper case with `.` replaced by `_`
+//! (`DEVOUR_KAFKA_PROPERTY_SASL_PASSWORD` → `sasl.password`). Values from the environment are
+//! read as TOML values where they parse as one (`10`, `true`, `["a:1", "b:2"]`), else as strings.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use toml::{Table, Value};
+
+/// Environment variable holding the path of the configuration file.
+pub const CONFIG_ENV: &str = "DEVOUR_CONFIG";
+/// File looked for in the working directory when `DEVOUR_CONFIG` is not set.
+pub const DEFAULT_CONFIG_FILE: &str = "devour.toml";
+/// Default `database.url`: an SQLite file in the working directory.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://devour.db";
+/// Default `outbox.max_message_bytes`: 1 MiB, the broker's default `message.max.bytes`.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+
+/// Where a configuration value came from, for error messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// A configuration file.
+    File(PathBuf),
+    /// An environment variable.
+    Env(String),
+    /// Built-in defaults (no file found).
+    Defaults,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::File(p) => write!(f, "{}", p.display()),
+            Origin::Env(v) => write!(f, "environment variable {v}"),
+            Origin::Defaults => write!(f, "built-in defaults"),
+        }
+    }
+}
+
+/// A configuration that cannot be used. Names the file or variable, the key and the reason.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read, is not UTF-8, not TOML, or empty.
+    #[error("{origin}: {reason}")]
+    File {
+        /// The file.
+        origin: Origin,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A key has a bad value, a wrong type, is unknown or missing.
+    #[error("{origin}: `{key}`: {reason}")]
+    Key {
+        /// File or environment variable the value came from.
+        origin: Origin,
+        /// Dotted key, e.g. `kafka.hosts`.
+        key: String,
+        /// What is wrong and, where possible, what to do.
+        reason: String,
+    },
+}
+
+impl ConfigError {
+    /// The dotted key this error is about, if it is about one.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            ConfigError::Key { key, .. } => Some(key),
+            ConfigError::File { .. } => None,
+        }
+    }
+}
+
+/// The whole configuration. Every field has a documented default except `kafka.hosts`.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Config {
+    /// The file it was loaded from, if any.
+    pub file: Option<PathBuf>,
+    /// `[database]`.
+    pub database: DatabaseConfig,
+    /// `[kafka]`.
+    pub kafka: KafkaConfig,
+    /// `[outbox]`.
+    pub outbox: OutboxConfig,
+    /// Deprecation warnings met while loading (also logged through `tracing`).
+    pub warnings: Vec<String>,
+}
+
+/// `[database]`.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct DatabaseConfig {
+    /// `url`: `sqlite://PATH` (default `sqlite://devour.db`) or `postgres://…`.
+    pub url: DatabaseUrl,
+    /// `pool_size`: connections in the pool (default 10).
+    pub pool_size: u32,
+    /// `connect_timeout_ms`: how long to wait for a pooled connection (default 30000).
+    pub connect_timeout_ms: u64,
+    /// `busy_timeout_ms`: SQLite's busy timeout (default 5000).
+    pub busy_timeout_ms: u64,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: DatabaseUrl::parse(DEFAULT_DATABASE_URL).expect("default url parses"),
+            pool_size: 10,
+            connect_timeout_ms: 30_000,
+            busy_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// A parsed `database.url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseUrl {
+    /// `postgres://` or `postgresql://`: the URL as libpq takes it.
+    Postgres(String),
+    /// `sqlite://PATH`: a file path (relative to the working directory), or `:memory:`.
+    Sqlite(String),
+}
+
+impl DatabaseUrl {
+    /// Parses `postgres://…`, `postgresql://…` or `sqlite://PATH`.
+    pub fn parse(url: &str) -> Result<DatabaseUrl, String> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(DatabaseUrl::Postgres(url.to_string()))
+        } else if let Some(path) = url.strip_prefix("sqlite://") {
+            if path.is_empty() {
+                return Err("`sqlite://` needs a file path, e.g. `sqlite://devour.db`".into());
+            }
+            Ok(DatabaseUrl::Sqlite(path.to_string()))
+        } else {
+            let scheme = url.split("://").next().filter(|_| url.contains("://"));
+            Err(match scheme {
+                Some(s) => format!(
+                    "unknown URL scheme `{s}://`; use `sqlite://PATH` or `postgres://USER:PASSWORD@HOST/DB`"
+                ),
+                None => "not a URL; use `sqlite://PATH` or `postgres://USER:PASSWORD@HOST/DB`".into(),
+            })
+        }
+    }
+
+    /// The URL with any password replaced by `***`.
+    pub fn redacted(&self) -> String {
+        match self {
+            DatabaseUrl::Sqlite(p) => format!("sqlite://{p}"),
+            DatabaseUrl::Postgres(u) => redact_url_password(u),
+        }
+    }
+}
+
+impl fmt::Display for DatabaseUrl {
+    /// Displays the redacted URL: a password never reaches a log through `Display`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+fn redact_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
+}
+
+/// `[kafka]`: the seed's `KAFKA_CONFIG`, mapped onto librdkafka properties.
+#[derive(Debug, Clone, PartialEq, Default)]
+#[non_exhaustive]
+pub struct KafkaConfig {
+    /// `hosts` (required): bootstrap brokers, `host:port` each → `bootstrap.servers`.
+    pub hosts: Vec<String>,
+    /// `client_id` → `client.id` (default `devour`).
+    pub client_id: Option<String>,
+    /// `ssl_config` → `security.protocol=ssl`, `ssl.*.location`, `ssl.key.password`.
+    pub ssl_config: Option<SslConfig>,
+    /// `socket_timeout_ms` → `socket.timeout.ms`.
+    pub socket_timeout_ms: Option<u32>,
+    /// `offsets_channel_socket_timeout_ms`: timeout of the consumer's offset commit and fetch calls.
+    pub offsets_channel_socket_timeout_ms: Option<u32>,
+    /// `source_address`: the local IP to connect from. librdkafka cannot bind a source address;
+    /// devour uses its family to set `broker.address.family` (v4 or v6).
+    pub source_address: Option<IpAddr>,
+    /// `broker_version` → `broker.version.fallback` (only used by brokers without ApiVersion).
+    pub broker_version: Option<String>,
+    /// `exclude_internal_topics` (default true) → `topic.blacklist=^__.*` for consumers.
+    pub exclude_internal_topics: bool,
+    /// `[kafka.properties]`: librdkafka properties passed through as they are.
+    pub properties: BTreeMap<String, String>,
+}
+
+/// `[kafka.ssl_config]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SslConfig {
+    /// `cafile` (required): CA certificate file → `ssl.ca.location`.
+    pub cafile: PathBuf,
+    /// `certfile`: client certificate → `ssl.certificate.location`.
+    pub certfile: Option<PathBuf>,
+    /// `keyfile`: client key → `ssl.key.location`.
+    pub keyfile: Option<PathBuf>,
+    /// `password`: the key's passphrase → `ssl.key.password`. Never printed.
+    pub password: Option<String>,
+}
+
+/// `[outbox]`: the write path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct OutboxConfig {
+    /// `max_message_bytes` (default 1 MiB): a message whose payload, key and headers exceed this
+    /// fails the save and rolls its transaction back.
+    pub max_message_bytes: usize,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        OutboxConfig {
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+        }
+    }
+}
+
+/// Properties whose values are secrets: never printed, never logged.
+pub fn is_secret_property(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    n.contains("password") || n.contains("secret") || n.contains("token") || n.ends_with(".key.pem")
+}
+
+impl KafkaConfig {
+    /// The librdkafka properties for a client of any kind (producer or consumer), in order:
+    /// devour's own mapping first, then `[kafka.properties]`, which win.
+    pub fn client_properties(&self) -> BTreeMap<String, String> {
+        let mut p = BTreeMap::new();
+        p.insert("bootstrap.servers".to_string(), self.hosts.join(","));
+        p.insert(
+            "client.id".to_string(),
+            self.client_id.clone().unwrap_or_else(|| "devour".into()),
+        );
+        if let Some(ssl) = &self.ssl_config {
+            p.insert("security.protocol".into(), "ssl".into());
+            p.insert("ssl.ca.location".into(), ssl.cafile.display().to_string());
+            if let Some(c) = &ssl.certfile {
+                p.insert("ssl.certificate.location".into(), c.display().to_string());
+            }
+            if let Some(k) = &ssl.keyfile {
+                p.insert("ssl.key.location".into(), k.display().to_string());
+            }
+            if let Some(pw) = &ssl.password {
+                p.insert("ssl.key.password".into(), pw.clone());
+            }
+        }
+        if let Some(t) = self.socket_timeout_ms {
+            p.insert("socket.timeout.ms".into(), t.to_string());
+        }
+        if let Some(addr) = self.source_address {
+            let family = if addr.is_ipv4() { "v4" } else { "v6" };
+            p.insert("broker.address.family".into(), family.into());
+        }
+        if let Some(v) = &self.broker_version {
+            p.insert("broker.version.fallback".into(), v.clone());
+        }
+        for (k, v) in &self.properties {
+            p.insert(k.clone(), v.clone());
+        }
+        p
+    }
+
+    /// The properties of a consumer: [`client_properties`](Self::client_properties) plus
+    /// `topic.blacklist` when `exclude_internal_topics` is on.
+    pub fn consumer_properties(&self) -> BTreeMap<String, String> {
+        let mut p = self.client_properties();
+        if self.exclude_internal_topics && !self.properties.contains_key("topic.blacklist") {
+            p.insert("topic.blacklist".into(), "^__.*".into());
+        }
+        p
+    }
+
+    /// An rdkafka `ClientConfig` holding [`client_properties`](Self::client_properties).
+    pub fn client_config(&self) -> rdkafka::ClientConfig {
+        let mut c = rdkafka::ClientConfig::new();
+        for (k, v) in self.client_properties() {
+            c.set(k, v);
+        }
+        c
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading
+
+/// The known keys of each section and their types: the single source for validation,
+/// suggestions and environment variable names.
+const KEYS: &[(&str, Kind)] = &[
+    ("database.url", Kind::Str),
+    ("database.pool_size", Kind::Int),
+    ("database.connect_timeout_ms", Kind::Int),
+    ("database.busy_timeout_ms", Kind::Int),
+    ("kafka.hosts", Kind::StrOrList),
+    ("kafka.client_id", Kind::Str),
+    ("kafka.ssl_config", Kind::Table),
+    ("kafka.ssl_config.cafile", Kind::Str),
+    ("kafka.ssl_config.certfile", Kind::Str),
+    ("kafka.ssl_config.keyfile", Kind::Str),
+    ("kafka.ssl_config.password", Kind::Str),
+    ("kafka.socket_timeout_ms", Kind::Int),
+    ("kafka.offsets_channel_socket_timeout_ms", Kind::Int),
+    ("kafka.source_address", Kind::Str),
+    ("kafka.broker_version", Kind::Str),
+    ("kafka.exclude_internal_topics", Kind::Bool),
+    ("kafka.zookeeper_hosts", Kind::StrOrList),
+    ("kafka.use_greenlets", Kind::Bool),
+    ("kafka.properties", Kind::Table),
+    ("outbox.max_message_bytes", Kind::Int),
+];
+
+const SECTIONS: &[&str] = &["database", "kafka", "outbox"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Str,
+    Int,
+    Bool,
+    StrOrList,
+    Table,
+}
+
+impl Kind {
+    fn describe(self) -> &'static str {
+        match self {
+            Kind::Str => "a string",
+            Kind::Int => "an integer",
+            Kind::Bool => "a boolean (true or false)",
+            Kind::StrOrList => "a string or an array of strings",
+            Kind::Table => "a table",
+        }
+    }
+}
+
+/// The environment variable that overrides a dotted key.
+pub fn env_var_for(key: &str) -> String {
+    format!("DEVOUR_{}", key.replace('.', "_").to_ascii_uppercase())
+}
+
+const PROPERTY_ENV_PREFIX: &str = "DEVOUR_KAFKA_PROPERTY_";
+
+impl Config {
+    /// Loads the configuration the way every devour command does: the file named by
+    /// `DEVOUR_CONFIG`, else `./devour.toml` if it exists, else defaults; then `DEVOUR_*`
+    /// overrides from the process environment; then validation.
+    pub fn load() -> Result<Config, ConfigError> {
+        Self::load_with_env(std::env::vars())
+    }
+
+    /// [`load`](Self::load) with an explicit environment (tests, embedding).
+    pub fn load_with_env(
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let env: BTreeMap<String, String> = env.into_iter().collect();
+        let path = match env.get(CONFIG_ENV) {
+            Some(p) if !p.is_empty() => Some(PathBuf::from(p)),
+            _ => {
+                let p = PathBuf::from(DEFAULT_CONFIG_FILE);
+                p.exists().then_some(p)
+            }
+        };
+        match path {
+            Some(p) => {
+                let text = read_config_file(&p)?;
+                Self::from_toml_str(&text, Origin::File(p), &env)
+            }
+            None => Self::from_table(Table::new(), Origin::Defaults, &env),
+        }
+    }
+
+    /// Loads a given file plus overrides from `env`.
+    pub fn load_file(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let env: BTreeMap<String, String> = env.into_iter().collect();
+        let text = read_config_file(path)?;
+        Self::from_toml_str(&text, Origin::File(path.to_path_buf()), &env)
+    }
+
+    /// Parses and validates TOML text (with environment overrides from `env`).
+    pub fn from_toml_str(
+        text: &str,
+        origin: Origin,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Config, ConfigError> {
+        if text.trim().is_empty() {
+            return Err(ConfigError::File {
+                origin,
+                reason: "the file is empty; it needs at least `[kafka]` with `hosts`".into(),
+            });
+        }
+        let table: Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::File {
+                origin: origin.clone(),
+                reason: format!("not valid TOML: {}", e.to_string().trim_end()),
+            })?;
+        Self::from_table(table, origin, env)
+    }
+
+    fn from_table(
+        mut table: Table,
+        origin: Origin,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Config, ConfigError> {
+        let file = match &origin {
+            Origin::File(p) => Some(p.clone()),
+            _ => None,
+        };
+        let mut origins = Origins {
+            file: origin,
+            env_keys: BTreeMap::new(),
+        };
+        apply_env_overrides(&mut table, env, &mut origins)?;
+        check_unknown_keys(&table, &origins)?;
+        let mut warnings = Vec::new();
+        let r = Reader {
+            table: &table,
+            origins: &origins,
+        };
+
+        let mut database = DatabaseConfig::default();
+        if let Some(url) = r.string("database.url")? {
+            database.url =
+                DatabaseUrl::parse(&url).map_err(|reason| r.err("database.url", reason))?;
+        }
+        if let Some(n) = r.positive("database.pool_size")? {
+            database.pool_size = u32::try_from(n)
+                .map_err(|_| r.err("database.pool_size", "must be at most 4294967295"))?;
+        }
+        if let Some(n) = r.positive("database.connect_timeout_ms")? {
+            database.connect_timeout_ms = n;
+        }
+        if let Some(n) = r.positive("database.busy_timeout_ms")? {
+            database.busy_timeout_ms = n;
+        }
+
+        let mut kafka = KafkaConfig {
+            exclude_internal_topics: true,
+            ..KafkaConfig::default()
+        };
+        kafka.hosts = match r.string_list("kafka.hosts")? {
+            Some(h) => h,
+            None => {
+                return Err(ConfigError::Key {
+                    origin: origins.file.clone(),
+                    key: "kafka.hosts".into(),
+                    reason: format!(
+                        "missing: set `hosts = \"HOST:PORT\"` under `[kafka]` or the environment variable {}",
+                        env_var_for("kafka.hosts")
+                    ),
+                })
+            }
+        };
+        if kafka.hosts.is_empty() {
+            return Err(r.err("kafka.hosts", "is empty: give at least one HOST:PORT"));
+        }
+        for h in &kafka.hosts {
+            validate_host_port(h).map_err(|reason| r.err("kafka.hosts", reason))?;
+        }
+        if let Some(id) = r.string("kafka.client_id")? {
+            if id.trim().is_empty() {
+                return Err(r.err("kafka.client_id", "must not be empty"));
+            }
+            kafka.client_id = Some(id);
+        }
+        if r.get("kafka.ssl_config").is_some() {
+            let cafile = r.string("kafka.ssl_config.cafile")?.ok_or_else(|| {
+                r.err(
+                    "kafka.ssl_config.cafile",
+                    "missing: `ssl_config` needs `cafile`, the CA certificate that signed the brokers' certificates",
+                )
+            })?;
+            let existing = |key: &str| -> Result<Option<PathBuf>, ConfigError> {
+                match r.string(key)? {
+                    None => Ok(None),
+                    Some(p) => {
+                        let path = PathBuf::from(&p);
+                        if path.is_file() {
+                            Ok(Some(path))
+                        } else {
+                            Err(r.err(key, format!("file `{p}` does not exist or is not a file")))
+                        }
+                    }
+                }
+            };
+            let cafile = existing("kafka.ssl_config.cafile")?.unwrap_or_else(|| cafile.into());
+            let certfile = existing("kafka.ssl_config.certfile")?;
+            let keyfile = existing("kafka.ssl_config.keyfile")?;
+            if certfile.is_some() != keyfile.is_some() {
+                let missing = if certfile.is_some() {
+                    "keyfile"
+                } else {
+                    "certfile"
+                };
+                return Err(r.err(
+                    &format!("kafka.ssl_config.{missing}"),
+                    "missing: a client certificate needs both `certfile` and `keyfile`",
+                ));
+            }
+            kafka.ssl_config = Some(SslConfig {
+                cafile,
+                certfile,
+                keyfile,
+                password: r.string("kafka.ssl_config.password")?,
+            });
+        }
+        kafka.socket_timeout_ms = r.timeout_u32("kafka.socket_timeout_ms")?;
+        kafka.offsets_channel_socket_timeout_ms =
+            r.timeout_u32("kafka.offsets_channel_socket_timeout_ms")?;
+        if let Some(a) = r.string("kafka.source_address")? {
+            let ip = a
+                .parse::<IpAddr>()
+                .or_else(|_| a.parse::<std::net::SocketAddr>().map(|s| s.ip()))
+                .map_err(|_| {
+                    r.err(
+                        "kafka.source_address",
+                        format!("`{a}` is not an IP address (e.g. `10.0.0.5` or `::1`)"),
+                    )
+                })?;
+            kafka.source_address = Some(ip);
+        }
+        if let Some(v) = r.string("kafka.broker_version")? {
+            let parts: Vec<&str> = v.split('.').collect();
+            if !(2..=4).contains(&parts.len())
+                || parts
+                    .iter()
+                    .any(|p| p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()))
+            {
+                return Err(r.err(
+                    "kafka.broker_version",
+                    format!("`{v}` is not a version such as `3.9.0` or `4.1`"),
+                ));
+            }
+            kafka.broker_version = Some(v);
+        }
+        if let Some(b) = r.boolean("kafka.exclude_internal_topics")? {
+            kafka.exclude_internal_topics = b;
+        }
+        for deprecated in ["kafka.zookeeper_hosts", "kafka.use_greenlets"] {
+            if r.get(deprecated).is_some() {
+                let w = format!(
+                    "{}: `{deprecated}` is deprecated and ignored: {}",
+                    r.origin(deprecated),
+                    if deprecated.ends_with("zookeeper_hosts") {
+                        "Kafka 4 has no ZooKeeper; brokers are found through `hosts`"
+                    } else {
+                        "devour uses OS threads and tokio; there are no greenlets"
+                    }
+                );
+                tracing::warn!("{w}");
+                warnings.push(w);
+            }
+        }
+        if let Some(Value::Table(props)) = r.get("kafka.properties") {
+            for (name, value) in props {
+                let key = format!("kafka.properties.{name}");
+                let v = match value {
+                    Value::String(s) => s.clone(),
+                    Value::Integer(i) => i.to_string(),
+                    Value::Float(f) => f.to_string(),
+                    Value::Boolean(b) => b.to_string(),
+                    other => {
+                        return Err(r.err(
+                            &key,
+                            format!(
+                                "wrong type: librdkafka properties are strings, numbers or booleans, found {}",
+                                other.type_str()
+                            ),
+                        ))
+                    }
+                };
+                kafka.properties.insert(name.clone(), v);
+            }
+        }
+
+        let mut outbox = OutboxConfig::default();
+        if let Some(n) = r.positive("outbox.max_message_bytes")? {
+            outbox.max_message_bytes = usize::try_from(n)
+                .map_err(|_| r.err("outbox.max_message_bytes", "is too large"))?;
+        }
+
+        Ok(Config {
+            file,
+            database,
+            kafka,
+            outbox,
+            warnings,
+        })
+    }
+
+    /// The effective configuration as TOML, secrets replaced by `***`
+    /// (what `devour config check` prints).
+    pub fn to_redacted_toml(&self) -> String {
+        let mut root = Table::new();
+        let mut db = Table::new();
+        db.insert("url".into(), self.database.url.redacted().into());
+        db.insert(
+            "pool_size".into(),
+            i64::from(self.database.pool_size).into(),
+        );
+        db.insert(
+            "connect_timeout_ms".into(),
+            clamp_i64(self.database.connect_timeout_ms).into(),
+        );
+        db.insert(
+            "busy_timeout_ms".into(),
+            clamp_i64(self.database.busy_timeout_ms).into(),
+        );
+        root.insert("database".into(), db.into());
+
+        let k = &self.kafka;
+        let mut kt = Table::new();
+        kt.insert(
+            "hosts".into(),
+            Value::Array(k.hosts.iter().map(|h| h.clone().into()).collect()),
+        );
+        kt.insert(
+            "client_id".into(),
+            k.client_id
+                .clone()
+                .unwrap_or_else(|| "devour".into())
+                .into(),
+        );
+        if let Some(t) = k.socket_timeout_ms {
+            kt.insert("socket_timeout_ms".into(), i64::from(t).into());
+        }
+        if let Some(t) = k.offsets_channel_socket_timeout_ms {
+            kt.insert(
+                "offsets_channel_socket_timeout_ms".into(),
+                i64::from(t).into(),
+            );
+        }
+        if let Some(a) = k.source_address {
+            kt.insert("source_address".into(), a.to_string().into());
+        }
+        if let Some(v) = &k.broker_version {
+            kt.insert("broker_version".into(), v.clone().into());
+        }
+        kt.insert(
+            "exclude_internal_topics".into(),
+            k.exclude_internal_topics.into(),
+        );
+        if let Some(ssl) = &k.ssl_config {
+            let mut st = Table::new();
+            st.insert("cafile".into(), ssl.cafile.display().to_string().into());
+            if let Some(c) = &ssl.certfile {
+                st.insert("certfile".into(), c.display().to_string().into());
+            }
+            if let Some(c) = &ssl.keyfile {
+                st.insert("keyfile".into(), c.display().to_string().into());
+            }
+            if ssl.password.is_some() {
+                st.insert("password".into(), "***".into());
+            }
+            kt.insert("ssl_config".into(), st.into());
+        }
+        if !k.properties.is_empty() {
+            let props: Table = k
+                .properties
+                .iter()
+                .map(|(n, v)| {
+                    let shown = if is_secret_property(n) {
+                        "***".to_string()
+                    } else {
+                        v.clone()
+                    };
+                    (n.clone(), Value::String(shown))
+                })
+                .collect();
+            kt.insert("properties".into(), props.into());
+        }
+        root.insert("kafka".into(), kt.into());
+
+        let mut ot = Table::new();
+        ot.insert(
+            "max_message_bytes".into(),
+            clamp_i64(self.outbox.max_message_bytes as u64).into(),
+        );
+        root.insert("outbox".into(), ot.into());
+        toml::to_string_pretty(&root).unwrap_or_default()
+    }
+}
+
+fn clamp_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn read_config_file(path: &Path) -> Result<String, ConfigError> {
+    let origin = Origin::File(path.to_path_buf());
+    let bytes = std::fs::read(path).map_err(|e| ConfigError::File {
+        origin: origin.clone(),
+        reason: if e.kind() == std::io::ErrorKind::NotFound {
+            format!("cannot read the configuration file: it does not exist (set {CONFIG_ENV} to its path)")
+        } else {
+            format!("cannot read the configuration file: {e}")
+        },
+    })?;
+    String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let line = 1 + e.as_bytes()[..at].iter().filter(|b| **b == b'\n').count();
+        ConfigError::File {
+            origin,
+            reason: format!("not UTF-8 text (invalid byte at offset {at}, line {line})"),
+        }
+    })
+}
+
+fn validate_host_port(h: &str) -> Result<(), String> {
+    let hint = "expected HOST:PORT, e.g. `127.0.0.1:9092`";
+    let (host, port) = h
+        .rsplit_once(':')
+        .ok_or_else(|| format!("`{h}` has no port; {hint}"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty()
+        || host
+            .chars()
+            .any(|c| c.is_whitespace() || c == '/' || c == ',')
+    {
+        return Err(format!("`{h}` has no valid host; {hint}"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(format!("`{h}`: `{port}` is not a port (1-65535); {hint}")),
+    }
+}
+
+struct Origins {
+    file: Origin,
+    /// Keys set from the environment, with their variable.
+    env_keys: BTreeMap<String, String>,
+}
+
+impl Origins {
+    fn of(&self, key: &str) -> Origin {
+        match self.env_keys.get(key) {
+            Some(var) => Origin::Env(var.clone()),
+            None => self.file.clone(),
+        }
+    }
+}
+
+fn env_value(raw: &str) -> Value {
+    // A TOML value where the text is one (`10`, `true`, `["a", "b"]`), else a plain string.
+    format!("v = {raw}")
+        .parse::<Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| Value::String(raw.to_string()))
+}
+
+fn table_at<'t>(root: &'t mut Table, path: &[&str]) -> Option<&'t mut Table> {
+    let mut t = root;
+    for part in path {
+        let entry = t
+            .entry(part.to_string())
+            .or_insert_with(|| Value::Table(Table::new()));
+        t = entry.as_table_mut()?;
+    }
+    Some(t)
+}
+
+fn apply_env_overrides(
+    table: &mut Table,
+    env: &BTreeMap<String, String>,
+    origins: &mut Origins,
+) -> Result<(), ConfigError> {
+    for (key, kind) in KEYS {
+        if *kind == Kind::Table {
+            continue;
+        }
+        let var = env_var_for(key);
+        let Some(raw) = env.get(&var) else { continue };
+        let parts: Vec<&str> = key.split('.').collect();
+        let (last, parents) = parts.split_last().expect("keys are dotted");
+        let Some(t) = table_at(table, parents) else {
+            return Err(ConfigError::Key {
+                origin: Origin::Env(var),
+                key: parents.join("."),
+                reason: "cannot override a key inside a value that is not a table".into(),
+            });
+        };
+        t.insert(last.to_string(), env_value(raw));
+        origins.env_keys.insert(key.to_string(), var);
+    }
+    for (var, raw) in env {
+        let Some(rest) = var.strip_prefix(PROPERTY_ENV_PREFIX) else {
+            continue;
+        };
+        let name = rest.to_ascii_lowercase().replace('_', ".");
+        if name.is_empty() {
+            continue;
+        }
+        if let Some(t) = table_at(table, &["kafka", "properties"]) {
+            t.insert(name.clone(), Value::String(raw.clone()));
+            origins
+                .env_keys
+                .insert(format!("kafka.properties.{name}"), var.clone());
+        }
+    }
+    Ok(())
+}
+
+fn suggest<'a>(unknown: &str, known: impl IntoIterator<Item = &'a str>) -> String {
+    let best = known
+        .into_iter()
+        .map(|k| (strsim::jaro_winkler(unknown, k), k))
+        .filter(|(score, _)| *score > 0.7)
+        .max_by(|a, b| a.0.total_cmp(&b.0));
+    match best {
+        Some((_, k)) => format!("; did you mean `{k}`?"),
+        None => String::new(),
+    }
+}
+
+fn check_unknown_keys(table: &Table, origins: &Origins) -> Result<(), ConfigError> {
+    for (section, value) in table {
+        if !SECTIONS.contains(&section.as_str()) {
+            return Err(ConfigError::Key {
+                origin: origins.file.clone(),
+                key: section.clone(),
+                reason: format!(
+                    "unknown section{} (known: {})",
+                    suggest(section, SECTIONS.iter().copied()),
+                    SECTIONS.join(", ")
+                ),
+            });
+        }
+        let Value::Table(t) = value else {
+            return Err(ConfigError::Key {
+                origin: origins.file.clone(),
+                key: section.clone(),
+                reason: format!(
+                    "wrong type: expected a table `[{section}]`, found {}",
+                    value.type_str()
+                ),
+            });
+        };
+        check_table_keys(section, t, origins)?;
+    }
+    Ok(())
+}
+
+fn check_table_keys(prefix: &str, t: &Table, origins: &Origins) -> Result<(), ConfigError> {
+    let children: BTreeSet<&str> = KEYS
+        .iter()
+        .filter_map(|(k, _)| k.strip_prefix(prefix)?.strip_prefix('.'))
+        .filter(|rest| !rest.contains('.'))
+        .collect();
+    for (name, value) in t {
+        let key = format!("{prefix}.{name}");
+        let Some((_, kind)) = KEYS.iter().find(|(k, _)| *k == key) else {
+            return Err(ConfigError::Key {
+                origin: origins.of(&key),
+                key: key.clone(),
+                reason: format!(
+                    "unknown key{} (known in `[{prefix}]`: {})",
+                    suggest(name, children.iter().copied()),
+                    children.iter().copied().collect::<Vec<_>>().join(", ")
+                ),
+            });
+        };
+        if *kind == Kind::Table && key != "kafka.properties" {
+            match value {
+                Value::Table(inner) => check_table_keys(&key, inner, origins)?,
+                other => {
+                    return Err(ConfigError::Key {
+                        origin: origins.of(&key),
+                        key,
+                        reason: format!("wrong type: expected a table, found {}", other.type_str()),
+                    })
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Typed access to the merged table, with errors that name the key and its origin.
+struct Reader<'a> {
+    table: &'a Table,
+    origins: &'a Origins,
+}
+
+impl Reader<'_> {
+    fn origin(&self, key: &str) -> Origin {
+        self.origins.of(key)
+    }
+
+    fn err(&self, key: &str, reason: impl Into<String>) -> ConfigError {
+        ConfigError::Key {
+            origin: self.origin(key),
+            key: key.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<&Value> {
+        let mut parts = key.split('.');
+        let mut v = self.table.get(parts.next()?)?;
+        for p in parts {
+            v = v.as_table()?.get(p)?;
+        }
+        Some(v)
+    }
+
+    fn wrong_type(&self, key: &str, kind: Kind, found: &Value) -> ConfigError {
+        self.err(
+            key,
+            format!(
+                "wrong type: expected {}, found {} `{found}`",
+                kind.describe(),
+                found.type_str()
+            ),
+        )
+    }
+
+    fn from_env(&self, key: &str) -> bool {
+        self.origins.env_keys.contains_key(key)
+    }
+
+    fn string(&self, key: &str) -> Result<Option<String>, ConfigError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            // An environment value such as `1234` is a string when a string is expected.
+            Some(v @ (Value::Integer(_) | Value::Float(_) | Value::Boolean(_)))
+                if self.from_env(key) =>
+            {
+                Ok(Some(v.to_string()))
+            }
+            Some(v) => Err(self.wrong_type(key, Kind::Str, v)),
+        }
+    }
+
+    fn string_list(&self, key: &str) -> Result<Option<Vec<String>>, ConfigError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(
+                s.split(',')
+                    .map(|h| h.trim().to_string())
+                    .filter(|h| !h.is_empty())
+                    .collect(),
+            )),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|i| match i {
+                    Value::String(s) => Ok(s.trim().to_string()),
+                    other => Err(self.wrong_type(key, Kind::StrOrList, other)),
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some),
+            Some(v) => Err(self.wrong_type(key, Kind::StrOrList, v)),
+        }
+    }
+
+    fn integer(&self, key: &str) -> Result<Option<i64>, ConfigError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Integer(i)) => Ok(Some(*i)),
+            Some(v) => Err(self.wrong_type(key, Kind::Int, v)),
+        }
+    }
+
+    fn positive(&self, key: &str) -> Result<Option<u64>, ConfigError> {
+        match self.integer(key)? {
+            None => Ok(None),
+            Some(i) if i > 0 => Ok(Some(i as u64)),
+            Some(i) => Err(self.err(key, format!("must be greater than zero, found {i}"))),
+        }
+    }
+
+    fn timeout_u32(&self, key: &str) -> Result<Option<u32>, ConfigError> {
+        match self.positive(key)? {
+            None => Ok(None),
+            Some(n) => u32::try_from(n)
+                .map(Some)
+                .map_err(|_| self.err(key, format!("{n} ms is too large (at most {})", u32::MAX))),
+        }
+    }
+
+    fn boolean(&self, key: &str) -> Result<Option<bool>, ConfigError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Boolean(b)) => Ok(Some(*b)),
+            Some(v) => Err(self.wrong_type(key, Kind::Bool, v)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml_str(text, Origin::File("t.toml".into()), &BTreeMap::new())
+    }
+
+    #[test]
+    fn minimal_file_gets_defaults() {
+        let c = load("[kafka]\nhosts = \"127.0.0.1:9092\"\n").unwrap();
+        assert_eq!(c.database.url, DatabaseUrl::Sqlite("devour.db".into()));
+        assert_eq!(c.database.pool_size, 10);
+        assert_eq!(c.outbox.max_message_bytes, 1024 * 1024);
+        assert!(c.kafka.exclude_internal_topics);
+        assert_eq!(
+            c.kafka.client_properties()["bootstrap.servers"],
+            "127.0.0.1:9092"
+        );
+    }
+
+    #[test]
+    fn env_overrides_single_keys_with_types() {
+        let c = Config::from_toml_str(
+            "[kafka]\nhosts = \"a:1\"\n",
+            Origin::File("t.toml".into()),
+            &env(&[
+                ("DEVOUR_KAFKA_HOSTS", "b:2,c:3"),
+                ("DEVOUR_DATABASE_POOL_SIZE", "3"),
+                ("DEVOUR_KAFKA_CLIENT_ID", "1234"),
+                ("DEVOUR_KAFKA_PROPERTY_LINGER_MS", "20"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.kafka.hosts, vec!["b:2", "c:3"]);
+        assert_eq!(c.database.pool_size, 3);
+        assert_eq!(c.kafka.client_id.as_deref(), Some("1234"));
+        assert_eq!(c.kafka.properties["linger.ms"], "20");
+    }
+
+    #[test]
+    fn url_password_is_redacted() {
+        assert_eq!(
+            redact_url_password("postgres://u:secret@h:5432/db?x=1"),
+            "postgres://u:***@h:5432/db?x=1"
+        );
+        assert_eq!(redact_url_password("postgres://h/db"), "postgres://h/db");
+    }
+
+    #[test]
+    fn host_port_validation() {
+        assert!(validate_host_port("127.0.0.1:9092").is_ok());
+        assert!(validate_host_port("[::1]:9092").is_ok());
+        assert!(validate_host_port("broker").is_err());
+        assert!(validate_host_port("broker:x").is_err());
+        assert!(validate_host_port("broker:0").is_err());
+        assert!(validate_host_port(":9092").is_err());
+    }
+
+    #[test]
+    fn every_key_has_an_env_name() {
+        assert_eq!(
+            env_var_for("kafka.ssl_config.cafile"),
+            "DEVOUR_KAFKA_SSL_CONFIG_CAFILE"
+        );
+        assert_eq!(env_var_for("database.url"), "DEVOUR_DATABASE_URL");
+    }
+}

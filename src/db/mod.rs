@@ -1,0 +1,323 @@
+//! Database access: connection pools, embedded migrations, and the outbox table's Diesel schema.
+//!
+//! Backend-specific SQL lives in one module per backend ([`postgres`], [`sqlite`]); this module
+//! holds what both share and the [`DbPool`] / [`DbConnection`] enums that devour's own commands
+//! use. Applications keep using their own `PgConnection` / `SqliteConnection`.
+
+use std::time::Duration;
+
+use diesel::r2d2::{ConnectionManager, Pool, PooledConnection};
+
+use crate::config::{DatabaseConfig, DatabaseUrl};
+
+#[cfg(feature = "postgres")]
+pub mod postgres;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
+
+diesel::table! {
+    /// The outbox table, as the write path sees it (the columns both backends type alike).
+    /// `created_at` and `delivered_at` are typed per backend and read by backend modules.
+    devour_outbox (id) {
+        /// Increasing id; order of insertion, not of commit.
+        id -> BigInt,
+        /// Kafka topic.
+        topic -> Text,
+        /// Kafka message key; messages with one key are delivered in commit order.
+        partition_key -> Nullable<Text>,
+        /// Explicit Kafka partition; NULL lets the murmur2 partitioner pick by key.
+        kafka_partition -> Nullable<Integer>,
+        /// Message value; NULL is a tombstone.
+        payload -> Nullable<Binary>,
+        /// JSON object of extra Kafka headers (string → string).
+        headers -> Text,
+        /// `create`, `update`, `delete` or an application's own event name.
+        event -> Nullable<Text>,
+        /// Unique message id, sent as the `message-id` header.
+        message_id -> Text,
+        /// MIME type of the payload, sent as the `content-type` header.
+        content_type -> Text,
+        /// Shard of the row (see `outbox::shard_for_key`).
+        shard -> Integer,
+        /// Delivery attempts so far.
+        attempts -> Integer,
+    }
+}
+
+/// A failure talking to the database.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DbError {
+    /// Could not connect or build the pool.
+    #[error("cannot connect to {url}: {reason}")]
+    Connect {
+        /// The redacted URL.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// Running migrations failed.
+    #[error("migrations failed on {url}: {reason}")]
+    Migrate {
+        /// The redacted URL.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// A query failed.
+    #[error("database error: {0}")]
+    Query(#[from] diesel::result::Error),
+}
+
+impl DbError {
+    /// Whether trying again later may succeed (the database may come back).
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            DbError::Connect { .. } => true,
+            DbError::Migrate { .. } => false,
+            DbError::Query(e) => matches!(
+                e,
+                diesel::result::Error::DatabaseError(
+                    diesel::result::DatabaseErrorKind::ClosedConnection
+                        | diesel::result::DatabaseErrorKind::SerializationFailure
+                        | diesel::result::DatabaseErrorKind::UnableToSendCommand,
+                    _
+                )
+            ),
+        }
+    }
+}
+
+/// A pool of connections to the configured database.
+#[derive(Clone)]
+#[non_exhaustive]
+pub enum DbPool {
+    /// PostgreSQL.
+    #[cfg(feature = "postgres")]
+    Postgres(Pool<ConnectionManager<diesel::PgConnection>>),
+    /// SQLite (WAL mode, busy timeout set on every connection).
+    #[cfg(feature = "sqlite")]
+    Sqlite(Pool<ConnectionManager<diesel::SqliteConnection>>),
+}
+
+/// One connection taken from a [`DbPool`].
+#[non_exhaustive]
+pub enum DbConnection {
+    /// PostgreSQL.
+    #[cfg(feature = "postgres")]
+    Postgres(PooledConnection<ConnectionManager<diesel::PgConnection>>),
+    /// SQLite.
+    #[cfg(feature = "sqlite")]
+    Sqlite(PooledConnection<ConnectionManager<diesel::SqliteConnection>>),
+}
+
+impl DbPool {
+    /// Builds the pool and checks that one connection can be made.
+    pub fn connect(config: &DatabaseConfig) -> Result<DbPool, DbError> {
+        let err = |reason: String| DbError::Connect {
+            url: config.url.redacted(),
+            reason,
+        };
+        let timeout = Duration::from_millis(config.connect_timeout_ms);
+        match &config.url {
+            #[cfg(feature = "postgres")]
+            DatabaseUrl::Postgres(url) => Pool::builder()
+                .max_size(config.pool_size)
+                .connection_timeout(timeout)
+                .build(ConnectionManager::new(url.as_str()))
+                .map(DbPool::Postgres)
+                .map_err(|e| err(e.to_string())),
+            #[cfg(feature = "sqlite")]
+            DatabaseUrl::Sqlite(path) => Pool::builder()
+                .max_size(config.pool_size)
+                .connection_timeout(timeout)
+                .connection_customizer(Box::new(sqlite::ConnectionOptions {
+                    busy_timeout_ms: config.busy_timeout_ms,
+                }))
+                .build(ConnectionManager::new(path.as_str()))
+                .map(DbPool::Sqlite)
+                .map_err(|e| err(e.to_string())),
+            #[allow(unreachable_patterns)]
+            other => Err(err(format!(
+                "this build of devour has no support for {other}; enable its cargo feature"
+            ))),
+        }
+    }
+
+    /// Takes a connection from the pool.
+    pub fn get(&self) -> Result<DbConnection, DbError> {
+        let err = |e: r2d2::Error| DbError::Connect {
+            url: self.url_hint(),
+            reason: e.to_string(),
+        };
+        Ok(match self {
+            #[cfg(feature = "postgres")]
+            DbPool::Postgres(p) => DbConnection::Postgres(p.get().map_err(err)?),
+            #[cfg(feature = "sqlite")]
+            DbPool::Sqlite(p) => DbConnection::Sqlite(p.get().map_err(err)?),
+        })
+    }
+
+    fn url_hint(&self) -> String {
+        match self {
+            #[cfg(feature = "postgres")]
+            DbPool::Postgres(_) => "PostgreSQL".into(),
+            #[cfg(feature = "sqlite")]
+            DbPool::Sqlite(_) => "SQLite".into(),
+        }
+    }
+
+    /// Applies the pending migrations of this backend; returns the versions applied.
+    pub fn migrate(&self) -> Result<Vec<String>, DbError> {
+        let mut conn = self.get()?;
+        conn.migrate()
+    }
+}
+
+impl DbConnection {
+    /// Applies the pending migrations of this connection's backend; returns the versions applied.
+    pub fn migrate(&mut self) -> Result<Vec<String>, DbError> {
+        each_backend!(self, c => run_migrations(&mut **c))
+    }
+}
+
+/// Runs `$body` with `$c` bound to the concrete connection of whichever backend `$conn` is.
+/// Lets one piece of Diesel code serve both backends without generic bounds.
+macro_rules! each_backend {
+    ($conn:expr, $c:ident => $body:expr) => {
+        match $conn {
+            #[cfg(feature = "postgres")]
+            $crate::db::DbConnection::Postgres($c) => $body,
+            #[cfg(feature = "sqlite")]
+            $crate::db::DbConnection::Sqlite($c) => $body,
+        }
+    };
+}
+pub(crate) use each_backend;
+
+/// An undelivered outbox row, as `devour outbox pending` shows it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PendingRow {
+    /// Row id.
+    pub id: i64,
+    /// Topic.
+    pub topic: String,
+    /// Key.
+    pub partition_key: Option<String>,
+    /// Event.
+    pub event: Option<String>,
+    /// Payload size.
+    pub payload_bytes: usize,
+    /// The payload's first 80 characters (lossy UTF-8).
+    pub payload_preview: String,
+    /// Creation time as the database prints it.
+    pub created_at: String,
+}
+
+impl DbConnection {
+    /// The `limit` oldest rows not yet delivered.
+    pub fn pending(&mut self, limit: i64) -> Result<Vec<PendingRow>, DbError> {
+        use devour_outbox::dsl as o;
+        use diesel::prelude::*;
+        type Raw = (
+            i64,
+            String,
+            Option<String>,
+            Option<String>,
+            Option<Vec<u8>>,
+            String,
+        );
+        let query = o::devour_outbox
+            .select((
+                o::id,
+                o::topic,
+                o::partition_key,
+                o::event,
+                o::payload,
+                diesel::dsl::sql::<diesel::sql_types::Text>("CAST(created_at AS TEXT)"),
+            ))
+            .filter(diesel::dsl::sql::<diesel::sql_types::Bool>(
+                "delivered_at IS NULL",
+            ))
+            .order(o::id)
+            .limit(limit);
+        let raw: Vec<Raw> = each_backend!(self, c => query.load(c)?);
+        Ok(raw
+            .into_iter()
+            .map(|(id, topic, partition_key, event, payload, created_at)| {
+                let payload = payload.unwrap_or_default();
+                PendingRow {
+                    id,
+                    topic,
+                    partition_key,
+                    event,
+                    payload_bytes: payload.len(),
+                    payload_preview: String::from_utf8_lossy(&payload).chars().take(80).collect(),
+                    created_at,
+                }
+            })
+            .collect())
+    }
+}
+
+/// Applies devour's migrations on an application's own connection (the library call behind
+/// `devour migrate`). Idempotent: applied migrations are skipped.
+pub fn run_migrations<C: MigrateConnection>(conn: &mut C) -> Result<Vec<String>, DbError> {
+    conn.run_devour_migrations()
+}
+
+/// A connection devour can migrate: `PgConnection` or `SqliteConnection`.
+pub trait MigrateConnection {
+    /// Applies devour's pending migrations.
+    fn run_devour_migrations(&mut self) -> Result<Vec<String>, DbError>;
+}
+
+/// Implements `ModelStore<$backend>` for a model from its Diesel derives.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __model_store {
+    ($backend:ty, $model:ty, $table:expr, $conflict:expr) => {
+        impl $crate::ModelStore<$backend> for $model {
+            fn insert_new<C>(&self, conn: &mut C) -> $crate::__private::QueryResult<Option<Self>>
+            where
+                C: $crate::__private::LoadConnection<Backend = $backend>,
+            {
+                use $crate::__private::*;
+                diesel::insert_into($table)
+                    .values(self)
+                    .on_conflict($conflict)
+                    .do_nothing()
+                    .returning(<Self as SelectableHelper<$backend>>::as_select())
+                    .get_result::<Self>(conn)
+                    .optional()
+            }
+            fn update_existing<C>(
+                &self,
+                conn: &mut C,
+            ) -> $crate::__private::QueryResult<Option<Self>>
+            where
+                C: $crate::__private::LoadConnection<Backend = $backend>,
+            {
+                use $crate::__private::*;
+                diesel::update(self)
+                    .set(self)
+                    .returning(<Self as SelectableHelper<$backend>>::as_select())
+                    .get_result::<Self>(conn)
+                    .optional()
+            }
+            fn delete_existing<C>(
+                &self,
+                conn: &mut C,
+            ) -> $crate::__private::QueryResult<Option<Self>>
+            where
+                C: $crate::__private::LoadConnection<Backend = $backend>,
+            {
+                use $crate::__private::*;
+                diesel::delete(self)
+                    .returning(<Self as SelectableHelper<$backend>>::as_select())
+                    .get_result::<Self>(conn)
+                    .optional()
+            }
+        }
+    };
+}

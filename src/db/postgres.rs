@@ -1,0 +1,55 @@
+//! PostgreSQL specifics: migrations, the outbox insert, and model persistence.
+
+use diesel::connection::LoadConnection;
+use diesel::pg::Pg;
+use diesel::prelude::*;
+use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
+
+use super::{devour_outbox, DbError, MigrateConnection};
+use crate::outbox::{OutboxBackend, OutboxMessage};
+
+/// devour's PostgreSQL migrations, embedded in the binary.
+pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
+
+impl OutboxBackend for Pg {
+    fn insert_outbox<C>(conn: &mut C, m: &OutboxMessage) -> QueryResult<i64>
+    where
+        C: LoadConnection<Backend = Pg>,
+    {
+        use devour_outbox::dsl as o;
+        // `shard` is a generated column on PostgreSQL: the database derives it from the key.
+        diesel::insert_into(o::devour_outbox)
+            .values((
+                o::topic.eq(&m.topic),
+                o::partition_key.eq(m.key.as_deref()),
+                o::kafka_partition.eq(m.partition),
+                o::payload.eq(m.payload.as_deref()),
+                o::headers.eq(m.headers_json()),
+                o::event.eq(m.event.as_deref()),
+                o::message_id.eq(m.message_id.to_string()),
+                o::content_type.eq(&m.content_type),
+            ))
+            .returning(o::id)
+            .get_result(conn)
+    }
+}
+
+impl MigrateConnection for diesel::PgConnection {
+    fn run_devour_migrations(&mut self) -> Result<Vec<String>, DbError> {
+        self.run_pending_migrations(MIGRATIONS)
+            .map(|v| v.iter().map(|m| m.to_string()).collect())
+            .map_err(|e| DbError::Migrate {
+                url: "PostgreSQL".into(),
+                reason: e.to_string(),
+            })
+    }
+}
+
+/// Implements `ModelStore<Pg>` for a model (used by `#[derive(ProducerModel)]`).
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __model_store_postgres {
+    ($model:ty, $table:expr, $conflict:expr) => {
+        $crate::__model_store!($crate::__private::Pg, $model, $table, $conflict);
+    };
+}

@@ -1,0 +1,108 @@
+//! `producer_type = Direct`: send at once through rdkafka and wait for the broker's ack.
+//! Not transactional: a message sent this way stays sent when the caller's transaction rolls back.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+
+use super::{OutboxMessage, ProduceError};
+use crate::config::{Config, KafkaConfig};
+
+/// A Kafka producer that sends one message and waits for its acknowledgement.
+#[derive(Clone)]
+pub struct DirectProducer {
+    inner: FutureProducer,
+}
+
+impl DirectProducer {
+    /// Creates a producer from `[kafka]`: idempotent, murmur2 partitioner (keys land where the
+    /// Java client puts them), no linger. `[kafka.properties]` win over these defaults.
+    pub fn new(kafka: &KafkaConfig) -> Result<Self, KafkaError> {
+        let mut cfg = rdkafka::ClientConfig::new();
+        cfg.set("enable.idempotence", "true")
+            .set("partitioner", "murmur2_random")
+            .set("linger.ms", "0")
+            .set("message.timeout.ms", "30000");
+        for (k, v) in kafka.client_properties() {
+            cfg.set(k, v);
+        }
+        Ok(DirectProducer {
+            inner: cfg.create()?,
+        })
+    }
+
+    /// Sends `message` and blocks until the broker acknowledged it; returns (partition, offset).
+    pub fn send(&self, message: &OutboxMessage) -> Result<(i32, i64), ProduceError> {
+        let mut record: FutureRecord<'_, str, [u8]> =
+            FutureRecord::to(&message.topic).headers(message.kafka_headers());
+        if let Some(k) = &message.key {
+            record = record.key(k.as_str());
+        }
+        if let Some(p) = message.partition {
+            record = record.partition(p);
+        }
+        if let Some(v) = &message.payload {
+            record = record.payload(v.as_slice());
+        }
+        let delivery = loop {
+            match self.inner.send_result(record) {
+                Ok(d) => break d,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    self.inner.poll(Duration::from_millis(10));
+                }
+                Err((e, _)) => return Err(e.into()),
+            }
+        };
+        match futures::executor::block_on(delivery) {
+            Ok(Ok(d)) => Ok((d.partition, d.offset)),
+            Ok(Err((e, _))) => Err(e.into()),
+            Err(_canceled) => Err(KafkaError::Canceled.into()),
+        }
+    }
+
+    /// Waits up to `timeout` for messages still in flight.
+    pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
+        self.inner.flush(timeout)
+    }
+}
+
+#[derive(Default)]
+struct DirectState {
+    kafka: Option<KafkaConfig>,
+    producer: Option<Arc<DirectProducer>>,
+}
+
+static DIRECT: Mutex<DirectState> = Mutex::new(DirectState {
+    kafka: None,
+    producer: None,
+});
+
+/// Sets the `[kafka]` settings that direct producers use in this process. Without this call,
+/// the first direct message loads them with [`Config::load`]. Nothing connects here.
+pub fn init_direct(kafka: &KafkaConfig) {
+    let mut state = DIRECT.lock().unwrap_or_else(|p| p.into_inner());
+    state.kafka = Some(kafka.clone());
+    state.producer = None;
+}
+
+fn shared_producer() -> Result<Arc<DirectProducer>, ProduceError> {
+    let mut state = DIRECT.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(p) = &state.producer {
+        return Ok(p.clone());
+    }
+    let kafka = match &state.kafka {
+        Some(k) => k.clone(),
+        None => Config::load()?.kafka,
+    };
+    let p = Arc::new(DirectProducer::new(&kafka)?);
+    state.kafka = Some(kafka);
+    state.producer = Some(p.clone());
+    Ok(p)
+}
+
+pub(crate) fn send(message: &OutboxMessage) -> Result<(i32, i64), ProduceError> {
+    shared_producer()?.send(message)
+}

@@ -1,0 +1,349 @@
+//! The write path: [`Producer`] and [`ProducerModel`] write the message a save produces into
+//! `devour_outbox` on the caller's connection, so it commits or rolls back with the caller's
+//! transaction.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use diesel::connection::LoadConnection;
+use serde_json::{Map, Value};
+
+mod direct;
+mod message;
+mod model;
+mod producer;
+
+pub use direct::{init_direct, DirectProducer};
+pub use message::{
+    murmur2, partition_for_key, shard_for_key, validate_topic, Event, OutboxMessage,
+    CONTENT_TYPE_JSON, HEADER_CONTENT_TYPE, HEADER_EVENT, HEADER_MESSAGE_ID, HEADER_TRACEPARENT,
+    MAX_TOPIC_LEN, SHARDS,
+};
+pub use model::{ModelStore, ModelTable, ProducerModel, SaveOptions, Saved};
+pub use producer::{Producer, ProducerConfig, ProducerType};
+
+use crate::config::{ConfigError, DEFAULT_MAX_MESSAGE_BYTES};
+
+/// Extra fields merged into a message; a key equal to a field of the message replaces it.
+pub type Extras = Map<String, Value>;
+
+/// Why a message could not be produced. The transaction it was part of rolls back.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProduceError {
+    /// Kafka would reject the topic name.
+    #[error("invalid topic name `{topic}`: {reason}")]
+    InvalidTopic {
+        /// The topic (cut at 300 characters).
+        topic: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A negative explicit partition.
+    #[error("invalid partition {partition} for topic `{topic}`: partitions start at 0")]
+    InvalidPartition {
+        /// The topic.
+        topic: String,
+        /// The partition given.
+        partition: i32,
+    },
+    /// The message is larger than the configured maximum.
+    #[error(
+        "message to `{topic}` is {size} bytes, over the maximum of {max} bytes \
+         (`outbox.max_message_bytes`; the broker's `message.max.bytes` must allow it too)"
+    )]
+    TooLarge {
+        /// The topic.
+        topic: String,
+        /// Its size in bytes (value, key and headers).
+        size: usize,
+        /// The maximum in force.
+        max: usize,
+    },
+    /// The payload could not be serialized.
+    #[error("cannot serialize the message for `{what}`: {source}")]
+    Serialize {
+        /// Which producer or model.
+        what: String,
+        /// serde's error.
+        source: serde_json::Error,
+    },
+    /// Extras were given but the message is not a JSON object they could be merged into.
+    #[error("cannot merge extras into the message for `{what}`: it serializes to {found}, not a JSON object")]
+    NotAnObject {
+        /// Which producer or model.
+        what: String,
+        /// The JSON type found.
+        found: &'static str,
+    },
+    /// The field named by `partition_key` is not in the message.
+    #[error("partition_key field `{field}` is not in the message for `{what}`")]
+    MissingKeyField {
+        /// Which producer or model.
+        what: String,
+        /// The field.
+        field: String,
+    },
+    /// Deleting a model whose row does not exist.
+    #[error("cannot delete `{what}`: no such row")]
+    NotFound {
+        /// Which model.
+        what: String,
+    },
+    /// The database failed.
+    #[error("database error: {0}")]
+    Database(#[from] diesel::result::Error),
+    /// The broker refused or did not acknowledge a direct message.
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// The configuration needed for direct producing is invalid.
+    #[error("configuration: {0}")]
+    Config(#[from] ConfigError),
+    /// An application's own customization failed.
+    #[error("{0}")]
+    Custom(String),
+}
+
+/// Data handed to every customizable method (`get_topic`, `get_schema`, `get_partition_key`).
+/// A `traceparent` entry is carried as the `traceparent` header of the message.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Context(pub Map<String, Value>);
+
+impl Context {
+    /// An empty context.
+    pub fn new() -> Self {
+        Context::default()
+    }
+
+    /// The context with `key` set to `value`.
+    pub fn with(mut self, key: impl Into<String>, value: impl Into<Value>) -> Self {
+        self.0.insert(key.into(), value.into());
+        self
+    }
+
+    /// The value of `key`.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.0.get(key)
+    }
+
+    /// The W3C `traceparent` to carry, if given.
+    pub fn traceparent(&self) -> Option<&str> {
+        self.0.get(HEADER_TRACEPARENT).and_then(Value::as_str)
+    }
+}
+
+static MAX_MESSAGE_BYTES: AtomicUsize = AtomicUsize::new(DEFAULT_MAX_MESSAGE_BYTES);
+
+/// Sets the process-wide default maximum message size of the write path
+/// (`outbox.max_message_bytes`); a producer's own `max_message_bytes` wins over it.
+pub fn set_max_message_bytes(bytes: usize) {
+    MAX_MESSAGE_BYTES.store(bytes, Ordering::Relaxed);
+}
+
+/// The maximum message size in force for `config`.
+pub(crate) fn max_message_bytes(config: &ProducerConfig) -> usize {
+    config
+        .max_message_bytes
+        .unwrap_or_else(|| MAX_MESSAGE_BYTES.load(Ordering::Relaxed))
+}
+
+/// A database backend the write path can write outbox rows to (PostgreSQL or SQLite).
+pub trait OutboxBackend: diesel::backend::Backend + Sized {
+    /// Inserts one row; returns its id.
+    fn insert_outbox<C>(
+        conn: &mut C,
+        message: &OutboxMessage,
+    ) -> Result<i64, diesel::result::Error>
+    where
+        C: LoadConnection<Backend = Self>;
+}
+
+/// Writes one message to the outbox on `conn` after validating it. Its row commits or rolls
+/// back with the transaction `conn` is in.
+pub fn write_message<C>(
+    conn: &mut C,
+    message: &OutboxMessage,
+    max_message_bytes: usize,
+) -> Result<i64, ProduceError>
+where
+    C: LoadConnection,
+    C::Backend: OutboxBackend,
+{
+    message.validate(max_message_bytes)?;
+    Ok(<C::Backend as OutboxBackend>::insert_outbox(conn, message)?)
+}
+
+/// What one produce did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Produced {
+    /// The outbox row's id (`None` for a direct message).
+    pub outbox_id: Option<i64>,
+    /// The message as written or sent.
+    pub message: OutboxMessage,
+    /// Partition and offset the broker gave a direct message.
+    pub delivered: Option<(i32, i64)>,
+}
+
+/// Builds the message body: `schema` + `extras` + `event`. Extras replace fields of the same
+/// name; `event` is set unless the extras set it. A body that is not a JSON object is kept as
+/// is when there is nothing to merge.
+pub(crate) fn compose_body(
+    what: &str,
+    schema: Value,
+    extras: &Extras,
+    event: &Event,
+) -> Result<Value, ProduceError> {
+    match schema {
+        Value::Object(mut fields) => {
+            for (k, v) in extras {
+                fields.insert(k.clone(), v.clone());
+            }
+            if !extras.contains_key("event") {
+                fields.insert("event".into(), Value::String(event.to_string()));
+            }
+            Ok(Value::Object(fields))
+        }
+        other if extras.is_empty() => Ok(other),
+        other => Err(ProduceError::NotAnObject {
+            what: what.to_string(),
+            found: json_type(&other),
+        }),
+    }
+}
+
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// The default partition key: the field `field` of the message body, as a string
+/// (numbers and booleans by their JSON text; `null` means no key).
+pub(crate) fn key_from_field(
+    what: &str,
+    field: Option<&str>,
+    body: &Value,
+) -> Result<Option<String>, ProduceError> {
+    let Some(field) = field else { return Ok(None) };
+    match body.get(field) {
+        None => Err(ProduceError::MissingKeyField {
+            what: what.to_string(),
+            field: field.to_string(),
+        }),
+        Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Ok(Some(other.to_string())),
+    }
+}
+
+/// Everything one produce needs once the customizable methods have answered.
+pub(crate) struct Draft<'a> {
+    pub what: &'a str,
+    pub config: &'a ProducerConfig,
+    pub event: &'a Event,
+    pub topic: String,
+    pub body: Value,
+    pub key: Option<String>,
+    pub context: &'a Context,
+}
+
+/// Serializes a draft into a message and writes it to the outbox (or sends it, for a direct
+/// producer).
+pub(crate) fn dispatch<C>(conn: &mut C, draft: Draft<'_>) -> Result<Produced, ProduceError>
+where
+    C: LoadConnection,
+    C::Backend: OutboxBackend,
+{
+    let payload = serde_json::to_vec(&draft.body).map_err(|source| ProduceError::Serialize {
+        what: draft.what.to_string(),
+        source,
+    })?;
+    let mut message = OutboxMessage::new(draft.topic, Some(payload));
+    message.key = draft.key;
+    message.partition = draft.config.partition;
+    message.event = Some(draft.event.to_string());
+    if let Some(tp) = draft.context.traceparent() {
+        message
+            .headers
+            .insert(HEADER_TRACEPARENT.into(), tp.to_string());
+    }
+    let max = max_message_bytes(draft.config);
+    match draft.config.producer_type {
+        ProducerType::Outbox => {
+            let id = write_message(conn, &message, max)?;
+            Ok(Produced {
+                outbox_id: Some(id),
+                message,
+                delivered: None,
+            })
+        }
+        ProducerType::Direct => {
+            message.validate(max)?;
+            let delivered = direct::send(&message)?;
+            Ok(Produced {
+                outbox_id: None,
+                message,
+                delivered: Some(delivered),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn extras_override_fields_and_event_is_added() {
+        let mut extras = Extras::new();
+        extras.insert("name".into(), json!("override"));
+        extras.insert("extra".into(), json!(1));
+        let body =
+            compose_body("m", json!({"id": 1, "name": "a"}), &extras, &Event::Update).unwrap();
+        assert_eq!(
+            body,
+            json!({"id": 1, "name": "override", "extra": 1, "event": "update"})
+        );
+    }
+
+    #[test]
+    fn extras_on_a_non_object_is_an_error() {
+        let mut extras = Extras::new();
+        extras.insert("x".into(), json!(1));
+        assert!(matches!(
+            compose_body("m", json!("text"), &extras, &Event::Create),
+            Err(ProduceError::NotAnObject {
+                found: "a string",
+                ..
+            })
+        ));
+        assert_eq!(
+            compose_body("m", json!("text"), &Extras::new(), &Event::Create).unwrap(),
+            json!("text")
+        );
+    }
+
+    #[test]
+    fn key_field_rules() {
+        let body = json!({"id": 7, "s": "x", "n": null});
+        assert_eq!(
+            key_from_field("m", Some("id"), &body).unwrap().as_deref(),
+            Some("7")
+        );
+        assert_eq!(
+            key_from_field("m", Some("s"), &body).unwrap().as_deref(),
+            Some("x")
+        );
+        assert_eq!(key_from_field("m", Some("n"), &body).unwrap(), None);
+        assert_eq!(key_from_field("m", None, &body).unwrap(), None);
+        assert!(matches!(
+            key_from_field("m", Some("nope"), &body),
+            Err(ProduceError::MissingKeyField { .. })
+        ));
+    }
+}

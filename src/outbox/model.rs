@@ -1,0 +1,229 @@
+//! `ProducerModel`: a Diesel model whose `save` and `delete` write the model and its message in
+//! one transaction, with `event` = `create`, `update` or `delete` decided by the database.
+
+use diesel::connection::LoadConnection;
+use serde::Serialize;
+use serde_json::Value;
+
+use super::{
+    compose_body, dispatch, key_from_field, Context, Draft, Event, Extras, OutboxBackend,
+    ProduceError, Produced, ProducerConfig,
+};
+
+/// The table a model is stored in. Implemented by `#[derive(ProducerModel)]`.
+pub trait ModelTable {
+    /// The table's name (the default topic of the model's messages).
+    const TABLE: &'static str;
+}
+
+/// How a model is inserted, updated and deleted on backend `DB`. Implemented for PostgreSQL and
+/// SQLite by `#[derive(ProducerModel)]`, from the model's Diesel derives (`Insertable`,
+/// `AsChangeset`, `Identifiable`, `Selectable`).
+pub trait ModelStore<DB: diesel::backend::Backend>: Sized {
+    /// Inserts the model unless a row with its primary key exists; returns the inserted row.
+    fn insert_new<C: LoadConnection<Backend = DB>>(
+        &self,
+        conn: &mut C,
+    ) -> diesel::QueryResult<Option<Self>>;
+    /// Updates the row with the model's primary key; returns the updated row, if there was one.
+    fn update_existing<C: LoadConnection<Backend = DB>>(
+        &self,
+        conn: &mut C,
+    ) -> diesel::QueryResult<Option<Self>>;
+    /// Deletes the row with the model's primary key; returns the deleted row, if there was one.
+    fn delete_existing<C: LoadConnection<Backend = DB>>(
+        &self,
+        conn: &mut C,
+    ) -> diesel::QueryResult<Option<Self>>;
+}
+
+/// Options of one `save` or `delete` (the seed's `produce`, `produce_context`, `produce_extras`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SaveOptions {
+    /// Produce or not; `None` follows `auto_produce`, `Some` overrides it either way.
+    pub produce: Option<bool>,
+    /// Handed to every customizable method; a `traceparent` entry becomes a header.
+    pub context: Context,
+    /// Merged into the message; a key equal to a model field replaces that field.
+    pub extras: Extras,
+}
+
+impl SaveOptions {
+    /// Default options: produce as `auto_produce` says, empty context and extras.
+    pub fn new() -> Self {
+        SaveOptions::default()
+    }
+    /// Forces producing on or off.
+    pub fn produce(mut self, on: bool) -> Self {
+        self.produce = Some(on);
+        self
+    }
+    /// Sets a context entry.
+    pub fn context(mut self, key: impl Into<String>, value: impl Into<Value>) -> Self {
+        self.context.0.insert(key.into(), value.into());
+        self
+    }
+    /// Sets an extra field.
+    pub fn extra(mut self, key: impl Into<String>, value: impl Into<Value>) -> Self {
+        self.extras.insert(key.into(), value.into());
+        self
+    }
+}
+
+/// What a `save` or `delete` did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Saved<M> {
+    /// The row as stored (or, for a delete, as it was), with database defaults filled in.
+    pub model: M,
+    /// `create`, `update` or `delete`.
+    pub event: Event,
+    /// The message produced, unless producing was off.
+    pub produced: Option<Produced>,
+}
+
+/// A Diesel model that produces a message on every save and delete (the seed's Django
+/// `ProducerModel`). Derive it:
+///
+/// ```ignore
+/// #[derive(Queryable, Selectable, Insertable, AsChangeset, Identifiable, Serialize, ProducerModel)]
+/// #[diesel(table_name = accounts)]
+/// #[devour(topic = "accounts", partition_key = "id")]
+/// struct Account { id: i64, name: String }
+/// ```
+///
+/// With `#[devour(customize)]` the derive leaves this trait to you, so that you can override
+/// `get_topic`, `get_schema` or `get_partition_key`.
+pub trait ProducerModel: ModelTable + Serialize + Sized {
+    /// The producer settings (topic, partition key field, `auto_produce`, producer type).
+    const CONFIG: ProducerConfig;
+
+    /// The topic; by default [`generic_topic`](ProducerModel::generic_topic).
+    fn get_topic(&self, event: &Event, context: &Context) -> Result<String, ProduceError> {
+        let _ = (event, context);
+        Ok(self.generic_topic())
+    }
+
+    /// The message before extras and `event`; by default the model's fields.
+    fn get_schema(&self, event: &Event, context: &Context) -> Result<Value, ProduceError> {
+        let _ = (event, context);
+        serde_json::to_value(self).map_err(|source| ProduceError::Serialize {
+            what: Self::TABLE.to_string(),
+            source,
+        })
+    }
+
+    /// The Kafka key; by default the field named by `CONFIG.partition_key` in `body`.
+    fn get_partition_key(
+        &self,
+        event: &Event,
+        context: &Context,
+        body: &Value,
+    ) -> Result<Option<String>, ProduceError> {
+        let _ = (event, context);
+        key_from_field(Self::TABLE, Self::CONFIG.partition_key, body)
+    }
+
+    /// `CONFIG.topic`, else the table name.
+    fn generic_topic(&self) -> String {
+        Self::CONFIG.topic.unwrap_or(Self::TABLE).to_string()
+    }
+
+    /// Produces this model's message for `event` on `conn` without saving it.
+    fn produce<C>(
+        &self,
+        conn: &mut C,
+        event: Event,
+        extras: &Extras,
+        context: &Context,
+    ) -> Result<Produced, ProduceError>
+    where
+        C: LoadConnection,
+        C::Backend: OutboxBackend,
+    {
+        let body = compose_body(
+            Self::TABLE,
+            self.get_schema(&event, context)?,
+            extras,
+            &event,
+        )?;
+        let topic = self.get_topic(&event, context)?;
+        let key = self.get_partition_key(&event, context, &body)?;
+        dispatch(
+            conn,
+            Draft {
+                what: Self::TABLE,
+                config: &Self::CONFIG,
+                event: &event,
+                topic,
+                body,
+                key,
+                context,
+            },
+        )
+    }
+
+    /// Inserts or updates the model and writes its message, in one transaction (a savepoint
+    /// inside the caller's). `event` is `create` when the row was inserted, `update` when it
+    /// existed. Any error rolls both back.
+    fn save<C>(&self, conn: &mut C, options: SaveOptions) -> Result<Saved<Self>, ProduceError>
+    where
+        C: LoadConnection,
+        C::Backend: OutboxBackend,
+        Self: ModelStore<C::Backend>,
+    {
+        conn.transaction(|conn| {
+            let (model, event) = match self.insert_new(conn)? {
+                Some(row) => (row, Event::Create),
+                None => match self.update_existing(conn)? {
+                    Some(row) => (row, Event::Update),
+                    // The row was deleted between the two statements: insert it again.
+                    None => (
+                        self.insert_new(conn)?
+                            .ok_or(ProduceError::Database(diesel::result::Error::NotFound))?,
+                        Event::Create,
+                    ),
+                },
+            };
+            finish(conn, model, event, options)
+        })
+    }
+
+    /// Deletes the model's row and writes a `delete` message, in one transaction.
+    /// Deleting a row that does not exist is [`ProduceError::NotFound`] and produces nothing.
+    fn delete<C>(&self, conn: &mut C, options: SaveOptions) -> Result<Saved<Self>, ProduceError>
+    where
+        C: LoadConnection,
+        C::Backend: OutboxBackend,
+        Self: ModelStore<C::Backend>,
+    {
+        conn.transaction(|conn| match self.delete_existing(conn)? {
+            Some(row) => finish(conn, row, Event::Delete, options),
+            None => Err(ProduceError::NotFound {
+                what: Self::TABLE.to_string(),
+            }),
+        })
+    }
+}
+
+fn finish<M, C>(
+    conn: &mut C,
+    model: M,
+    event: Event,
+    options: SaveOptions,
+) -> Result<Saved<M>, ProduceError>
+where
+    M: ProducerModel,
+    C: LoadConnection,
+    C::Backend: OutboxBackend,
+{
+    let produced = if options.produce.unwrap_or(M::CONFIG.auto_produce) {
+        Some(model.produce(conn, event.clone(), &options.extras, &options.context)?)
+    } else {
+        None
+    };
+    Ok(Saved {
+        model,
+        event,
+        produced,
+    })
+}

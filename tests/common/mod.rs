@@ -1,0 +1,463 @@
+//! Shared helpers of the integration tests: a database per test (PostgreSQL started by
+//! `bin/test`, or an SQLite file), a topic per test on the broker started by `bin/test`, the
+//! test models, and ways to read what the write path wrote.
+#![allow(dead_code)]
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use devour::db::devour_outbox;
+use devour::outbox::OutboxBackend;
+use devour::prelude::*;
+use diesel::connection::LoadConnection;
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use serde::Serialize;
+use serde_json::Value;
+
+/// PostgreSQL server URL for tests (any database; tests create their own).
+pub fn pg_admin_url() -> String {
+    std::env::var("DEVOUR_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// Bootstrap address of the test broker.
+pub fn kafka_hosts() -> String {
+    std::env::var("DEVOUR_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into())
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A name unique to this test process and call, usable as a database or topic name.
+pub fn unique(tag: &str) -> String {
+    format!(
+        "{}_{}_{}",
+        tag.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+            .to_lowercase(),
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Which backend a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+/// A fresh database with devour's migrations and the test models' tables; dropped at the end.
+pub struct TestDb {
+    pub backend: Backend,
+    pub url: String,
+    pg_name: Option<String>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestDb {
+    pub fn new(backend: Backend, tag: &str) -> TestDb {
+        let db = match backend {
+            Backend::Postgres => {
+                let name = format!("devour_t_{}", unique(tag));
+                let mut admin = PgConnection::establish(&pg_admin_url()).unwrap_or_else(|e| {
+                    panic!("PostgreSQL at {} (run bin/test): {e}", pg_admin_url())
+                });
+                diesel::sql_query(format!("CREATE DATABASE {name}"))
+                    .execute(&mut admin)
+                    .unwrap();
+                let base = pg_admin_url();
+                let (server, _) = base.rsplit_once('/').expect("url has a database");
+                TestDb {
+                    backend,
+                    url: format!("{server}/{name}"),
+                    pg_name: Some(name),
+                    _dir: None,
+                }
+            }
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().unwrap();
+                let path = dir.path().join("test.db");
+                TestDb {
+                    backend,
+                    url: format!("sqlite://{}", path.display()),
+                    pg_name: None,
+                    _dir: Some(dir),
+                }
+            }
+        };
+        db.setup();
+        db
+    }
+
+    /// The path or URL Diesel's `establish` takes.
+    pub fn diesel_url(&self) -> &str {
+        self.url.strip_prefix("sqlite://").unwrap_or(&self.url)
+    }
+
+    fn setup(&self) {
+        match self.backend {
+            Backend::Postgres => {
+                let mut c = PgConnection::establish(&self.url).unwrap();
+                devour::run_migrations(&mut c).unwrap();
+                c.batch_execute(MODELS).unwrap();
+            }
+            Backend::Sqlite => {
+                let mut c = SqliteConnection::establish(self.diesel_url()).unwrap();
+                devour::db::sqlite::configure(&mut c, 5000).unwrap();
+                devour::run_migrations(&mut c).unwrap();
+                c.batch_execute(MODELS).unwrap();
+            }
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Some(name) = &self.pg_name {
+            if let Ok(mut admin) = PgConnection::establish(&pg_admin_url()) {
+                let _ = diesel::sql_query(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&mut admin);
+            }
+        }
+    }
+}
+
+/// The test models' tables (the same SQL on both backends).
+const MODELS: &str = "
+CREATE TABLE accounts (id BIGINT PRIMARY KEY, name TEXT NOT NULL, email TEXT, version INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE notes (id BIGINT PRIMARY KEY, body TEXT NOT NULL);
+CREATE TABLE tagged (id BIGINT PRIMARY KEY, label TEXT NOT NULL);
+";
+
+diesel::table! {
+    accounts (id) {
+        id -> BigInt,
+        name -> Text,
+        email -> Nullable<Text>,
+        version -> Integer,
+    }
+}
+diesel::table! {
+    notes (id) {
+        id -> BigInt,
+        body -> Text,
+    }
+}
+diesel::table! {
+    tagged (id) {
+        id -> BigInt,
+        label -> Text,
+    }
+}
+
+/// The plain model: topic `accounts`, keyed by id, produces on every save.
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Queryable,
+    Selectable,
+    Insertable,
+    AsChangeset,
+    Identifiable,
+    Serialize,
+    ProducerModel,
+)]
+#[diesel(table_name = accounts, treat_none_as_null = true)]
+#[devour(topic = "accounts", partition_key = "id")]
+pub struct Account {
+    pub id: i64,
+    #[serde(serialize_with = "fail_on_boom")]
+    pub name: String,
+    pub email: Option<String>,
+    pub version: i32,
+}
+
+/// Serializes a string, but fails for "boom": a payload that cannot be serialized.
+fn fail_on_boom<S: serde::Serializer>(v: &str, s: S) -> Result<S::Ok, S::Error> {
+    if v == "boom" {
+        Err(serde::ser::Error::custom(
+            "the value `boom` cannot be serialized",
+        ))
+    } else {
+        s.serialize_str(v)
+    }
+}
+
+impl Account {
+    pub fn new(id: i64, name: &str) -> Self {
+        Account {
+            id,
+            name: name.into(),
+            email: None,
+            version: 0,
+        }
+    }
+}
+
+/// A model that produces only when asked (`auto_produce = false`), to the generic topic.
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Queryable,
+    Selectable,
+    Insertable,
+    AsChangeset,
+    Identifiable,
+    Serialize,
+    ProducerModel,
+)]
+#[diesel(table_name = notes)]
+#[devour(auto_produce = false)]
+pub struct Note {
+    pub id: i64,
+    pub body: String,
+}
+
+/// A model whose topic and key come from the context.
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Queryable,
+    Selectable,
+    Insertable,
+    AsChangeset,
+    Identifiable,
+    Serialize,
+    ProducerModel,
+)]
+#[diesel(table_name = tagged)]
+#[devour(customize)]
+pub struct Tagged {
+    pub id: i64,
+    pub label: String,
+}
+
+impl devour::ProducerModel for Tagged {
+    const CONFIG: ProducerConfig = ProducerConfig::new();
+
+    fn get_topic(&self, event: &Event, context: &Context) -> Result<String, devour::ProduceError> {
+        let tenant = context
+            .get("tenant")
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        Ok(format!("tenant-{tenant}.{event}"))
+    }
+
+    fn get_partition_key(
+        &self,
+        _event: &Event,
+        context: &Context,
+        _body: &Value,
+    ) -> Result<Option<String>, devour::ProduceError> {
+        let prefix = context
+            .get("key_prefix")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        Ok(Some(format!("{prefix}{}", self.label)))
+    }
+}
+
+/// One outbox row as the tests look at it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub id: i64,
+    pub topic: String,
+    pub key: Option<String>,
+    pub partition: Option<i32>,
+    pub payload: Option<Value>,
+    pub headers: serde_json::Map<String, Value>,
+    pub event: Option<String>,
+    pub message_id: String,
+    pub content_type: String,
+    pub shard: i32,
+}
+
+type RawRow = (
+    i64,
+    String,
+    Option<String>,
+    Option<i32>,
+    Option<Vec<u8>>,
+    String,
+    Option<String>,
+    String,
+    String,
+    i32,
+);
+
+/// What the tests need of a connection, on either backend.
+pub trait TestConn: Connection<Backend: OutboxBackend> + LoadConnection + Sized {
+    fn open(db: &TestDb) -> Self;
+    fn outbox(&mut self) -> Vec<Row>;
+    fn accounts(&mut self) -> Vec<Account>;
+    fn count(&mut self, table: &str) -> i64;
+}
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
+}
+
+macro_rules! test_conn {
+    ($conn:ty) => {
+        impl TestConn for $conn {
+            fn open(db: &TestDb) -> Self {
+                <$conn>::establish(db.diesel_url()).unwrap()
+            }
+            fn outbox(&mut self) -> Vec<Row> {
+                use devour_outbox::dsl as o;
+                let raw: Vec<RawRow> = o::devour_outbox
+                    .select((
+                        o::id,
+                        o::topic,
+                        o::partition_key,
+                        o::kafka_partition,
+                        o::payload,
+                        o::headers,
+                        o::event,
+                        o::message_id,
+                        o::content_type,
+                        o::shard,
+                    ))
+                    .order(o::id)
+                    .load(self)
+                    .unwrap();
+                raw.into_iter()
+                    .map(|r| Row {
+                        id: r.0,
+                        topic: r.1,
+                        key: r.2,
+                        partition: r.3,
+                        payload: r
+                            .4
+                            .map(|p| serde_json::from_slice(&p).expect("payload is JSON")),
+                        headers: serde_json::from_str(&r.5).expect("headers are a JSON object"),
+                        event: r.6,
+                        message_id: r.7,
+                        content_type: r.8,
+                        shard: r.9,
+                    })
+                    .collect()
+            }
+            fn accounts(&mut self) -> Vec<Account> {
+                accounts::table
+                    .order(accounts::id)
+                    .select(Account::as_select())
+                    .load(self)
+                    .unwrap()
+            }
+            fn count(&mut self, table: &str) -> i64 {
+                diesel::sql_query(format!("SELECT COUNT(*) AS n FROM {table}"))
+                    .get_result::<Count>(self)
+                    .unwrap()
+                    .n
+            }
+        }
+    };
+}
+test_conn!(PgConnection);
+test_conn!(SqliteConnection);
+
+/// Runs a test body on both backends: `both_backends!(name);` defines `name::postgres` and
+/// `name::sqlite` tests calling `name::<Conn>(&TestDb)`.
+#[macro_export]
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                use super::*;
+                #[test]
+                fn postgres() {
+                    let db = common::TestDb::new(common::Backend::Postgres, stringify!($name));
+                    super::$name::<diesel::PgConnection>(&db);
+                }
+                #[test]
+                fn sqlite() {
+                    let db = common::TestDb::new(common::Backend::Sqlite, stringify!($name));
+                    super::$name::<diesel::SqliteConnection>(&db);
+                }
+            }
+        )*
+    };
+}
+
+/// A topic of its own for one test, created with `partitions` partitions.
+pub fn create_topic(tag: &str, partitions: i32) -> String {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let name = unique(tag).replace('_', "-");
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka_hosts())
+        .create()
+        .unwrap();
+    let topic = NewTopic::new(&name, partitions, TopicReplication::Fixed(1));
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let res = futures::executor::block_on(admin.create_topics([&topic], &opts))
+        .unwrap_or_else(|e| panic!("creating topic on {} (run bin/test): {e}", kafka_hosts()));
+    for r in res {
+        r.unwrap_or_else(|(t, e)| panic!("creating topic {t}: {e}"));
+    }
+    name
+}
+
+/// A Kafka message as read back.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(String, String)>,
+}
+
+/// Reads `n` messages from the beginning of `topic` with a real consumer (fails after `timeout`).
+pub fn consume(topic: &str, n: usize, timeout: Duration) -> Vec<Received> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka_hosts())
+        .set("group.id", unique("reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let deadline = std::time::Instant::now() + timeout;
+    let mut out = Vec::new();
+    while out.len() < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "read {} of {n} messages from {topic} before the timeout: {out:?}",
+            out.len()
+        );
+        match consumer.poll(Duration::from_millis(200)) {
+            None => {}
+            Some(Err(e)) => panic!("consumer error on {topic}: {e}"),
+            Some(Ok(m)) => out.push(Received {
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                payload: m.payload().map(<[u8]>::to_vec),
+                headers: m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| {
+                                (
+                                    h.key.to_string(),
+                                    String::from_utf8_lossy(h.value.unwrap_or_default())
+                                        .into_owned(),
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            }),
+        }
+    }
+    out
+}

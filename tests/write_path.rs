@@ -1,0 +1,373 @@
+//! The write path on PostgreSQL and SQLite: a save and its outbox row commit or roll back together.
+
+mod common;
+
+use common::{Account, Note, Tagged, TestConn, TestDb};
+use devour::outbox::{shard_for_key, HEADER_TRACEPARENT};
+use devour::prelude::*;
+use devour::{ProduceError, Producer};
+use serde_json::json;
+
+both_backends!(
+    commit_writes_model_and_outbox_row,
+    rollback_writes_neither,
+    save_twice_is_create_then_update,
+    delete_produces_delete,
+    delete_of_missing_row_is_an_error_and_writes_nothing,
+    produce_false_suppresses,
+    auto_produce_false_needs_produce_true,
+    extras_override_fields,
+    context_reaches_topic_and_key,
+    traceparent_in_context_is_carried,
+    oversize_message_writes_no_rows,
+    oversize_update_keeps_the_old_row,
+    invalid_topic_writes_no_rows,
+    unserializable_payload_writes_no_rows,
+    producer_writes_on_the_callers_transaction,
+    save_inside_a_callers_transaction_rolls_back_with_it,
+);
+
+fn commit_writes_model_and_outbox_row<C: TestConn>(db: &TestDb)
+where
+    Account: ModelStore<C::Backend>,
+{
+    let mut c = C::open(db);
+    let saved = Account::new(1, "ada")
+        .save(&mut c, SaveOptions::new())
+        .unwrap();
+    assert_eq!(saved.event, Event::Create);
+    assert_eq!(c.accounts(), vec![Account::new(1, "ada")]);
+    let rows = c.outbox();
+    assert_eq!(rows.len(), 1, "rows: {rows:?}");
+    let r = &rows[0];
+    assert_eq!(r.topic, "accounts");
+    assert_eq!(r.key.as_deref(), Some("1"));
+    assert_eq!(r.event.as_deref(), Some("create"));
+    assert_eq!(r.content_type, "application/json");
+    assert_eq!(r.shard, shard_for_key("1"), "shard of key 1");
+    assert_eq!(
+        r.payload,
+        Some(json!({"id": 1, "name": "ada", "email": null, "version": 0, "event": "create"}))
+    );
+    let produced = saved.produced.expect("produced");
+    assert_eq!(produced.outbox_id, Some(r.id));
+    assert_eq!(r.message_id, produced.message.message_id.to_string());
+}
+
+fn rollback_writes_neither<C: TestConn>(db: &TestDb)
+where
+    Account: ModelStore<C::Backend>,
+{
+    let mut c = C::open(db);
+    let r: Result<(), ProduceError> = c.transaction(|c| {
+        Account::new(1, "ada").save(c, SaveOptions::new())?;
+        Account::new(2, "bob").save(c, SaveOptions::new())?;
+        Err(ProduceError::Custom(
+            "the application changed its mind".into(),
+        ))
+    });
+    assert!(r.is_err());
+    assert_eq!(c.count("accounts"), 0);
+    assert_eq!(c.count("devour_outbox"), 0);
+}
+
+fn save_twice_is_create_then_update<C: TestConn>(db: &TestDb)
+where
+    Account: ModelStore<C::Backend>,
+{
+    let mut c = C::open(db);
+    let mut a = Account::new(7, "ada");
+    assert_eq!(
+        a.save(&mut c, SaveOptions::new()).unwrap().event,
+        Event::Create
+    );
+    a.name = "ada lovelace".into();
+    a.email = Some("ada@example.com".into());
+    let saved = a.save(&mut c, SaveOptions::new()).unwrap();
+    assert_eq!(saved.event, Event::Update);
+    assert_eq!(saved.model, a);
+    assert_eq!(c.accounts(), vec![a]);
+    let rows = c.outbox();
+    let events: Vec<_> = rows.iter().map(|r| r.event.clone().unwrap()).collect();
+    assert_eq!(events, ["create", "update"], "rows: {rows:?}");
+    assert!(rows[0].id < rows[1].id);
+    assert_eq!(rows[1].payload.as_ref().unwrap()["name"], "ada lovelace");
+    assert_eq!(rows[1].payload.as_ref().unwrap()["event"], "update");
+}
+
+fn delete_produces_delete<C: TestConn>(db: &TestDb)
+where
+    Account: ModelStore<C::Backend>,
+{
+    let mut c = C::open(db);
+    let a = Account::new(3, "cy");
+    a.save(&mut c, SaveOptions::new()).unwrap();
+    let d = a.delete(&mut c, SaveOptions::new()).unwrap();
+    assert_eq!(d.event, Event::Delete);
+    assert_eq!(d.model, a);
+    assert_eq!(c.count("accounts"), 0);
+    let rows = c.outbox();
+    assert_eq!(rows.len(), 2, "rows: {rows:?}");
+    assert_eq!(rows[1].event.as_deref(), Some("delete"));
+    assert_eq!(rows[1].payload.as_ref().unwrap()["event"], "delete");
+    assert_eq!(rows[1].payload.as_ref().unwrap()["name"], "cy");
+    assert_eq!(rows[1].key.as_deref(), Some("3"));
+}
+
+fn delete_of_missing_row_is_an_error_and_writes_nothing<C: TestConn>(db: &TestDb)
+where
+    Account: ModelStore<C::Backend>,
+{
+    let mut c = C::open(db);
+    let err = Account::new(99, "ghost")
+        .delete(&mut c, SaveOptions::new())
+        .unwrap_err();
+    assert!(matches!(err, ProduceError::NotFound { .. }), "{err}");
+    assert_eq!(c.count("devour_outbox"), 0);
+}
+
+fn produce_false_suppresses<C: TestConn>(db: &TestDb)
+where
+    Account: ModelStore<C::Backend>,
+{
+    let mut c = C::open(db);
+    let a = Account::new(1, "quiet");
+    let saved = a.save(&mut c, SaveOptions::new().produce(false)).unwrap();
+    assert!(saved.produced.is_none());
+    a.delete(&mut c, SaveOptions::new().produce(false)).unwrap();
+    assert_eq!(c.count("devour_outbox"), 0);
+    // The saves themselves happened.
+    a.save(&mut c, SaveOptions::new().produce(false)).unwrap();
+    assert_eq!(c.count("accounts"), 1);
+}
+
+fn auto_produce_false_needs_produce_true<C: TestConn>(db: &TestDb)
+where
+    Note: ModelStore<C::Backend>,
+{
+    let mut c = C::open(db);
+    let n = Note {
+        id: 1,
+        body: "draft".into(),
+    };
+    assert!(n
+        .save(&mut c, SaveOptions::new())
+        .unwrap()
+        .produced
+        .is_none());
+    assert_eq!(c.count("devour_outbox"), 0);
+    let saved = n.save(&mut c, SaveOptions::new().produce(true)).unwrap();
+    assert_eq!(saved.event, Event::Update);
+    let rows = c.outbox();
+    assert_eq!(rows.len(), 1, "rows: {rows:?}");
+    // No topic configured: the generic topic is the table name; no partition key.
+    assert_eq!(rows[0].topic, "notes");
+    assert_eq!(rows[0].key, None);
+}
+
+fn extras_override_fields<C: TestConn>(db: &TestDb)
+where
+    Account: ModelStore<C::Backend>,
+{
+    let mut c = C::open(db);
+    Account::new(5, "real name")
+        .save(
+            &mut c,
+            SaveOptions::new()
+                .extra("name", "shown name")
+                .extra("source", "signup-form"),
+        )
+        .unwrap();
+    let p = c.outbox()[0].payload.clone().unwrap();
+    assert_eq!(p["name"], "shown name");
+    assert_eq!(p["source"], "signup-form");
+    assert_eq!(p["id"], 5);
+    // The model row keeps its own value.
+    assert_eq!(c.accounts()[0].name, "real name");
+}
+
+fn context_reaches_topic_and_key<C: TestConn>(db: &TestDb)
+where
+    Tagged: ModelStore<C::Backend>,
+{
+    let mut c = C::open(db);
+    Tagged {
+        id: 1,
+        label: "blue".into(),
+    }
+    .save(
+        &mut c,
+        SaveOptions::new()
+            .context("tenant", "acme")
+            .context("key_prefix", "k-"),
+    )
+    .unwrap();
+    let rows = c.outbox();
+    assert_eq!(rows[0].topic, "tenant-acme.create");
+    assert_eq!(rows[0].key.as_deref(), Some("k-blue"));
+}
+
+fn traceparent_in_context_is_carried<C: TestConn>(db: &TestDb)
+where
+    Account: ModelStore<C::Backend>,
+{
+    let mut c = C::open(db);
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    Account::new(1, "traced")
+        .save(&mut c, SaveOptions::new().context(HEADER_TRACEPARENT, tp))
+        .unwrap();
+    Account::new(2, "untraced")
+        .save(&mut c, SaveOptions::new())
+        .unwrap();
+    let rows = c.outbox();
+    assert_eq!(rows[0].headers.get("traceparent"), Some(&json!(tp)));
+    assert!(rows[1].headers.is_empty(), "headers: {:?}", rows[1].headers);
+    assert_ne!(rows[0].message_id, rows[1].message_id);
+}
+
+fn oversize_message_writes_no_rows<C: TestConn>(db: &TestDb)
+where
+    Account: ModelStore<C::Backend>,
+{
+    let mut c = C::open(db);
+    let big = Account::new(1, &"x".repeat(1024 * 1024));
+    let err = big.save(&mut c, SaveOptions::new()).unwrap_err();
+    match &err {
+        ProduceError::TooLarge { size, max, topic } => {
+            assert!(*size > 1024 * 1024);
+            assert_eq!(*max, 1024 * 1024);
+            assert_eq!(topic, "accounts");
+        }
+        other => panic!("expected TooLarge, got {other}"),
+    }
+    assert!(err.to_string().contains("max_message_bytes"), "{err}");
+    assert_eq!(c.count("accounts"), 0);
+    assert_eq!(c.count("devour_outbox"), 0);
+}
+
+fn oversize_update_keeps_the_old_row<C: TestConn>(db: &TestDb)
+where
+    Account: ModelStore<C::Backend>,
+{
+    let mut c = C::open(db);
+    Account::new(1, "small")
+        .save(&mut c, SaveOptions::new())
+        .unwrap();
+    let err = Account::new(1, &"y".repeat(2 * 1024 * 1024))
+        .save(&mut c, SaveOptions::new())
+        .unwrap_err();
+    assert!(matches!(err, ProduceError::TooLarge { .. }), "{err}");
+    assert_eq!(c.accounts(), vec![Account::new(1, "small")]);
+    assert_eq!(c.count("devour_outbox"), 1);
+}
+
+fn invalid_topic_writes_no_rows<C: TestConn>(db: &TestDb)
+where
+    Tagged: ModelStore<C::Backend>,
+{
+    let mut c = C::open(db);
+    for tenant in ["has space", "slash/y", &"t".repeat(250)] {
+        let err = Tagged {
+            id: 1,
+            label: "x".into(),
+        }
+        .save(&mut c, SaveOptions::new().context("tenant", tenant))
+        .unwrap_err();
+        assert!(
+            matches!(err, ProduceError::InvalidTopic { .. }),
+            "{tenant}: {err}"
+        );
+    }
+    assert_eq!(c.count("tagged"), 0);
+    assert_eq!(c.count("devour_outbox"), 0);
+}
+
+fn unserializable_payload_writes_no_rows<C: TestConn>(db: &TestDb)
+where
+    Account: ModelStore<C::Backend>,
+{
+    let mut c = C::open(db);
+    let err = Account::new(1, "boom")
+        .save(&mut c, SaveOptions::new())
+        .unwrap_err();
+    assert!(matches!(err, ProduceError::Serialize { .. }), "{err}");
+    assert!(err.to_string().contains("cannot be serialized"), "{err}");
+    assert_eq!(c.count("accounts"), 0);
+    assert_eq!(c.count("devour_outbox"), 0);
+}
+
+/// A general producer: signups keyed by e-mail.
+#[derive(serde::Serialize)]
+struct Signup {
+    email: String,
+    plan: &'static str,
+}
+struct SignupProducer;
+impl Producer for SignupProducer {
+    type Source = str;
+    type Message = Signup;
+    const CONFIG: ProducerConfig = ProducerConfig::new()
+        .topic("signups")
+        .partition_key("email");
+    fn get_schema(&self, _: &Event, email: &str, ctx: &Context) -> Result<Signup, ProduceError> {
+        let plan = if ctx.get("paid").is_some() {
+            "paid"
+        } else {
+            "free"
+        };
+        Ok(Signup {
+            email: email.to_string(),
+            plan,
+        })
+    }
+}
+
+fn producer_writes_on_the_callers_transaction<C: TestConn>(db: &TestDb) {
+    let mut c = C::open(db);
+    let mut extras = devour::Extras::new();
+    extras.insert("campaign".into(), json!("winter"));
+    c.transaction(|c| {
+        SignupProducer.produce(
+            c,
+            Event::Create,
+            "a@example.com",
+            &extras,
+            &Context::new().with("paid", true),
+        )
+    })
+    .unwrap();
+    let _ = c.transaction(|c| {
+        SignupProducer.produce(c, Event::Create, "b@example.com", &extras, &Context::new())?;
+        Err::<(), _>(ProduceError::Custom("rolled back".into()))
+    });
+    let rows = c.outbox();
+    assert_eq!(rows.len(), 1, "only the committed message: {rows:?}");
+    assert_eq!(rows[0].topic, "signups");
+    assert_eq!(rows[0].key.as_deref(), Some("a@example.com"));
+    assert_eq!(
+        rows[0].payload,
+        Some(
+            json!({"email": "a@example.com", "plan": "paid", "campaign": "winter", "event": "create"})
+        )
+    );
+}
+
+fn save_inside_a_callers_transaction_rolls_back_with_it<C: TestConn>(db: &TestDb)
+where
+    Account: ModelStore<C::Backend>,
+{
+    let mut c = C::open(db);
+    Account::new(1, "kept")
+        .save(&mut c, SaveOptions::new())
+        .unwrap();
+    // The save succeeds (its savepoint is released), then the caller's transaction fails.
+    let _ = c.transaction(|c| {
+        let mut a = Account::new(1, "changed");
+        a.version = 1;
+        a.save(c, SaveOptions::new())?;
+        Account::new(2, "new").save(c, SaveOptions::new())?;
+        Err::<(), _>(ProduceError::Custom("later step failed".into()))
+    });
+    assert_eq!(c.accounts(), vec![Account::new(1, "kept")]);
+    assert_eq!(c.count("devour_outbox"), 1);
+}
