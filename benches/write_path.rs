@@ -1,1 +1,779 @@
-fn main() {}
+//! Write-path overhead: what writing the outbox row costs on top of saving a model.
+//!
+//! Run with `cargo bench --bench write_path`. For each backend (PostgreSQL and SQLite) and each
+//! case, the variant *without* the outbox row (`SaveOptions::new().produce(false)`) and the
+//! variant *with* it (`produce(true)`) run in the same process, interleaved round by round
+//! (A/B, B/A, A/B, …); the table shows the median over rounds of the mean time per transaction.
+//!
+//! Cases:
+//! - `single`: every transaction saves one new model row (an insert; `save` opens the transaction).
+//! - `update`: every transaction saves one model row that already exists (insert-or-update path).
+//! - `batch100`: every transaction (`conn.transaction`) saves 100 new model rows.
+//!
+//! Before every timed run the model table and the outbox are emptied (for both variants alike,
+//! outside the timed part), so the outbox index stays small and every variant starts the same.
+//!
+//! Environment:
+//! - `DEVOUR_BENCH_PG_URL`: PostgreSQL server URL (default
+//!   `postgres://postgres:postgres@127.0.0.1:5432/postgres`); the bench creates and drops its own
+//!   database `devour_bench_<pid>`.
+//! - `DEVOUR_BENCH_BACKENDS`: `postgres,sqlite` (default both); positional arguments
+//!   (`cargo bench --bench write_path -- sqlite`) win over it.
+//! - `DEVOUR_BENCH_TXNS`: transactions per variant of `single` and `update`, split across rounds
+//!   (default 10000).
+//! - `DEVOUR_BENCH_BATCH_TXNS`: transactions of 100 saves per variant of `batch100`, split
+//!   across rounds (default 500).
+//! - `DEVOUR_BENCH_ROUNDS`: rounds (default 5).
+//! - `DEVOUR_BENCH_BREAKDOWN=1`: also time the parts of the outbox write (message building,
+//!   the outbox INSERT, the PostgreSQL generated `shard` column, …) in the same databases.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use devour::outbox::{OutboxBackend, OutboxMessage};
+use devour::prelude::*;
+use devour::ProduceError;
+use diesel::connection::{LoadConnection, SimpleConnection};
+use diesel::prelude::*;
+use serde::Serialize;
+
+diesel::table! {
+    items (id) {
+        id -> BigInt,
+        name -> Text,
+        qty -> Integer,
+    }
+}
+
+/// The benchmark's model: topic `items`, keyed by id.
+#[derive(
+    Debug,
+    Clone,
+    Queryable,
+    Selectable,
+    Insertable,
+    AsChangeset,
+    Identifiable,
+    Serialize,
+    ProducerModel,
+)]
+#[diesel(table_name = items)]
+#[devour(topic = "items", partition_key = "id")]
+struct Item {
+    id: i64,
+    name: String,
+    qty: i32,
+}
+
+impl Item {
+    fn new(id: i64) -> Item {
+        Item {
+            id,
+            name: format!("item number {id}"),
+            qty: (id % 1000) as i32,
+        }
+    }
+}
+
+const ITEMS_SQL: &str =
+    "CREATE TABLE items (id BIGINT PRIMARY KEY, name TEXT NOT NULL, qty INTEGER NOT NULL);";
+const BATCH: usize = 100;
+
+struct Params {
+    txns: usize,
+    batch_txns: usize,
+    rounds: usize,
+    breakdown: bool,
+}
+
+fn env_usize(name: &str, default: usize) -> usize {
+    match std::env::var(name) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a positive number")),
+        Err(_) => default,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+impl Backend {
+    fn name(self) -> &'static str {
+        match self {
+            Backend::Postgres => "postgres",
+            Backend::Sqlite => "sqlite",
+        }
+    }
+}
+
+fn backends() -> Vec<Backend> {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let list = if args.is_empty() {
+        std::env::var("DEVOUR_BENCH_BACKENDS").unwrap_or_else(|_| "postgres,sqlite".into())
+    } else {
+        args.join(",")
+    };
+    let mut out = Vec::new();
+    for name in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let b = match name.to_ascii_lowercase().as_str() {
+            "postgres" | "postgresql" | "pg" => Backend::Postgres,
+            "sqlite" => Backend::Sqlite,
+            other => panic!("unknown backend `{other}` (expected postgres or sqlite)"),
+        };
+        if !out.contains(&b) {
+            out.push(b);
+        }
+    }
+    out
+}
+
+/// One line of the result table.
+struct Line {
+    backend: &'static str,
+    case: &'static str,
+    without: Vec<f64>,
+    with: Vec<f64>,
+    target: Option<f64>,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+/// Hands out ids never used before in this process, so every save of a new item is an insert.
+struct Ids(i64);
+
+impl Ids {
+    fn take(&mut self, n: usize) -> std::ops::Range<i64> {
+        let start = self.0;
+        self.0 += n as i64;
+        start..self.0
+    }
+}
+
+/// The cases, run on one connection of either backend. `reset` empties the model table and
+/// the outbox.
+fn run_cases<C>(
+    conn: &mut C,
+    backend: Backend,
+    reset: &str,
+    p: &Params,
+    ids: &mut Ids,
+) -> Vec<Line>
+where
+    C: LoadConnection,
+    C::Backend: OutboxBackend,
+    Item: ModelStore<C::Backend>,
+{
+    let per_round = p.txns.div_ceil(p.rounds);
+    let batch_per_round = p.batch_txns.div_ceil(p.rounds);
+
+    let single = |conn: &mut C, ids: &mut Ids, produce: bool| -> Duration {
+        let items: Vec<Item> = ids.take(per_round).map(Item::new).collect();
+        let t = Instant::now();
+        for item in &items {
+            black_box(
+                item.save(conn, SaveOptions::new().produce(produce))
+                    .expect("save"),
+            );
+        }
+        t.elapsed()
+    };
+    let update = |conn: &mut C, ids: &mut Ids, produce: bool| -> Duration {
+        // The rows exist before the timed part (written without outbox rows, in one transaction).
+        let mut items: Vec<Item> = ids.take(per_round).map(Item::new).collect();
+        conn.transaction::<_, ProduceError, _>(|c| {
+            for item in &items {
+                item.save(c, SaveOptions::new().produce(false))?;
+            }
+            Ok(())
+        })
+        .expect("pre-insert");
+        for item in &mut items {
+            item.qty += 1;
+        }
+        let t = Instant::now();
+        for item in &items {
+            let saved = item
+                .save(conn, SaveOptions::new().produce(produce))
+                .expect("save");
+            debug_assert_eq!(saved.event, Event::Update);
+            black_box(saved);
+        }
+        t.elapsed()
+    };
+    let batch = |conn: &mut C, ids: &mut Ids, produce: bool| -> Duration {
+        let txns: Vec<Vec<Item>> = (0..batch_per_round)
+            .map(|_| ids.take(BATCH).map(Item::new).collect())
+            .collect();
+        let t = Instant::now();
+        for txn in &txns {
+            conn.transaction::<_, ProduceError, _>(|c| {
+                for item in txn {
+                    black_box(item.save(c, SaveOptions::new().produce(produce))?);
+                }
+                Ok(())
+            })
+            .expect("batch transaction");
+        }
+        t.elapsed()
+    };
+
+    let mut lines = Vec::new();
+    type Run<'a, C> = &'a dyn Fn(&mut C, &mut Ids, bool) -> Duration;
+    let cases: [(&'static str, Run<'_, C>, usize, Option<f64>); 3] = [
+        ("single", &single, per_round, Some(1.3)),
+        ("update", &update, per_round, None),
+        ("batch100", &batch, batch_per_round, Some(1.5)),
+    ];
+    for (case, run, txns_per_round, target) in cases {
+        // Warm-up (not counted): prepared statements, caches, the first pages of the tables.
+        for produce in [false, true] {
+            conn.batch_execute(reset).expect("reset");
+            run(conn, ids, produce);
+        }
+        let mut without = Vec::new();
+        let mut with = Vec::new();
+        for round in 0..p.rounds {
+            // A/B in even rounds, B/A in odd ones, so drift hits both variants alike.
+            let order = if round % 2 == 0 {
+                [false, true]
+            } else {
+                [true, false]
+            };
+            for produce in order {
+                conn.batch_execute(reset).expect("reset");
+                let elapsed = run(conn, ids, produce);
+                let us = elapsed.as_secs_f64() * 1e6 / txns_per_round as f64;
+                if produce {
+                    with.push(us);
+                } else {
+                    without.push(us);
+                }
+            }
+        }
+        eprintln!(
+            "  {:<8} {:<8} without {:?} with {:?} (µs/txn per round)",
+            backend.name(),
+            case,
+            without.iter().map(|v| v.round() as i64).collect::<Vec<_>>(),
+            with.iter().map(|v| v.round() as i64).collect::<Vec<_>>(),
+        );
+        lines.push(Line {
+            backend: backend.name(),
+            case,
+            without,
+            with,
+            target,
+        });
+    }
+    conn.batch_execute(reset).expect("reset");
+    lines
+}
+
+// ---------------------------------------------------------------------------------------------
+// Breakdown (DEVOUR_BENCH_BREAKDOWN=1): where the time of the outbox write goes.
+
+diesel::table! {
+    /// A copy of `devour_outbox` whose `shard` is a plain column the client fills in.
+    outbox_plain (id) {
+        id -> BigInt,
+        topic -> Text,
+        partition_key -> Nullable<Text>,
+        kafka_partition -> Nullable<Integer>,
+        payload -> Nullable<Binary>,
+        headers -> Text,
+        event -> Nullable<Text>,
+        message_id -> Text,
+        content_type -> Text,
+        shard -> Integer,
+    }
+}
+
+/// Builds the message `save` would write for `item` (as `ProducerModel::produce` does).
+fn build_message(item: &Item) -> OutboxMessage {
+    let mut body = serde_json::to_value(item).expect("serialize");
+    body.as_object_mut()
+        .expect("object")
+        .insert("event".into(), serde_json::Value::from("create"));
+    let payload = serde_json::to_vec(&body).expect("serialize");
+    let mut m = OutboxMessage::new("items", Some(payload));
+    m.key = Some(item.id.to_string());
+    m.event = Some("create".into());
+    m.validate(1_000_000).expect("valid");
+    m
+}
+
+struct Part {
+    what: String,
+    us_per_row: f64,
+}
+
+/// Times `f` over `rows` rows, in transactions of `per_txn` rows, `rounds` times after a
+/// warm-up; returns the median µs per row.
+fn time_rows<C: Connection>(
+    conn: &mut C,
+    reset: &str,
+    rows: usize,
+    per_txn: usize,
+    rounds: usize,
+    ids: &mut Ids,
+    f: &mut dyn FnMut(&mut C, i64),
+) -> f64 {
+    let mut out = Vec::new();
+    for round in 0..=rounds {
+        conn.batch_execute(reset).expect("reset");
+        let range = ids.take(rows);
+        let t = Instant::now();
+        let mut id = range.start;
+        while id < range.end {
+            let end = (id + per_txn as i64).min(range.end);
+            conn.transaction::<_, diesel::result::Error, _>(|c| {
+                for i in id..end {
+                    f(c, i);
+                }
+                Ok(())
+            })
+            .expect("transaction");
+            id = end;
+        }
+        if round > 0 {
+            out.push(t.elapsed().as_secs_f64() * 1e6 / rows as f64);
+        }
+    }
+    median(&out)
+}
+
+fn breakdown_cpu(rows: usize) -> Part {
+    let items: Vec<Item> = (0..rows as i64).map(Item::new).collect();
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        for item in &items {
+            let m = build_message(item);
+            black_box((m.message_id.to_string(), m.headers_json(), m.shard()));
+        }
+        best = best.min(t.elapsed().as_secs_f64() * 1e6 / rows as f64);
+    }
+    Part {
+        what: "message build in Rust (JSON, uuid v7, key, validate, headers, shard)".into(),
+        us_per_row: best,
+    }
+}
+
+fn pg_breakdown(conn: &mut PgConnection, rows: usize, rounds: usize, ids: &mut Ids) -> Vec<Part> {
+    use diesel::pg::Pg;
+    // devour_outbox's definition, but `shard` is a plain column the client fills in.
+    conn.batch_execute(
+        "CREATE TABLE outbox_plain (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            topic text NOT NULL
+                CHECK (topic ~ '^[a-zA-Z0-9._-]{1,249}$' AND topic NOT IN ('.', '..')),
+            partition_key text,
+            kafka_partition integer CHECK (kafka_partition >= 0),
+            payload bytea,
+            headers text NOT NULL DEFAULT '{}',
+            event text,
+            message_id text NOT NULL DEFAULT gen_random_uuid()::text,
+            content_type text NOT NULL DEFAULT 'application/json',
+            shard integer NOT NULL,
+            created_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+            attempts integer NOT NULL DEFAULT 0,
+            delivered_at timestamptz);
+         CREATE INDEX outbox_plain_pending ON outbox_plain (shard, id) WHERE delivered_at IS NULL;",
+    )
+    .expect("outbox_plain");
+    let reset = "TRUNCATE items, devour_outbox, outbox_plain";
+    let msgs: Vec<OutboxMessage> = (0..rows as i64).map(|i| build_message(&Item::new(i))).collect();
+    let mut parts = Vec::new();
+    for per_txn in [1, BATCH] {
+        let label = if per_txn == 1 {
+            "1 row/txn"
+        } else {
+            "100 rows/txn"
+        };
+        let model = time_rows(conn, reset, rows, per_txn, rounds, ids, &mut |c, i| {
+            Item::new(i)
+                .insert_new(c)
+                .expect("insert")
+                .expect("inserted");
+        });
+        let outbox = time_rows(conn, reset, rows, per_txn, rounds, ids, &mut |c, i| {
+            let m = &msgs[i as usize % rows];
+            <Pg as OutboxBackend>::insert_outbox(c, m).expect("insert");
+        });
+        let plain = time_rows(conn, reset, rows, per_txn, rounds, ids, &mut |c, i| {
+            use outbox_plain::dsl as p;
+            let m = &msgs[i as usize % rows];
+            let _: i64 = diesel::insert_into(p::outbox_plain)
+                .values((
+                    p::topic.eq(&m.topic),
+                    p::partition_key.eq(m.key.as_deref()),
+                    p::kafka_partition.eq(m.partition),
+                    p::payload.eq(m.payload.as_deref()),
+                    p::headers.eq(m.headers_json()),
+                    p::event.eq(m.event.as_deref()),
+                    p::message_id.eq(m.message_id.to_string()),
+                    p::content_type.eq(&m.content_type),
+                    p::shard.eq(m.shard().unwrap_or(0)),
+                ))
+                .returning(p::id)
+                .get_result(c)
+                .expect("insert");
+        });
+        let both = time_rows(conn, reset, rows, per_txn, rounds, ids, &mut |c, i| {
+            let item = Item::new(i);
+            item.insert_new(c).expect("insert").expect("inserted");
+            let m = build_message(&item);
+            <Pg as OutboxBackend>::insert_outbox(c, &m).expect("insert");
+        });
+        let both_plain = time_rows(conn, reset, rows, per_txn, rounds, ids, &mut |c, i| {
+            use outbox_plain::dsl as p;
+            let item = Item::new(i);
+            item.insert_new(c).expect("insert").expect("inserted");
+            let m = build_message(&item);
+            let _: i64 = diesel::insert_into(p::outbox_plain)
+                .values((
+                    p::topic.eq(&m.topic),
+                    p::partition_key.eq(m.key.as_deref()),
+                    p::payload.eq(m.payload.as_deref()),
+                    p::headers.eq(m.headers_json()),
+                    p::event.eq(m.event.as_deref()),
+                    p::message_id.eq(m.message_id.to_string()),
+                    p::shard.eq(m.shard().unwrap_or(0)),
+                ))
+                .returning(p::id)
+                .get_result(c)
+                .expect("insert");
+        });
+        parts.push(Part {
+            what: format!("{label}: model INSERT … ON CONFLICT DO NOTHING RETURNING only"),
+            us_per_row: model,
+        });
+        parts.push(Part {
+            what: format!(
+                "{label}: outbox INSERT only (devour's statement, generated shard column)"
+            ),
+            us_per_row: outbox,
+        });
+        parts.push(Part {
+            what: format!("{label}: outbox INSERT only, copy table with plain shard from Rust"),
+            us_per_row: plain,
+        });
+        parts.push(Part {
+            what: format!("{label}: model INSERT + build message + outbox INSERT (generated)"),
+            us_per_row: both,
+        });
+        parts.push(Part {
+            what: format!("{label}: model INSERT + build message + outbox INSERT (plain shard)"),
+            us_per_row: both_plain,
+        });
+    }
+    // Server-side cost of the shard function alone, per call.
+    let calls = 100_000;
+    let sql = format!(
+        "DO $$ DECLARE s integer; BEGIN FOR i IN 1..{calls} LOOP \
+         s := devour_shard(i::text, i); END LOOP; END $$"
+    );
+    let base = format!(
+        "DO $$ DECLARE s integer; BEGIN FOR i IN 1..{calls} LOOP \
+         s := length(i::text) + i::integer % 256; END LOOP; END $$"
+    );
+    let mut server = |sql: &str| {
+        let mut v = Vec::new();
+        for _ in 0..5 {
+            let t = Instant::now();
+            conn.batch_execute(sql).expect("DO");
+            v.push(t.elapsed().as_secs_f64() * 1e6 / calls as f64);
+        }
+        median(&v)
+    };
+    let shard = server(&sql);
+    let empty = server(&base);
+    parts.push(Part {
+        what: "server: devour_shard(key, id) per call (plpgsql murmur2), loop overhead removed"
+            .into(),
+        us_per_row: shard - empty,
+    });
+    conn.batch_execute(reset).expect("reset");
+    parts
+}
+
+fn sqlite_breakdown(
+    conn: &mut SqliteConnection,
+    rows: usize,
+    rounds: usize,
+    ids: &mut Ids,
+) -> Vec<Part> {
+    use diesel::sqlite::Sqlite;
+    let reset = "DELETE FROM items; DELETE FROM devour_outbox;";
+    let msgs: Vec<OutboxMessage> = (0..rows as i64).map(|i| build_message(&Item::new(i))).collect();
+    let mut parts = Vec::new();
+    for per_txn in [1, BATCH] {
+        let label = if per_txn == 1 {
+            "1 row/txn"
+        } else {
+            "100 rows/txn"
+        };
+        let model = time_rows(conn, reset, rows, per_txn, rounds, ids, &mut |c, i| {
+            Item::new(i)
+                .insert_new(c)
+                .expect("insert")
+                .expect("inserted");
+        });
+        let outbox = time_rows(conn, reset, rows, per_txn, rounds, ids, &mut |c, i| {
+            let m = &msgs[i as usize % rows];
+            <Sqlite as OutboxBackend>::insert_outbox(c, m).expect("insert");
+        });
+        let both = time_rows(conn, reset, rows, per_txn, rounds, ids, &mut |c, i| {
+            let item = Item::new(i);
+            item.insert_new(c).expect("insert").expect("inserted");
+            let m = build_message(&item);
+            <Sqlite as OutboxBackend>::insert_outbox(c, &m).expect("insert");
+        });
+        parts.push(Part {
+            what: format!("{label}: model INSERT … ON CONFLICT DO NOTHING RETURNING only"),
+            us_per_row: model,
+        });
+        parts.push(Part {
+            what: format!("{label}: outbox INSERT only (devour's statement)"),
+            us_per_row: outbox,
+        });
+        parts.push(Part {
+            what: format!("{label}: model INSERT + build message + outbox INSERT"),
+            us_per_row: both,
+        });
+    }
+    conn.batch_execute(reset).expect("reset");
+    parts
+}
+
+// ---------------------------------------------------------------------------------------------
+// Setup and report.
+
+/// Creates the benchmark's PostgreSQL database and drops it (`WITH (FORCE)`) when dropped.
+struct PgDb {
+    admin_url: String,
+    name: String,
+    url: String,
+}
+
+impl PgDb {
+    fn create() -> PgDb {
+        let admin_url = std::env::var("DEVOUR_BENCH_PG_URL")
+            .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/postgres".into());
+        let name = format!("devour_bench_{}", std::process::id());
+        let mut admin = PgConnection::establish(&admin_url)
+            .unwrap_or_else(|e| panic!("PostgreSQL at {admin_url}: {e}"));
+        admin
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {name} WITH (FORCE); CREATE DATABASE {name}"
+            ))
+            .expect("create database");
+        let (server, _) = admin_url.rsplit_once('/').expect("URL names a database");
+        let url = format!("{server}/{name}");
+        PgDb {
+            admin_url,
+            name,
+            url,
+        }
+    }
+}
+
+impl Drop for PgDb {
+    fn drop(&mut self) {
+        match PgConnection::establish(&self.admin_url) {
+            Ok(mut admin) => {
+                if let Err(e) = admin.batch_execute(&format!(
+                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                    self.name
+                )) {
+                    eprintln!("could not drop database {}: {e}", self.name);
+                }
+            }
+            Err(e) => eprintln!("could not drop database {}: {e}", self.name),
+        }
+    }
+}
+
+#[derive(QueryableByName)]
+struct Setting {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    value: String,
+}
+
+fn setting<C>(conn: &mut C, sql: &str) -> String
+where
+    C: LoadConnection,
+    diesel::query_builder::SqlQuery: diesel::query_dsl::LoadQuery<'static, C, Setting>,
+{
+    diesel::sql_query(sql)
+        .get_result::<Setting>(conn)
+        .map(|s| s.value)
+        .unwrap_or_else(|e| format!("? ({e})"))
+}
+
+fn bench_postgres(p: &Params, ids: &mut Ids, notes: &mut Vec<String>) -> (Vec<Line>, Vec<Part>) {
+    let db = PgDb::create();
+    let mut conn = PgConnection::establish(&db.url).expect("connect");
+    devour::run_migrations(&mut conn).expect("migrations");
+    conn.batch_execute(ITEMS_SQL).expect("items table");
+    notes.push(format!(
+        "postgres: {}; database {}; synchronous_commit={}, fsync={}, wal_sync_method={}",
+        setting(&mut conn, "SELECT split_part(version(), ' on ', 1) AS value"),
+        db.name,
+        setting(&mut conn, "SELECT current_setting('synchronous_commit') AS value"),
+        setting(&mut conn, "SELECT current_setting('fsync') AS value"),
+        setting(&mut conn, "SELECT current_setting('wal_sync_method') AS value"),
+    ));
+    let lines = run_cases(
+        &mut conn,
+        Backend::Postgres,
+        "TRUNCATE items, devour_outbox",
+        p,
+        ids,
+    );
+    let parts = if p.breakdown {
+        pg_breakdown(&mut conn, 2000, p.rounds, ids)
+    } else {
+        Vec::new()
+    };
+    drop(conn);
+    drop(db);
+    (lines, parts)
+}
+
+fn bench_sqlite(p: &Params, ids: &mut Ids, notes: &mut Vec<String>) -> (Vec<Line>, Vec<Part>) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("bench.db");
+    let mut conn = SqliteConnection::establish(path.to_str().expect("UTF-8 path")).expect("open");
+    devour::db::sqlite::configure(&mut conn, 5000).expect("configure");
+    devour::run_migrations(&mut conn).expect("migrations");
+    conn.batch_execute(ITEMS_SQL).expect("items table");
+    notes.push(format!(
+        "sqlite: {}; file {}; journal_mode={}, synchronous={} (0 off, 1 normal, 2 full)",
+        setting(&mut conn, "SELECT 'SQLite ' || sqlite_version() AS value"),
+        path.display(),
+        setting(&mut conn, "SELECT journal_mode AS value FROM pragma_journal_mode"),
+        setting(
+            &mut conn,
+            "SELECT CAST(synchronous AS TEXT) AS value FROM pragma_synchronous"
+        ),
+    ));
+    let lines = run_cases(
+        &mut conn,
+        Backend::Sqlite,
+        "DELETE FROM items; DELETE FROM devour_outbox;",
+        p,
+        ids,
+    );
+    let parts = if p.breakdown {
+        sqlite_breakdown(&mut conn, 2000, p.rounds, ids)
+    } else {
+        Vec::new()
+    };
+    (lines, parts)
+}
+
+fn main() {
+    let p = Params {
+        txns: env_usize("DEVOUR_BENCH_TXNS", 10_000).max(1),
+        batch_txns: env_usize("DEVOUR_BENCH_BATCH_TXNS", 500).max(1),
+        rounds: env_usize("DEVOUR_BENCH_ROUNDS", 5).max(1),
+        breakdown: std::env::var("DEVOUR_BENCH_BREAKDOWN").is_ok_and(|v| v != "0" && !v.is_empty()),
+    };
+    let backends = backends();
+    let per_round = p.txns.div_ceil(p.rounds);
+    let batch_per_round = p.batch_txns.div_ceil(p.rounds);
+    println!("# devour write-path benchmark");
+    println!();
+    println!(
+        "- backends: {}",
+        backends
+            .iter()
+            .map(|b| b.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "- rounds: {} (variants interleaved A/B, B/A, …; one warm-up run per variant first, not counted)",
+        p.rounds
+    );
+    println!(
+        "- single, update: N = {} transactions per variant ({} per round), 1 save per transaction",
+        per_round * p.rounds,
+        per_round
+    );
+    println!(
+        "- batch100: {} transactions per variant ({} per round), {BATCH} saves per transaction",
+        batch_per_round * p.rounds,
+        batch_per_round
+    );
+    println!("- model and outbox tables emptied before every timed run (untimed, both variants)");
+    println!("- figures: median over rounds of the mean µs per transaction");
+
+    let mut ids = Ids(1);
+    let mut notes = Vec::new();
+    let mut lines = Vec::new();
+    let mut parts: Vec<(&'static str, Vec<Part>)> = Vec::new();
+    let started = Instant::now();
+    let cpu = p.breakdown.then(|| breakdown_cpu(20_000));
+    for b in &backends {
+        eprintln!("running {} …", b.name());
+        let (l, pt) = match b {
+            Backend::Postgres => bench_postgres(&p, &mut ids, &mut notes),
+            Backend::Sqlite => bench_sqlite(&p, &mut ids, &mut notes),
+        };
+        lines.extend(l);
+        parts.push((b.name(), pt));
+    }
+    for n in &notes {
+        println!("- {n}");
+    }
+    println!();
+    println!("| backend | case | without (µs/txn) | with (µs/txn) | ratio | target |");
+    println!("|---|---|---:|---:|---:|---|");
+    for l in &lines {
+        let (wo, w) = (median(&l.without), median(&l.with));
+        let ratio = w / wo;
+        let target = match l.target {
+            Some(t) if ratio <= t => format!("≤ {t:.1}× ok"),
+            Some(t) => format!("≤ {t:.1}× MISSED"),
+            None => "-".into(),
+        };
+        println!(
+            "| {} | {} | {:.1} | {:.1} | {:.2}× | {} |",
+            l.backend, l.case, wo, w, ratio, target
+        );
+    }
+    if let Some(cpu) = cpu {
+        println!();
+        println!("## breakdown (median µs per row)");
+        println!();
+        println!("| backend | what | µs/row |");
+        println!("|---|---|---:|");
+        println!("| rust | {} | {:.2} |", cpu.what, cpu.us_per_row);
+        for (backend, pts) in &parts {
+            for pt in pts {
+                println!("| {backend} | {} | {:.2} |", pt.what, pt.us_per_row);
+            }
+        }
+    }
+    println!();
+    println!("total time: {:.1} s", started.elapsed().as_secs_f64());
+}

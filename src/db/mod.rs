@@ -266,6 +266,24 @@ pub fn run_migrations<C: MigrateConnection>(conn: &mut C) -> Result<Vec<String>,
     conn.run_devour_migrations()
 }
 
+/// The names (`2026-11-30-000001_create_outbox`) of the `applied` migration versions.
+fn migration_names<DB: diesel::backend::Backend>(
+    source: &diesel_migrations::EmbeddedMigrations,
+    applied: &[diesel::migration::MigrationVersion<'_>],
+) -> Vec<String> {
+    use diesel::migration::MigrationSource;
+    let all = MigrationSource::<DB>::migrations(source).unwrap_or_default();
+    applied
+        .iter()
+        .map(|v| {
+            all.iter()
+                .find(|m| m.name().version() == *v)
+                .map(|m| m.name().to_string())
+                .unwrap_or_else(|| v.to_string())
+        })
+        .collect()
+}
+
 /// A connection devour can migrate: `PgConnection` or `SqliteConnection`.
 pub trait MigrateConnection {
     /// Applies devour's pending migrations.

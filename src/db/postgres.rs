@@ -37,7 +37,7 @@ impl OutboxBackend for Pg {
 impl MigrateConnection for diesel::PgConnection {
     fn run_devour_migrations(&mut self) -> Result<Vec<String>, DbError> {
         self.run_pending_migrations(MIGRATIONS)
-            .map(|v| v.iter().map(|m| m.to_string()).collect())
+            .map(|applied| super::migration_names::<Pg>(&MIGRATIONS, &applied))
             .map_err(|e| DbError::Migrate {
                 url: "PostgreSQL".into(),
                 reason: e.to_string(),

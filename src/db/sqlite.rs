@@ -38,7 +38,7 @@ impl OutboxBackend for Sqlite {
 impl MigrateConnection for diesel::SqliteConnection {
     fn run_devour_migrations(&mut self) -> Result<Vec<String>, DbError> {
         self.run_pending_migrations(MIGRATIONS)
-            .map(|v| v.iter().map(|m| m.to_string()).collect())
+            .map(|applied| super::migration_names::<Sqlite>(&MIGRATIONS, &applied))
             .map_err(|e| DbError::Migrate {
                 url: "SQLite".into(),
                 reason: e.to_string(),

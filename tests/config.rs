@@ -1,0 +1,325 @@
+//! devour.toml validation: every bad configuration fails at load with an error naming the file,
+//! the key and the reason; `devour config check` exits 0 or 2.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use devour::config::{Config, ConfigError};
+
+fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::File::create(&p).unwrap().write_all(bytes).unwrap();
+    p
+}
+
+/// Loads `text` from a file with extra environment; returns the error, failing if it loaded.
+fn load_err(text: &[u8], env: &[(&str, &str)]) -> (PathBuf, ConfigError, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "devour.toml", text);
+    let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+    match Config::load_file(&path, env) {
+        Ok(c) => panic!("expected an error for {:?}, loaded {c:?}", String::from_utf8_lossy(text)),
+        Err(e) => (path, e, dir),
+    }
+}
+
+/// Asserts the error names the file (or variable), the key, and contains each of `reason`.
+fn assert_names(text: &str, env: &[(&str, &str)], key: Option<&str>, reason: &[&str]) {
+    let (path, err, _dir) = load_err(text.as_bytes(), env);
+    let msg = err.to_string();
+    if env.is_empty() {
+        assert!(msg.contains(&path.display().to_string()), "file not named in: {msg}");
+    }
+    assert_eq!(err.key(), key, "key of: {msg}");
+    if let Some(k) = key {
+        assert!(msg.contains(&format!("`{k}`")), "key `{k}` not in: {msg}");
+    }
+    for r in reason {
+        assert!(msg.contains(r), "`{r}` not in: {msg}");
+    }
+}
+
+const OK: &str = "[kafka]\nhosts = \"127.0.0.1:9092\"\n";
+
+#[test]
+fn unknown_key_suggests_the_nearest() {
+    assert_names("[kafka]\nhots = \"a:1\"\n", &[], Some("kafka.hots"), &["unknown key", "did you mean `hosts`?"]);
+}
+
+#[test]
+fn unknown_section_suggests_the_nearest() {
+    assert_names("[kafak]\nhosts = \"a:1\"\n", &[], Some("kafak"), &["unknown section", "did you mean `kafka`?"]);
+}
+
+#[test]
+fn unknown_nested_key_in_ssl_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = write(dir.path(), "ca.pem", b"x");
+    assert_names(
+        &format!("{OK}[kafka.ssl_config]\ncafile = \"{}\"\ncertfil = \"x\"\n", ca.display()),
+        &[],
+        Some("kafka.ssl_config.certfil"),
+        &["did you mean `certfile`?"],
+    );
+}
+
+#[test]
+fn wrong_type_names_expected_and_found() {
+    assert_names(
+        &format!("{OK}[database]\npool_size = \"ten\"\n"),
+        &[],
+        Some("database.pool_size"),
+        &["wrong type", "expected an integer", "found string"],
+    );
+}
+
+#[test]
+fn hosts_of_wrong_type() {
+    assert_names("[kafka]\nhosts = 42\n", &[], Some("kafka.hosts"), &["expected a string or an array of strings"]);
+}
+
+#[test]
+fn missing_hosts() {
+    assert_names("[database]\nurl = \"sqlite://x.db\"\n", &[], Some("kafka.hosts"), &["missing", "DEVOUR_KAFKA_HOSTS"]);
+}
+
+#[test]
+fn host_without_port() {
+    assert_names("[kafka]\nhosts = \"broker1\"\n", &[], Some("kafka.hosts"), &["`broker1` has no port", "HOST:PORT"]);
+}
+
+#[test]
+fn host_with_bad_port() {
+    assert_names("[kafka]\nhosts = [\"a:9092\", \"b:http\"]\n", &[], Some("kafka.hosts"), &["`http` is not a port"]);
+    assert_names("[kafka]\nhosts = \"a:70000\"\n", &[], Some("kafka.hosts"), &["`70000` is not a port"]);
+}
+
+#[test]
+fn ssl_file_that_does_not_exist() {
+    assert_names(
+        &format!("{OK}[kafka.ssl_config]\ncafile = \"/nonexistent/ca.pem\"\n"),
+        &[],
+        Some("kafka.ssl_config.cafile"),
+        &["`/nonexistent/ca.pem` does not exist"],
+    );
+}
+
+#[test]
+fn ssl_config_without_cafile() {
+    assert_names(
+        &format!("{OK}[kafka.ssl_config]\npassword = \"pw\"\n"),
+        &[],
+        Some("kafka.ssl_config.cafile"),
+        &["missing", "needs `cafile`"],
+    );
+}
+
+#[test]
+fn ssl_certfile_without_keyfile() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = write(dir.path(), "ca.pem", b"x");
+    assert_names(
+        &format!("{OK}[kafka.ssl_config]\ncafile = \"{0}\"\ncertfile = \"{0}\"\n", ca.display()),
+        &[],
+        Some("kafka.ssl_config.keyfile"),
+        &["both `certfile` and `keyfile`"],
+    );
+}
+
+#[test]
+fn unknown_url_scheme() {
+    assert_names(
+        &format!("{OK}[database]\nurl = \"mysql://u@h/db\"\n"),
+        &[],
+        Some("database.url"),
+        &["unknown URL scheme `mysql://`", "sqlite://PATH"],
+    );
+}
+
+#[test]
+fn zero_timeout() {
+    assert_names(
+        "[kafka]\nhosts = \"a:1\"\nsocket_timeout_ms = 0\n",
+        &[],
+        Some("kafka.socket_timeout_ms"),
+        &["greater than zero", "found 0"],
+    );
+}
+
+#[test]
+fn negative_timeout() {
+    assert_names(
+        "[kafka]\nhosts = \"a:1\"\noffsets_channel_socket_timeout_ms = -5\n",
+        &[],
+        Some("kafka.offsets_channel_socket_timeout_ms"),
+        &["greater than zero", "found -5"],
+    );
+}
+
+#[test]
+fn zero_pool_size_and_message_size() {
+    assert_names(&format!("{OK}[database]\npool_size = 0\n"), &[], Some("database.pool_size"), &["greater than zero"]);
+    assert_names(&format!("{OK}[outbox]\nmax_message_bytes = 0\n"), &[], Some("outbox.max_message_bytes"), &["greater than zero"]);
+}
+
+#[test]
+fn non_utf8_file() {
+    let (path, err, _d) = load_err(b"[kafka]\nhosts = \"\xff\xfe\"\n", &[]);
+    let msg = err.to_string();
+    assert!(msg.contains(&path.display().to_string()) && msg.contains("not UTF-8") && msg.contains("line 2"), "{msg}");
+}
+
+#[test]
+fn non_toml_file() {
+    let (_, err, _d) = load_err(b"{\"kafka\": {\"hosts\": \"a:1\"}}", &[]);
+    assert!(err.to_string().contains("not valid TOML"), "{err}");
+}
+
+#[test]
+fn empty_file() {
+    let (_, err, _d) = load_err(b"  \n\n", &[]);
+    assert!(err.to_string().contains("the file is empty"), "{err}");
+}
+
+#[test]
+fn section_that_is_not_a_table() {
+    assert_names("kafka = \"a:1\"\n", &[], Some("kafka"), &["expected a table `[kafka]`"]);
+}
+
+#[test]
+fn property_of_wrong_type() {
+    assert_names(
+        &format!("{OK}[kafka.properties]\n\"linger.ms\" = [1, 2]\n"),
+        &[],
+        Some("kafka.properties.linger.ms"),
+        &["librdkafka properties are strings, numbers or booleans"],
+    );
+}
+
+#[test]
+fn malformed_broker_version_and_source_address() {
+    assert_names("[kafka]\nhosts = \"a:1\"\nbroker_version = \"four\"\n", &[], Some("kafka.broker_version"), &["not a version"]);
+    assert_names("[kafka]\nhosts = \"a:1\"\nsource_address = \"here\"\n", &[], Some("kafka.source_address"), &["not an IP address"]);
+}
+
+#[test]
+fn env_override_of_wrong_type_names_the_variable() {
+    let (_, err, _d) = load_err(OK.as_bytes(), &[("DEVOUR_DATABASE_POOL_SIZE", "lots")]);
+    let msg = err.to_string();
+    assert_eq!(err.key(), Some("database.pool_size"));
+    assert!(msg.contains("environment variable DEVOUR_DATABASE_POOL_SIZE"), "{msg}");
+}
+
+#[test]
+fn env_override_of_bad_url_names_the_variable() {
+    let (_, err, _d) = load_err(OK.as_bytes(), &[("DEVOUR_DATABASE_URL", "redis://x")]);
+    assert!(err.to_string().contains("DEVOUR_DATABASE_URL") && err.to_string().contains("redis://"), "{err}");
+}
+
+#[test]
+fn config_path_that_does_not_exist() {
+    let err = Config::load_with_env([("DEVOUR_CONFIG".to_string(), "/nonexistent/devour.toml".to_string())]).unwrap_err();
+    assert!(err.to_string().contains("/nonexistent/devour.toml") && err.to_string().contains("does not exist"), "{err}");
+}
+
+#[test]
+fn deprecated_keys_load_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "d.toml", b"[kafka]\nhosts = \"a:1\"\nzookeeper_hosts = \"z:2181\"\nuse_greenlets = true\n");
+    let c = Config::load_file(&path, []).unwrap();
+    assert_eq!(c.warnings.len(), 2, "{:?}", c.warnings);
+    assert!(c.warnings[0].contains("zookeeper_hosts") && c.warnings[0].contains("deprecated"));
+}
+
+#[test]
+fn mapping_onto_librdkafka_properties() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = write(dir.path(), "ca.pem", b"x");
+    let text = format!(
+        "[kafka]\nhosts = [\"a:1\", \"b:2\"]\nclient_id = \"app\"\nsocket_timeout_ms = 1234\nsource_address = \"::1\"\n\
+         broker_version = \"3.9.0\"\n[kafka.ssl_config]\ncafile = \"{0}\"\ncertfile = \"{0}\"\nkeyfile = \"{0}\"\npassword = \"pw\"\n\
+         [kafka.properties]\n\"linger.ms\" = 7\n\"client.id\" = \"from-properties\"\n",
+        ca.display()
+    );
+    let path = write(dir.path(), "m.toml", text.as_bytes());
+    let c = Config::load_file(&path, []).unwrap();
+    let p = c.kafka.client_properties();
+    assert_eq!(p["bootstrap.servers"], "a:1,b:2");
+    assert_eq!(p["client.id"], "from-properties", "[kafka.properties] win");
+    assert_eq!(p["security.protocol"], "ssl");
+    assert_eq!(p["ssl.ca.location"], ca.display().to_string());
+    assert_eq!(p["ssl.key.password"], "pw");
+    assert_eq!(p["socket.timeout.ms"], "1234");
+    assert_eq!(p["broker.address.family"], "v6");
+    assert_eq!(p["broker.version.fallback"], "3.9.0");
+    assert_eq!(p["linger.ms"], "7");
+    assert_eq!(c.kafka.consumer_properties()["topic.blacklist"], "^__.*");
+}
+
+#[test]
+fn repository_devour_toml_is_valid_and_documents_every_key() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let path = root.join("devour.toml");
+    Config::load_file(&path, []).unwrap_or_else(|e| panic!("the example devour.toml must load: {e}"));
+    let text = std::fs::read_to_string(&path).unwrap();
+    for key in [
+        "url", "pool_size", "connect_timeout_ms", "busy_timeout_ms", "hosts", "client_id", "socket_timeout_ms",
+        "offsets_channel_socket_timeout_ms", "source_address", "broker_version", "exclude_internal_topics",
+        "zookeeper_hosts", "use_greenlets", "cafile", "certfile", "keyfile", "password", "max_message_bytes",
+        "[kafka.properties]", "[kafka.ssl_config]",
+    ] {
+        assert!(text.contains(key), "devour.toml does not document `{key}`");
+    }
+}
+
+// --- `devour config check` --------------------------------------------------------------
+
+fn devour(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_devour"));
+    cmd.args(args).env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
+    (out.status.code().unwrap_or(-1), stdout, stderr)
+}
+
+#[test]
+fn config_check_prints_effective_config_with_secrets_redacted() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = write(dir.path(), "ca.pem", b"x");
+    let text = format!(
+        "[database]\nurl = \"postgres://app:dbsecret@127.0.0.1/app\"\n[kafka]\nhosts = \"a:1\"\n\
+         [kafka.ssl_config]\ncafile = \"{}\"\npassword = \"keysecret\"\n[kafka.properties]\n\"sasl.password\" = \"saslsecret\"\n",
+        ca.display()
+    );
+    let path = write(dir.path(), "devour.toml", text.as_bytes());
+    let (code, out, err) = devour(
+        &["config", "check"],
+        &[("DEVOUR_CONFIG", path.to_str().unwrap()), ("DEVOUR_KAFKA_HOSTS", "127.0.0.1:19092"), ("DEVOUR_KAFKA_PROPERTY_SASL_USERNAME", "bob")],
+    );
+    assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
+    assert!(out.contains("127.0.0.1:19092"), "env override shown: {out}");
+    assert!(out.contains("\"sasl.username\" = \"bob\""), "{out}");
+    assert!(out.contains("postgres://app:***@127.0.0.1/app"), "{out}");
+    for secret in ["dbsecret", "keysecret", "saslsecret"] {
+        assert!(!out.contains(secret) && !err.contains(secret), "{secret} leaked:\n{out}\n{err}");
+    }
+}
+
+#[test]
+fn config_check_exits_2_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "devour.toml", b"[kafka]\nhosts = \"nope\"\n");
+    let (code, out, err) = devour(&["config", "check", "--config", path.to_str().unwrap()], &[]);
+    assert_eq!(code, 2, "stdout: {out}\nstderr: {err}");
+    assert!(err.contains("`kafka.hosts`") && err.contains(path.to_str().unwrap()), "{err}");
+}
+
+#[test]
+fn bad_usage_exits_2() {
+    let (code, _, err) = devour(&["config", "frobnicate"], &[]);
+    assert_eq!(code, 2, "{err}");
+}
