@@ -168,13 +168,7 @@ impl Ids {
 
 /// The cases, run on one connection of either backend. `reset` empties the model table and
 /// the outbox.
-fn run_cases<C>(
-    conn: &mut C,
-    backend: Backend,
-    reset: &str,
-    p: &Params,
-    ids: &mut Ids,
-) -> Vec<Line>
+fn run_cases<C>(conn: &mut C, backend: Backend, reset: &str, p: &Params, ids: &mut Ids) -> Vec<Line>
 where
     C: LoadConnection,
     C::Backend: OutboxBackend,
@@ -399,7 +393,9 @@ fn pg_breakdown(conn: &mut PgConnection, rows: usize, rounds: usize, ids: &mut I
     )
     .expect("outbox_plain");
     let reset = "TRUNCATE items, devour_outbox, outbox_plain";
-    let msgs: Vec<OutboxMessage> = (0..rows as i64).map(|i| build_message(&Item::new(i))).collect();
+    let msgs: Vec<OutboxMessage> = (0..rows as i64)
+        .map(|i| build_message(&Item::new(i)))
+        .collect();
     let mut parts = Vec::new();
     for per_txn in [1, BATCH] {
         let label = if per_txn == 1 {
@@ -522,7 +518,9 @@ fn sqlite_breakdown(
 ) -> Vec<Part> {
     use diesel::sqlite::Sqlite;
     let reset = "DELETE FROM items; DELETE FROM devour_outbox;";
-    let msgs: Vec<OutboxMessage> = (0..rows as i64).map(|i| build_message(&Item::new(i))).collect();
+    let msgs: Vec<OutboxMessage> = (0..rows as i64)
+        .map(|i| build_message(&Item::new(i)))
+        .collect();
     let mut parts = Vec::new();
     for per_txn in [1, BATCH] {
         let label = if per_txn == 1 {
@@ -580,10 +578,12 @@ impl PgDb {
         let name = format!("devour_bench_{}", std::process::id());
         let mut admin = PgConnection::establish(&admin_url)
             .unwrap_or_else(|e| panic!("PostgreSQL at {admin_url}: {e}"));
+        // Two statements: DROP/CREATE DATABASE cannot run in the implicit transaction of one.
         admin
-            .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {name} WITH (FORCE); CREATE DATABASE {name}"
-            ))
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .expect("drop stale database");
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
             .expect("create database");
         let (server, _) = admin_url.rsplit_once('/').expect("URL names a database");
         let url = format!("{server}/{name}");
@@ -635,11 +635,20 @@ fn bench_postgres(p: &Params, ids: &mut Ids, notes: &mut Vec<String>) -> (Vec<Li
     conn.batch_execute(ITEMS_SQL).expect("items table");
     notes.push(format!(
         "postgres: {}; database {}; synchronous_commit={}, fsync={}, wal_sync_method={}",
-        setting(&mut conn, "SELECT split_part(version(), ' on ', 1) AS value"),
+        setting(
+            &mut conn,
+            "SELECT split_part(version(), ' on ', 1) AS value"
+        ),
         db.name,
-        setting(&mut conn, "SELECT current_setting('synchronous_commit') AS value"),
+        setting(
+            &mut conn,
+            "SELECT current_setting('synchronous_commit') AS value"
+        ),
         setting(&mut conn, "SELECT current_setting('fsync') AS value"),
-        setting(&mut conn, "SELECT current_setting('wal_sync_method') AS value"),
+        setting(
+            &mut conn,
+            "SELECT current_setting('wal_sync_method') AS value"
+        ),
     ));
     let lines = run_cases(
         &mut conn,
@@ -669,7 +678,10 @@ fn bench_sqlite(p: &Params, ids: &mut Ids, notes: &mut Vec<String>) -> (Vec<Line
         "sqlite: {}; file {}; journal_mode={}, synchronous={} (0 off, 1 normal, 2 full)",
         setting(&mut conn, "SELECT 'SQLite ' || sqlite_version() AS value"),
         path.display(),
-        setting(&mut conn, "SELECT journal_mode AS value FROM pragma_journal_mode"),
+        setting(
+            &mut conn,
+            "SELECT journal_mode AS value FROM pragma_journal_mode"
+        ),
         setting(
             &mut conn,
             "SELECT CAST(synchronous AS TEXT) AS value FROM pragma_synchronous"

@@ -30,7 +30,17 @@ diesel::table! {
 }
 
 /// A customer: messages on topic `customers`, keyed by the customer's id.
-#[derive(Debug, Clone, Queryable, Selectable, Insertable, AsChangeset, Identifiable, Serialize, ProducerModel)]
+#[derive(
+    Debug,
+    Clone,
+    Queryable,
+    Selectable,
+    Insertable,
+    AsChangeset,
+    Identifiable,
+    Serialize,
+    ProducerModel,
+)]
 #[diesel(table_name = customers)]
 #[devour(topic = "customers", partition_key = "id")]
 struct Customer {
@@ -41,7 +51,17 @@ struct Customer {
 }
 
 /// An order: keyed by its customer, so one customer's orders stay in order.
-#[derive(Debug, Clone, Queryable, Selectable, Insertable, AsChangeset, Identifiable, Serialize, ProducerModel)]
+#[derive(
+    Debug,
+    Clone,
+    Queryable,
+    Selectable,
+    Insertable,
+    AsChangeset,
+    Identifiable,
+    Serialize,
+    ProducerModel,
+)]
 #[diesel(table_name = orders)]
 #[devour(topic = "orders", partition_key = "customer_id")]
 struct Order {
@@ -82,31 +102,67 @@ where
     Order: ModelStore<C::Backend>,
 {
     conn.batch_execute(SCHEMA)?;
-    let run = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as i64;
+    let run = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as i64;
 
-    let mut ada = Customer { id: run, name: "Ada".into(), email: "ada@example.com".into(), tier: "free".into() };
+    let mut ada = Customer {
+        id: run,
+        name: "Ada".into(),
+        email: "ada@example.com".into(),
+        tier: "free".into(),
+    };
     let saved = ada.save(conn, SaveOptions::new())?;
     println!("saved customer {} → {} message", ada.id, saved.event);
 
     // Several changes in one transaction: all their messages commit together.
     conn.transaction(|conn| -> Result<(), devour::ProduceError> {
         ada.tier = "pro".into();
-        let saved = ada.save(conn, SaveOptions::new().context("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"))?;
+        let saved = ada.save(
+            conn,
+            SaveOptions::new().context(
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
+        )?;
         println!("saved customer {} → {} message", ada.id, saved.event);
-        let order = Order { id: run, customer_id: ada.id, total_cents: 4_200, status: "placed".into() };
+        let order = Order {
+            id: run,
+            customer_id: ada.id,
+            total_cents: 4_200,
+            status: "placed".into(),
+        };
         let saved = order.save(conn, SaveOptions::new().extra("currency", "EUR"))?;
-        println!("saved order {} → {} message (with extra `currency`)", order.id, saved.event);
+        println!(
+            "saved order {} → {} message (with extra `currency`)",
+            order.id, saved.event
+        );
         Ok(())
     })?;
 
     // A transaction that fails leaves neither the model nor its message behind.
     let failed = conn.transaction(|conn| -> Result<(), devour::ProduceError> {
-        Order { id: run + 1, customer_id: ada.id, total_cents: 1, status: "placed".into() }.save(conn, SaveOptions::new())?;
+        Order {
+            id: run + 1,
+            customer_id: ada.id,
+            total_cents: 1,
+            status: "placed".into(),
+        }
+        .save(conn, SaveOptions::new())?;
         Err(devour::ProduceError::Custom("payment declined".into()))
     });
-    println!("rolled back order {}: {} (no row, no message)", run + 1, failed.unwrap_err());
+    println!(
+        "rolled back order {}: {} (no row, no message)",
+        run + 1,
+        failed.unwrap_err()
+    );
 
-    let order = Order { id: run, customer_id: ada.id, total_cents: 4_200, status: "cancelled".into() };
+    let order = Order {
+        id: run,
+        customer_id: ada.id,
+        total_cents: 4_200,
+        status: "cancelled".into(),
+    };
     let deleted = order.delete(conn, SaveOptions::new())?;
     println!("deleted order {} → {} message", order.id, deleted.event);
     Ok(())

@@ -941,7 +941,7 @@ impl Reader<'_> {
         )
     }
 
-    fn from_env(&self, key: &str) -> bool {
+    fn is_from_env(&self, key: &str) -> bool {
         self.origins.env_keys.contains_key(key)
     }
 
@@ -951,7 +951,7 @@ impl Reader<'_> {
             Some(Value::String(s)) => Ok(Some(s.clone())),
             // An environment value such as `1234` is a string when a string is expected.
             Some(v @ (Value::Integer(_) | Value::Float(_) | Value::Boolean(_)))
-                if self.from_env(key) =>
+                if self.is_from_env(key) =>
             {
                 Ok(Some(v.to_string()))
             }

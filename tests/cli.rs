@@ -11,7 +11,9 @@ use diesel::prelude::*;
 /// Runs the devour binary with only the given environment; returns (code, stdout, stderr).
 fn devour(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_devour"));
-    cmd.args(args).env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
+    cmd.args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
     let dir = tempfile::tempdir().unwrap();
     cmd.current_dir(dir.path());
     for (k, v) in env {
@@ -27,7 +29,12 @@ fn devour(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
 
 fn assert_code(got: (i32, String, String), want: i32, args: &[&str]) -> (String, String) {
     let (code, out, err) = got;
-    assert_eq!(code, want, "devour {}\n--- stdout\n{out}\n--- stderr\n{err}", args.join(" "));
+    assert_eq!(
+        code,
+        want,
+        "devour {}\n--- stdout\n{out}\n--- stderr\n{err}",
+        args.join(" ")
+    );
     (out, err)
 }
 
@@ -35,9 +42,15 @@ fn assert_code(got: (i32, String, String), want: i32, args: &[&str]) -> (String,
 fn migrate_on_a_new_sqlite_file_then_again() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("m.db").display());
-    let env = [("DEVOUR_DATABASE_URL", url.as_str()), ("DEVOUR_KAFKA_HOSTS", "127.0.0.1:19092")];
+    let env = [
+        ("DEVOUR_DATABASE_URL", url.as_str()),
+        ("DEVOUR_KAFKA_HOSTS", "127.0.0.1:19092"),
+    ];
     let (out, _) = assert_code(devour(&["migrate"], &env), 0, &["migrate"]);
-    assert!(out.contains("applied") && out.contains("create_outbox"), "{out}");
+    assert!(
+        out.contains("applied") && out.contains("create_outbox"),
+        "{out}"
+    );
     let (out, _) = assert_code(devour(&["migrate"], &env), 0, &["migrate"]);
     assert!(out.contains("up to date"), "{out}");
 }
@@ -47,34 +60,57 @@ fn migrate_on_postgres() {
     // A database with no devour tables: TestDb migrates, so make a bare one.
     let name = format!("devour_t_{}", common::unique("cli_migrate"));
     let mut admin = PgConnection::establish(&common::pg_admin_url()).unwrap();
-    diesel::sql_query(format!("CREATE DATABASE {name}")).execute(&mut admin).unwrap();
-    let url = format!("{}/{name}", common::pg_admin_url().rsplit_once('/').unwrap().0);
-    let env = [("DEVOUR_DATABASE_URL", url.as_str()), ("DEVOUR_KAFKA_HOSTS", "127.0.0.1:19092")];
+    diesel::sql_query(format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .unwrap();
+    let url = format!(
+        "{}/{name}",
+        common::pg_admin_url().rsplit_once('/').unwrap().0
+    );
+    let env = [
+        ("DEVOUR_DATABASE_URL", url.as_str()),
+        ("DEVOUR_KAFKA_HOSTS", "127.0.0.1:19092"),
+    ];
     let (out, _) = assert_code(devour(&["migrate"], &env), 0, &["migrate"]);
-    assert!(out.contains("applied") && !out.contains("postgres:postgres@"), "password must be redacted: {out}");
+    assert!(
+        out.contains("applied") && !out.contains("postgres:postgres@"),
+        "password must be redacted: {out}"
+    );
     let (out, _) = assert_code(devour(&["migrate"], &env), 0, &["migrate"]);
     assert!(out.contains("up to date"), "{out}");
     let mut c = PgConnection::establish(&url).unwrap();
     assert_eq!(c.count("devour_outbox"), 0);
     drop(c);
-    diesel::sql_query(format!("DROP DATABASE {name} WITH (FORCE)")).execute(&mut admin).unwrap();
+    diesel::sql_query(format!("DROP DATABASE {name} WITH (FORCE)"))
+        .execute(&mut admin)
+        .unwrap();
 }
 
 #[test]
 fn migrate_against_an_unreachable_database_exits_1() {
     let env = [
-        ("DEVOUR_DATABASE_URL", "postgres://u:hunter2@127.0.0.1:1/nope"),
+        (
+            "DEVOUR_DATABASE_URL",
+            "postgres://u:hunter2@127.0.0.1:1/nope",
+        ),
         ("DEVOUR_DATABASE_CONNECT_TIMEOUT_MS", "2000"),
         ("DEVOUR_KAFKA_HOSTS", "127.0.0.1:19092"),
     ];
     let (_, err) = assert_code(devour(&["migrate"], &env), 1, &["migrate"]);
-    assert!(err.contains("cannot connect to postgres://u:***@127.0.0.1:1/nope"), "{err}");
+    assert!(
+        err.contains("cannot connect to postgres://u:***@127.0.0.1:1/nope"),
+        "{err}"
+    );
     assert!(!err.contains("hunter2"), "password leaked: {err}");
 }
 
 #[test]
 fn migrate_with_bad_config_exits_2() {
-    let (_, err) = assert_code(devour(&["migrate"], &[("DEVOUR_DATABASE_URL", "sqlite://x.db")]), 2, &["migrate"]);
+    let (_, err) = assert_code(
+        devour(&["migrate"], &[("DEVOUR_DATABASE_URL", "sqlite://x.db")]),
+        2,
+        &["migrate"],
+    );
     assert!(err.contains("`kafka.hosts`"), "{err}");
 }
 
@@ -82,16 +118,34 @@ fn migrate_with_bad_config_exits_2() {
 fn outbox_pending_lists_rows_in_order() {
     let db = TestDb::new(Backend::Sqlite, "pending");
     let mut c = SqliteConnection::open(&db);
-    Account::new(1, "ada").save(&mut c, SaveOptions::new()).unwrap();
-    Account::new(1, "ada l").save(&mut c, SaveOptions::new()).unwrap();
-    let env = [("DEVOUR_DATABASE_URL", db.url.as_str()), ("DEVOUR_KAFKA_HOSTS", "127.0.0.1:19092")];
-    let (out, _) = assert_code(devour(&["outbox", "pending"], &env), 0, &["outbox", "pending"]);
+    Account::new(1, "ada")
+        .save(&mut c, SaveOptions::new())
+        .unwrap();
+    Account::new(1, "ada l")
+        .save(&mut c, SaveOptions::new())
+        .unwrap();
+    let env = [
+        ("DEVOUR_DATABASE_URL", db.url.as_str()),
+        ("DEVOUR_KAFKA_HOSTS", "127.0.0.1:19092"),
+    ];
+    let (out, _) = assert_code(
+        devour(&["outbox", "pending"], &env),
+        0,
+        &["outbox", "pending"],
+    );
     let create = out.find("create").unwrap_or_else(|| panic!("{out}"));
     let update = out.find("update").unwrap_or_else(|| panic!("{out}"));
     assert!(create < update, "{out}");
     assert!(out.contains("(2 undelivered row(s) shown)"), "{out}");
-    let (out, _) = assert_code(devour(&["outbox", "pending", "--json", "--limit", "1"], &env), 0, &["outbox", "pending"]);
-    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let (out, _) = assert_code(
+        devour(&["outbox", "pending", "--json", "--limit", "1"], &env),
+        0,
+        &["outbox", "pending"],
+    );
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 1);
     assert_eq!(lines[0]["event"], "create");
     assert_eq!(lines[0]["partition_key"], "1");

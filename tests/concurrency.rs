@@ -18,7 +18,9 @@ fn outbox_ids_increase_with_each_models_version() {
     let db = TestDb::new(Backend::Postgres, "concurrency");
     let mut setup = PgConnection::establish(&db.url).unwrap();
     for id in 0..MODELS {
-        Account::new(id, "start").save(&mut setup, SaveOptions::new().produce(false)).unwrap();
+        Account::new(id, "start")
+            .save(&mut setup, SaveOptions::new().produce(false))
+            .unwrap();
     }
 
     std::thread::scope(|s| {
@@ -44,11 +46,18 @@ fn outbox_ids_increase_with_each_models_version() {
     });
 
     let rows = setup.outbox();
-    assert_eq!(rows.len() as i64, THREADS * SAVES_PER_THREAD, "one outbox row per save");
+    assert_eq!(
+        rows.len() as i64,
+        THREADS * SAVES_PER_THREAD,
+        "one outbox row per save"
+    );
     let mut versions: BTreeMap<String, Vec<(i64, i64)>> = BTreeMap::new();
     for r in &rows {
         let v = r.payload.as_ref().unwrap()["version"].as_i64().unwrap();
-        versions.entry(r.key.clone().unwrap()).or_default().push((r.id, v));
+        versions
+            .entry(r.key.clone().unwrap())
+            .or_default()
+            .push((r.id, v));
     }
     assert_eq!(versions.len() as i64, MODELS);
     for (key, seq) in &versions {
@@ -56,7 +65,11 @@ fn outbox_ids_increase_with_each_models_version() {
         let got: Vec<i64> = seq.iter().map(|(_, v)| *v).collect();
         let want: Vec<i64> = (1..=got.len() as i64).collect();
         if got != want {
-            let first_bad = got.iter().zip(&want).position(|(g, w)| g != w).unwrap_or(got.len().min(want.len()));
+            let first_bad = got
+                .iter()
+                .zip(&want)
+                .position(|(g, w)| g != w)
+                .unwrap_or(got.len().min(want.len()));
             panic!(
                 "model {key}: versions in outbox-id order are not 1..={} (first difference at #{first_bad}: {:?})",
                 want.len(),

@@ -19,7 +19,10 @@ fn load_err(text: &[u8], env: &[(&str, &str)]) -> (PathBuf, ConfigError, tempfil
     let path = write(dir.path(), "devour.toml", text);
     let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
     match Config::load_file(&path, env) {
-        Ok(c) => panic!("expected an error for {:?}, loaded {c:?}", String::from_utf8_lossy(text)),
+        Ok(c) => panic!(
+            "expected an error for {:?}, loaded {c:?}",
+            String::from_utf8_lossy(text)
+        ),
         Err(e) => (path, e, dir),
     }
 }
@@ -29,7 +32,10 @@ fn assert_names(text: &str, env: &[(&str, &str)], key: Option<&str>, reason: &[&
     let (path, err, _dir) = load_err(text.as_bytes(), env);
     let msg = err.to_string();
     if env.is_empty() {
-        assert!(msg.contains(&path.display().to_string()), "file not named in: {msg}");
+        assert!(
+            msg.contains(&path.display().to_string()),
+            "file not named in: {msg}"
+        );
     }
     assert_eq!(err.key(), key, "key of: {msg}");
     if let Some(k) = key {
@@ -44,12 +50,22 @@ const OK: &str = "[kafka]\nhosts = \"127.0.0.1:9092\"\n";
 
 #[test]
 fn unknown_key_suggests_the_nearest() {
-    assert_names("[kafka]\nhots = \"a:1\"\n", &[], Some("kafka.hots"), &["unknown key", "did you mean `hosts`?"]);
+    assert_names(
+        "[kafka]\nhots = \"a:1\"\n",
+        &[],
+        Some("kafka.hots"),
+        &["unknown key", "did you mean `hosts`?"],
+    );
 }
 
 #[test]
 fn unknown_section_suggests_the_nearest() {
-    assert_names("[kafak]\nhosts = \"a:1\"\n", &[], Some("kafak"), &["unknown section", "did you mean `kafka`?"]);
+    assert_names(
+        "[kafak]\nhosts = \"a:1\"\n",
+        &[],
+        Some("kafak"),
+        &["unknown section", "did you mean `kafka`?"],
+    );
 }
 
 #[test]
@@ -57,7 +73,10 @@ fn unknown_nested_key_in_ssl_config() {
     let dir = tempfile::tempdir().unwrap();
     let ca = write(dir.path(), "ca.pem", b"x");
     assert_names(
-        &format!("{OK}[kafka.ssl_config]\ncafile = \"{}\"\ncertfil = \"x\"\n", ca.display()),
+        &format!(
+            "{OK}[kafka.ssl_config]\ncafile = \"{}\"\ncertfil = \"x\"\n",
+            ca.display()
+        ),
         &[],
         Some("kafka.ssl_config.certfil"),
         &["did you mean `certfile`?"],
@@ -76,23 +95,48 @@ fn wrong_type_names_expected_and_found() {
 
 #[test]
 fn hosts_of_wrong_type() {
-    assert_names("[kafka]\nhosts = 42\n", &[], Some("kafka.hosts"), &["expected a string or an array of strings"]);
+    assert_names(
+        "[kafka]\nhosts = 42\n",
+        &[],
+        Some("kafka.hosts"),
+        &["expected a string or an array of strings"],
+    );
 }
 
 #[test]
 fn missing_hosts() {
-    assert_names("[database]\nurl = \"sqlite://x.db\"\n", &[], Some("kafka.hosts"), &["missing", "DEVOUR_KAFKA_HOSTS"]);
+    assert_names(
+        "[database]\nurl = \"sqlite://x.db\"\n",
+        &[],
+        Some("kafka.hosts"),
+        &["missing", "DEVOUR_KAFKA_HOSTS"],
+    );
 }
 
 #[test]
 fn host_without_port() {
-    assert_names("[kafka]\nhosts = \"broker1\"\n", &[], Some("kafka.hosts"), &["`broker1` has no port", "HOST:PORT"]);
+    assert_names(
+        "[kafka]\nhosts = \"broker1\"\n",
+        &[],
+        Some("kafka.hosts"),
+        &["`broker1` has no port", "HOST:PORT"],
+    );
 }
 
 #[test]
 fn host_with_bad_port() {
-    assert_names("[kafka]\nhosts = [\"a:9092\", \"b:http\"]\n", &[], Some("kafka.hosts"), &["`http` is not a port"]);
-    assert_names("[kafka]\nhosts = \"a:70000\"\n", &[], Some("kafka.hosts"), &["`70000` is not a port"]);
+    assert_names(
+        "[kafka]\nhosts = [\"a:9092\", \"b:http\"]\n",
+        &[],
+        Some("kafka.hosts"),
+        &["`http` is not a port"],
+    );
+    assert_names(
+        "[kafka]\nhosts = \"a:70000\"\n",
+        &[],
+        Some("kafka.hosts"),
+        &["`70000` is not a port"],
+    );
 }
 
 #[test]
@@ -120,7 +164,10 @@ fn ssl_certfile_without_keyfile() {
     let dir = tempfile::tempdir().unwrap();
     let ca = write(dir.path(), "ca.pem", b"x");
     assert_names(
-        &format!("{OK}[kafka.ssl_config]\ncafile = \"{0}\"\ncertfile = \"{0}\"\n", ca.display()),
+        &format!(
+            "{OK}[kafka.ssl_config]\ncafile = \"{0}\"\ncertfile = \"{0}\"\n",
+            ca.display()
+        ),
         &[],
         Some("kafka.ssl_config.keyfile"),
         &["both `certfile` and `keyfile`"],
@@ -159,15 +206,30 @@ fn negative_timeout() {
 
 #[test]
 fn zero_pool_size_and_message_size() {
-    assert_names(&format!("{OK}[database]\npool_size = 0\n"), &[], Some("database.pool_size"), &["greater than zero"]);
-    assert_names(&format!("{OK}[outbox]\nmax_message_bytes = 0\n"), &[], Some("outbox.max_message_bytes"), &["greater than zero"]);
+    assert_names(
+        &format!("{OK}[database]\npool_size = 0\n"),
+        &[],
+        Some("database.pool_size"),
+        &["greater than zero"],
+    );
+    assert_names(
+        &format!("{OK}[outbox]\nmax_message_bytes = 0\n"),
+        &[],
+        Some("outbox.max_message_bytes"),
+        &["greater than zero"],
+    );
 }
 
 #[test]
 fn non_utf8_file() {
     let (path, err, _d) = load_err(b"[kafka]\nhosts = \"\xff\xfe\"\n", &[]);
     let msg = err.to_string();
-    assert!(msg.contains(&path.display().to_string()) && msg.contains("not UTF-8") && msg.contains("line 2"), "{msg}");
+    assert!(
+        msg.contains(&path.display().to_string())
+            && msg.contains("not UTF-8")
+            && msg.contains("line 2"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -184,7 +246,12 @@ fn empty_file() {
 
 #[test]
 fn section_that_is_not_a_table() {
-    assert_names("kafka = \"a:1\"\n", &[], Some("kafka"), &["expected a table `[kafka]`"]);
+    assert_names(
+        "kafka = \"a:1\"\n",
+        &[],
+        Some("kafka"),
+        &["expected a table `[kafka]`"],
+    );
 }
 
 #[test]
@@ -199,8 +266,18 @@ fn property_of_wrong_type() {
 
 #[test]
 fn malformed_broker_version_and_source_address() {
-    assert_names("[kafka]\nhosts = \"a:1\"\nbroker_version = \"four\"\n", &[], Some("kafka.broker_version"), &["not a version"]);
-    assert_names("[kafka]\nhosts = \"a:1\"\nsource_address = \"here\"\n", &[], Some("kafka.source_address"), &["not an IP address"]);
+    assert_names(
+        "[kafka]\nhosts = \"a:1\"\nbroker_version = \"four\"\n",
+        &[],
+        Some("kafka.broker_version"),
+        &["not a version"],
+    );
+    assert_names(
+        "[kafka]\nhosts = \"a:1\"\nsource_address = \"here\"\n",
+        &[],
+        Some("kafka.source_address"),
+        &["not an IP address"],
+    );
 }
 
 #[test]
@@ -208,25 +285,43 @@ fn env_override_of_wrong_type_names_the_variable() {
     let (_, err, _d) = load_err(OK.as_bytes(), &[("DEVOUR_DATABASE_POOL_SIZE", "lots")]);
     let msg = err.to_string();
     assert_eq!(err.key(), Some("database.pool_size"));
-    assert!(msg.contains("environment variable DEVOUR_DATABASE_POOL_SIZE"), "{msg}");
+    assert!(
+        msg.contains("environment variable DEVOUR_DATABASE_POOL_SIZE"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn env_override_of_bad_url_names_the_variable() {
     let (_, err, _d) = load_err(OK.as_bytes(), &[("DEVOUR_DATABASE_URL", "redis://x")]);
-    assert!(err.to_string().contains("DEVOUR_DATABASE_URL") && err.to_string().contains("redis://"), "{err}");
+    assert!(
+        err.to_string().contains("DEVOUR_DATABASE_URL") && err.to_string().contains("redis://"),
+        "{err}"
+    );
 }
 
 #[test]
 fn config_path_that_does_not_exist() {
-    let err = Config::load_with_env([("DEVOUR_CONFIG".to_string(), "/nonexistent/devour.toml".to_string())]).unwrap_err();
-    assert!(err.to_string().contains("/nonexistent/devour.toml") && err.to_string().contains("does not exist"), "{err}");
+    let err = Config::load_with_env([(
+        "DEVOUR_CONFIG".to_string(),
+        "/nonexistent/devour.toml".to_string(),
+    )])
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("/nonexistent/devour.toml")
+            && err.to_string().contains("does not exist"),
+        "{err}"
+    );
 }
 
 #[test]
 fn deprecated_keys_load_with_a_warning() {
     let dir = tempfile::tempdir().unwrap();
-    let path = write(dir.path(), "d.toml", b"[kafka]\nhosts = \"a:1\"\nzookeeper_hosts = \"z:2181\"\nuse_greenlets = true\n");
+    let path = write(
+        dir.path(),
+        "d.toml",
+        b"[kafka]\nhosts = \"a:1\"\nzookeeper_hosts = \"z:2181\"\nuse_greenlets = true\n",
+    );
     let c = Config::load_file(&path, []).unwrap();
     assert_eq!(c.warnings.len(), 2, "{:?}", c.warnings);
     assert!(c.warnings[0].contains("zookeeper_hosts") && c.warnings[0].contains("deprecated"));
@@ -261,13 +356,30 @@ fn mapping_onto_librdkafka_properties() {
 fn repository_devour_toml_is_valid_and_documents_every_key() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let path = root.join("devour.toml");
-    Config::load_file(&path, []).unwrap_or_else(|e| panic!("the example devour.toml must load: {e}"));
+    Config::load_file(&path, [])
+        .unwrap_or_else(|e| panic!("the example devour.toml must load: {e}"));
     let text = std::fs::read_to_string(&path).unwrap();
     for key in [
-        "url", "pool_size", "connect_timeout_ms", "busy_timeout_ms", "hosts", "client_id", "socket_timeout_ms",
-        "offsets_channel_socket_timeout_ms", "source_address", "broker_version", "exclude_internal_topics",
-        "zookeeper_hosts", "use_greenlets", "cafile", "certfile", "keyfile", "password", "max_message_bytes",
-        "[kafka.properties]", "[kafka.ssl_config]",
+        "url",
+        "pool_size",
+        "connect_timeout_ms",
+        "busy_timeout_ms",
+        "hosts",
+        "client_id",
+        "socket_timeout_ms",
+        "offsets_channel_socket_timeout_ms",
+        "source_address",
+        "broker_version",
+        "exclude_internal_topics",
+        "zookeeper_hosts",
+        "use_greenlets",
+        "cafile",
+        "certfile",
+        "keyfile",
+        "password",
+        "max_message_bytes",
+        "[kafka.properties]",
+        "[kafka.ssl_config]",
     ] {
         assert!(text.contains(key), "devour.toml does not document `{key}`");
     }
@@ -277,12 +389,17 @@ fn repository_devour_toml_is_valid_and_documents_every_key() {
 
 fn devour(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_devour"));
-    cmd.args(args).env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
+    cmd.args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
     for (k, v) in env {
         cmd.env(k, v);
     }
     let out = cmd.output().unwrap();
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
     (out.status.code().unwrap_or(-1), stdout, stderr)
 }
 
@@ -298,14 +415,21 @@ fn config_check_prints_effective_config_with_secrets_redacted() {
     let path = write(dir.path(), "devour.toml", text.as_bytes());
     let (code, out, err) = devour(
         &["config", "check"],
-        &[("DEVOUR_CONFIG", path.to_str().unwrap()), ("DEVOUR_KAFKA_HOSTS", "127.0.0.1:19092"), ("DEVOUR_KAFKA_PROPERTY_SASL_USERNAME", "bob")],
+        &[
+            ("DEVOUR_CONFIG", path.to_str().unwrap()),
+            ("DEVOUR_KAFKA_HOSTS", "127.0.0.1:19092"),
+            ("DEVOUR_KAFKA_PROPERTY_SASL_USERNAME", "bob"),
+        ],
     );
     assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
     assert!(out.contains("127.0.0.1:19092"), "env override shown: {out}");
     assert!(out.contains("\"sasl.username\" = \"bob\""), "{out}");
     assert!(out.contains("postgres://app:***@127.0.0.1/app"), "{out}");
     for secret in ["dbsecret", "keysecret", "saslsecret"] {
-        assert!(!out.contains(secret) && !err.contains(secret), "{secret} leaked:\n{out}\n{err}");
+        assert!(
+            !out.contains(secret) && !err.contains(secret),
+            "{secret} leaked:\n{out}\n{err}"
+        );
     }
 }
 
@@ -313,9 +437,15 @@ fn config_check_prints_effective_config_with_secrets_redacted() {
 fn config_check_exits_2_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let path = write(dir.path(), "devour.toml", b"[kafka]\nhosts = \"nope\"\n");
-    let (code, out, err) = devour(&["config", "check", "--config", path.to_str().unwrap()], &[]);
+    let (code, out, err) = devour(
+        &["config", "check", "--config", path.to_str().unwrap()],
+        &[],
+    );
     assert_eq!(code, 2, "stdout: {out}\nstderr: {err}");
-    assert!(err.contains("`kafka.hosts`") && err.contains(path.to_str().unwrap()), "{err}");
+    assert!(
+        err.contains("`kafka.hosts`") && err.contains(path.to_str().unwrap()),
+        "{err}"
+    );
 }
 
 #[test]
