@@ -44,6 +44,38 @@ diesel::table! {
     }
 }
 
+/// One outbox row to insert, as both backends take it. `shard: None` inserts `DEFAULT`, which
+/// PostgreSQL's generated column requires; SQLite is given the shard.
+#[derive(diesel::Insertable)]
+#[diesel(table_name = devour_outbox)]
+pub(crate) struct NewOutboxRow<'a> {
+    topic: &'a str,
+    partition_key: Option<&'a str>,
+    kafka_partition: Option<i32>,
+    payload: Option<&'a [u8]>,
+    headers: String,
+    event: Option<&'a str>,
+    message_id: String,
+    content_type: &'a str,
+    shard: Option<i32>,
+}
+
+impl<'a> NewOutboxRow<'a> {
+    pub(crate) fn new(m: &'a crate::outbox::OutboxMessage, shard: Option<i32>) -> Self {
+        NewOutboxRow {
+            topic: &m.topic,
+            partition_key: m.key.as_deref(),
+            kafka_partition: m.partition,
+            payload: m.payload.as_deref(),
+            headers: m.headers_json(),
+            event: m.event.as_deref(),
+            message_id: m.message_id.to_string(),
+            content_type: &m.content_type,
+            shard,
+        }
+    }
+}
+
 /// A failure talking to the database.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -5,7 +5,7 @@ use diesel::pg::Pg;
 use diesel::prelude::*;
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
-use super::{devour_outbox, DbError, MigrateConnection};
+use super::{devour_outbox, DbError, MigrateConnection, NewOutboxRow};
 use crate::outbox::{OutboxBackend, OutboxMessage};
 
 /// devour's PostgreSQL migrations, embedded in the binary.
@@ -19,16 +19,7 @@ impl OutboxBackend for Pg {
         use devour_outbox::dsl as o;
         // `shard` is a generated column on PostgreSQL: the database derives it from the key.
         diesel::insert_into(o::devour_outbox)
-            .values((
-                o::topic.eq(&m.topic),
-                o::partition_key.eq(m.key.as_deref()),
-                o::kafka_partition.eq(m.partition),
-                o::payload.eq(m.payload.as_deref()),
-                o::headers.eq(m.headers_json()),
-                o::event.eq(m.event.as_deref()),
-                o::message_id.eq(m.message_id.to_string()),
-                o::content_type.eq(&m.content_type),
-            ))
+            .values(NewOutboxRow::new(m, None))
             .returning(o::id)
             .get_result(conn)
     }

@@ -5,7 +5,7 @@ use diesel::prelude::*;
 use diesel::sqlite::Sqlite;
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
-use super::{devour_outbox, DbError, MigrateConnection};
+use super::{devour_outbox, DbError, MigrateConnection, NewOutboxRow};
 use crate::outbox::{OutboxBackend, OutboxMessage};
 
 /// devour's SQLite migrations, embedded in the binary.
@@ -19,17 +19,7 @@ impl OutboxBackend for Sqlite {
         use devour_outbox::dsl as o;
         // Keyless rows go to shard 0: on SQLite a single relay drains every shard.
         diesel::insert_into(o::devour_outbox)
-            .values((
-                o::topic.eq(&m.topic),
-                o::partition_key.eq(m.key.as_deref()),
-                o::kafka_partition.eq(m.partition),
-                o::payload.eq(m.payload.as_deref()),
-                o::headers.eq(m.headers_json()),
-                o::event.eq(m.event.as_deref()),
-                o::message_id.eq(m.message_id.to_string()),
-                o::content_type.eq(&m.content_type),
-                o::shard.eq(m.shard().unwrap_or(0)),
-            ))
+            .values(NewOutboxRow::new(m, Some(m.shard().unwrap_or(0))))
             .returning(o::id)
             .get_result(conn)
     }
