@@ -8,7 +8,10 @@
 //! Cases:
 //! - `single`: every transaction saves one new model row (an insert; `save` opens the transaction).
 //! - `update`: every transaction saves one model row that already exists (insert-or-update path).
-//! - `batch100`: every transaction (`conn.transaction`) saves 100 new model rows.
+//! - `batch100`: every transaction (`conn.transaction`) saves 100 new model rows, one `save` each
+//!   (each save is a savepoint; each writes its own outbox row).
+//! - `save_all100`: every transaction saves 100 new model rows with `ProducerModel::save_all`,
+//!   which writes their 100 outbox rows with one multi-row INSERT.
 //!
 //! Before every timed run the model table and the outbox are emptied (for both variants alike,
 //! outside the timed part), so the outbox index stays small and every variant starts the same.
@@ -24,13 +27,13 @@
 //! - `DEVOUR_BENCH_BATCH_TXNS`: transactions of 100 saves per variant of `batch100`, split
 //!   across rounds (default 500).
 //! - `DEVOUR_BENCH_ROUNDS`: rounds (default 5).
-//! - `DEVOUR_BENCH_BREAKDOWN=1`: also time the parts of the outbox write (message building,
-//!   the outbox INSERT, the PostgreSQL generated `shard` column, …) in the same databases.
+//! - `DEVOUR_BENCH_SQLITE_SYNCHRONOUS`: sets SQLite's `PRAGMA synchronous` (default: SQLite's
+//!   own, FULL), e.g. `OFF` to see the CPU cost without the commit's fsync.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use devour::outbox::{OutboxBackend, OutboxMessage};
+use devour::outbox::OutboxBackend;
 use devour::prelude::*;
 use devour::ProduceError;
 use diesel::connection::{LoadConnection, SimpleConnection};
@@ -83,7 +86,6 @@ struct Params {
     txns: usize,
     batch_txns: usize,
     rounds: usize,
-    breakdown: bool,
 }
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -228,12 +230,26 @@ where
         t.elapsed()
     };
 
+    let save_all = |conn: &mut C, ids: &mut Ids, produce: bool| -> Duration {
+        let txns: Vec<Vec<Item>> = (0..batch_per_round)
+            .map(|_| ids.take(BATCH).map(Item::new).collect())
+            .collect();
+        let t = Instant::now();
+        for txn in &txns {
+            black_box(
+                Item::save_all(conn, txn, SaveOptions::new().produce(produce)).expect("save_all"),
+            );
+        }
+        t.elapsed()
+    };
+
     let mut lines = Vec::new();
     type Run<'a, C> = &'a dyn Fn(&mut C, &mut Ids, bool) -> Duration;
-    let cases: [(&'static str, Run<'_, C>, usize, Option<f64>); 3] = [
+    let cases: [(&'static str, Run<'_, C>, usize, Option<f64>); 4] = [
         ("single", &single, per_round, Some(1.3)),
         ("update", &update, per_round, None),
         ("batch100", &batch, batch_per_round, Some(1.5)),
+        ("save_all100", &save_all, batch_per_round, Some(1.5)),
     ];
     for (case, run, txns_per_round, target) in cases {
         // Warm-up (not counted): prepared statements, caches, the first pages of the tables.
@@ -278,287 +294,6 @@ where
     }
     conn.batch_execute(reset).expect("reset");
     lines
-}
-
-// ---------------------------------------------------------------------------------------------
-// Breakdown (DEVOUR_BENCH_BREAKDOWN=1): where the time of the outbox write goes.
-
-diesel::table! {
-    /// A copy of `devour_outbox` whose `shard` is a plain column the client fills in.
-    outbox_plain (id) {
-        id -> BigInt,
-        topic -> Text,
-        partition_key -> Nullable<Text>,
-        kafka_partition -> Nullable<Integer>,
-        payload -> Nullable<Binary>,
-        headers -> Text,
-        event -> Nullable<Text>,
-        message_id -> Text,
-        content_type -> Text,
-        shard -> Integer,
-    }
-}
-
-/// Builds the message `save` would write for `item` (as `ProducerModel::produce` does).
-fn build_message(item: &Item) -> OutboxMessage {
-    let mut body = serde_json::to_value(item).expect("serialize");
-    body.as_object_mut()
-        .expect("object")
-        .insert("event".into(), serde_json::Value::from("create"));
-    let payload = serde_json::to_vec(&body).expect("serialize");
-    let mut m = OutboxMessage::new("items", Some(payload));
-    m.key = Some(item.id.to_string());
-    m.event = Some("create".into());
-    m.validate(1_000_000).expect("valid");
-    m
-}
-
-struct Part {
-    what: String,
-    us_per_row: f64,
-}
-
-/// Times `f` over `rows` rows, in transactions of `per_txn` rows, `rounds` times after a
-/// warm-up; returns the median µs per row.
-fn time_rows<C: Connection>(
-    conn: &mut C,
-    reset: &str,
-    rows: usize,
-    per_txn: usize,
-    rounds: usize,
-    ids: &mut Ids,
-    f: &mut dyn FnMut(&mut C, i64),
-) -> f64 {
-    let mut out = Vec::new();
-    for round in 0..=rounds {
-        conn.batch_execute(reset).expect("reset");
-        let range = ids.take(rows);
-        let t = Instant::now();
-        let mut id = range.start;
-        while id < range.end {
-            let end = (id + per_txn as i64).min(range.end);
-            conn.transaction::<_, diesel::result::Error, _>(|c| {
-                for i in id..end {
-                    f(c, i);
-                }
-                Ok(())
-            })
-            .expect("transaction");
-            id = end;
-        }
-        if round > 0 {
-            out.push(t.elapsed().as_secs_f64() * 1e6 / rows as f64);
-        }
-    }
-    median(&out)
-}
-
-fn breakdown_cpu(rows: usize) -> Part {
-    let items: Vec<Item> = (0..rows as i64).map(Item::new).collect();
-    let mut best = f64::MAX;
-    for _ in 0..5 {
-        let t = Instant::now();
-        for item in &items {
-            let m = build_message(item);
-            black_box((m.message_id.to_string(), m.headers_json(), m.shard()));
-        }
-        best = best.min(t.elapsed().as_secs_f64() * 1e6 / rows as f64);
-    }
-    Part {
-        what: "message build in Rust (JSON, uuid v7, key, validate, headers, shard)".into(),
-        us_per_row: best,
-    }
-}
-
-fn pg_breakdown(conn: &mut PgConnection, rows: usize, rounds: usize, ids: &mut Ids) -> Vec<Part> {
-    use diesel::pg::Pg;
-    // devour_outbox's definition, but `shard` is a plain column the client fills in.
-    conn.batch_execute(
-        "CREATE TABLE outbox_plain (
-            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-            topic text NOT NULL
-                CHECK (topic ~ '^[a-zA-Z0-9._-]{1,249}$' AND topic NOT IN ('.', '..')),
-            partition_key text,
-            kafka_partition integer CHECK (kafka_partition >= 0),
-            payload bytea,
-            headers text NOT NULL DEFAULT '{}',
-            event text,
-            message_id text NOT NULL DEFAULT gen_random_uuid()::text,
-            content_type text NOT NULL DEFAULT 'application/json',
-            shard integer NOT NULL,
-            created_at timestamptz NOT NULL DEFAULT clock_timestamp(),
-            attempts integer NOT NULL DEFAULT 0,
-            delivered_at timestamptz);
-         CREATE INDEX outbox_plain_pending ON outbox_plain (shard, id) WHERE delivered_at IS NULL;",
-    )
-    .expect("outbox_plain");
-    let reset = "TRUNCATE items, devour_outbox, outbox_plain";
-    let msgs: Vec<OutboxMessage> = (0..rows as i64)
-        .map(|i| build_message(&Item::new(i)))
-        .collect();
-    let mut parts = Vec::new();
-    for per_txn in [1, BATCH] {
-        let label = if per_txn == 1 {
-            "1 row/txn"
-        } else {
-            "100 rows/txn"
-        };
-        let model = time_rows(conn, reset, rows, per_txn, rounds, ids, &mut |c, i| {
-            Item::new(i)
-                .insert_new(c)
-                .expect("insert")
-                .expect("inserted");
-        });
-        let outbox = time_rows(conn, reset, rows, per_txn, rounds, ids, &mut |c, i| {
-            let m = &msgs[i as usize % rows];
-            <Pg as OutboxBackend>::insert_outbox(c, m).expect("insert");
-        });
-        let plain = time_rows(conn, reset, rows, per_txn, rounds, ids, &mut |c, i| {
-            use outbox_plain::dsl as p;
-            let m = &msgs[i as usize % rows];
-            let _: i64 = diesel::insert_into(p::outbox_plain)
-                .values((
-                    p::topic.eq(&m.topic),
-                    p::partition_key.eq(m.key.as_deref()),
-                    p::kafka_partition.eq(m.partition),
-                    p::payload.eq(m.payload.as_deref()),
-                    p::headers.eq(m.headers_json()),
-                    p::event.eq(m.event.as_deref()),
-                    p::message_id.eq(m.message_id.to_string()),
-                    p::content_type.eq(&m.content_type),
-                    p::shard.eq(m.shard().unwrap_or(0)),
-                ))
-                .returning(p::id)
-                .get_result(c)
-                .expect("insert");
-        });
-        let both = time_rows(conn, reset, rows, per_txn, rounds, ids, &mut |c, i| {
-            let item = Item::new(i);
-            item.insert_new(c).expect("insert").expect("inserted");
-            let m = build_message(&item);
-            <Pg as OutboxBackend>::insert_outbox(c, &m).expect("insert");
-        });
-        let both_plain = time_rows(conn, reset, rows, per_txn, rounds, ids, &mut |c, i| {
-            use outbox_plain::dsl as p;
-            let item = Item::new(i);
-            item.insert_new(c).expect("insert").expect("inserted");
-            let m = build_message(&item);
-            let _: i64 = diesel::insert_into(p::outbox_plain)
-                .values((
-                    p::topic.eq(&m.topic),
-                    p::partition_key.eq(m.key.as_deref()),
-                    p::payload.eq(m.payload.as_deref()),
-                    p::headers.eq(m.headers_json()),
-                    p::event.eq(m.event.as_deref()),
-                    p::message_id.eq(m.message_id.to_string()),
-                    p::shard.eq(m.shard().unwrap_or(0)),
-                ))
-                .returning(p::id)
-                .get_result(c)
-                .expect("insert");
-        });
-        parts.push(Part {
-            what: format!("{label}: model INSERT … ON CONFLICT DO NOTHING RETURNING only"),
-            us_per_row: model,
-        });
-        parts.push(Part {
-            what: format!(
-                "{label}: outbox INSERT only (devour's statement, generated shard column)"
-            ),
-            us_per_row: outbox,
-        });
-        parts.push(Part {
-            what: format!("{label}: outbox INSERT only, copy table with plain shard from Rust"),
-            us_per_row: plain,
-        });
-        parts.push(Part {
-            what: format!("{label}: model INSERT + build message + outbox INSERT (generated)"),
-            us_per_row: both,
-        });
-        parts.push(Part {
-            what: format!("{label}: model INSERT + build message + outbox INSERT (plain shard)"),
-            us_per_row: both_plain,
-        });
-    }
-    // Server-side cost of the shard function alone, per call.
-    let calls = 100_000;
-    let sql = format!(
-        "DO $$ DECLARE s integer; BEGIN FOR i IN 1..{calls} LOOP \
-         s := devour_shard(i::text, i); END LOOP; END $$"
-    );
-    let base = format!(
-        "DO $$ DECLARE s integer; BEGIN FOR i IN 1..{calls} LOOP \
-         s := length(i::text) + i::integer % 256; END LOOP; END $$"
-    );
-    let mut server = |sql: &str| {
-        let mut v = Vec::new();
-        for _ in 0..5 {
-            let t = Instant::now();
-            conn.batch_execute(sql).expect("DO");
-            v.push(t.elapsed().as_secs_f64() * 1e6 / calls as f64);
-        }
-        median(&v)
-    };
-    let shard = server(&sql);
-    let empty = server(&base);
-    parts.push(Part {
-        what: "server: devour_shard(key, id) per call (plpgsql murmur2), loop overhead removed"
-            .into(),
-        us_per_row: shard - empty,
-    });
-    conn.batch_execute(reset).expect("reset");
-    parts
-}
-
-fn sqlite_breakdown(
-    conn: &mut SqliteConnection,
-    rows: usize,
-    rounds: usize,
-    ids: &mut Ids,
-) -> Vec<Part> {
-    use diesel::sqlite::Sqlite;
-    let reset = "DELETE FROM items; DELETE FROM devour_outbox;";
-    let msgs: Vec<OutboxMessage> = (0..rows as i64)
-        .map(|i| build_message(&Item::new(i)))
-        .collect();
-    let mut parts = Vec::new();
-    for per_txn in [1, BATCH] {
-        let label = if per_txn == 1 {
-            "1 row/txn"
-        } else {
-            "100 rows/txn"
-        };
-        let model = time_rows(conn, reset, rows, per_txn, rounds, ids, &mut |c, i| {
-            Item::new(i)
-                .insert_new(c)
-                .expect("insert")
-                .expect("inserted");
-        });
-        let outbox = time_rows(conn, reset, rows, per_txn, rounds, ids, &mut |c, i| {
-            let m = &msgs[i as usize % rows];
-            <Sqlite as OutboxBackend>::insert_outbox(c, m).expect("insert");
-        });
-        let both = time_rows(conn, reset, rows, per_txn, rounds, ids, &mut |c, i| {
-            let item = Item::new(i);
-            item.insert_new(c).expect("insert").expect("inserted");
-            let m = build_message(&item);
-            <Sqlite as OutboxBackend>::insert_outbox(c, &m).expect("insert");
-        });
-        parts.push(Part {
-            what: format!("{label}: model INSERT … ON CONFLICT DO NOTHING RETURNING only"),
-            us_per_row: model,
-        });
-        parts.push(Part {
-            what: format!("{label}: outbox INSERT only (devour's statement)"),
-            us_per_row: outbox,
-        });
-        parts.push(Part {
-            what: format!("{label}: model INSERT + build message + outbox INSERT"),
-            us_per_row: both,
-        });
-    }
-    conn.batch_execute(reset).expect("reset");
-    parts
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -628,7 +363,7 @@ where
         .unwrap_or_else(|e| format!("? ({e})"))
 }
 
-fn bench_postgres(p: &Params, ids: &mut Ids, notes: &mut Vec<String>) -> (Vec<Line>, Vec<Part>) {
+fn bench_postgres(p: &Params, ids: &mut Ids, notes: &mut Vec<String>) -> Vec<Line> {
     let db = PgDb::create();
     let mut conn = PgConnection::establish(&db.url).expect("connect");
     devour::run_migrations(&mut conn).expect("migrations");
@@ -657,21 +392,20 @@ fn bench_postgres(p: &Params, ids: &mut Ids, notes: &mut Vec<String>) -> (Vec<Li
         p,
         ids,
     );
-    let parts = if p.breakdown {
-        pg_breakdown(&mut conn, 2000, p.rounds, ids)
-    } else {
-        Vec::new()
-    };
     drop(conn);
     drop(db);
-    (lines, parts)
+    lines
 }
 
-fn bench_sqlite(p: &Params, ids: &mut Ids, notes: &mut Vec<String>) -> (Vec<Line>, Vec<Part>) {
+fn bench_sqlite(p: &Params, ids: &mut Ids, notes: &mut Vec<String>) -> Vec<Line> {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("bench.db");
     let mut conn = SqliteConnection::establish(path.to_str().expect("UTF-8 path")).expect("open");
     devour::db::sqlite::configure(&mut conn, 5000).expect("configure");
+    if let Ok(sync) = std::env::var("DEVOUR_BENCH_SQLITE_SYNCHRONOUS") {
+        conn.batch_execute(&format!("PRAGMA synchronous = {sync}"))
+            .expect("synchronous");
+    }
     devour::run_migrations(&mut conn).expect("migrations");
     conn.batch_execute(ITEMS_SQL).expect("items table");
     notes.push(format!(
@@ -687,19 +421,13 @@ fn bench_sqlite(p: &Params, ids: &mut Ids, notes: &mut Vec<String>) -> (Vec<Line
             "SELECT CAST(synchronous AS TEXT) AS value FROM pragma_synchronous"
         ),
     ));
-    let lines = run_cases(
+    run_cases(
         &mut conn,
         Backend::Sqlite,
         "DELETE FROM items; DELETE FROM devour_outbox;",
         p,
         ids,
-    );
-    let parts = if p.breakdown {
-        sqlite_breakdown(&mut conn, 2000, p.rounds, ids)
-    } else {
-        Vec::new()
-    };
-    (lines, parts)
+    )
 }
 
 fn main() {
@@ -707,7 +435,6 @@ fn main() {
         txns: env_usize("DEVOUR_BENCH_TXNS", 10_000).max(1),
         batch_txns: env_usize("DEVOUR_BENCH_BATCH_TXNS", 500).max(1),
         rounds: env_usize("DEVOUR_BENCH_ROUNDS", 5).max(1),
-        breakdown: std::env::var("DEVOUR_BENCH_BREAKDOWN").is_ok_and(|v| v != "0" && !v.is_empty()),
     };
     let backends = backends();
     let per_round = p.txns.div_ceil(p.rounds);
@@ -742,17 +469,14 @@ fn main() {
     let mut ids = Ids(1);
     let mut notes = Vec::new();
     let mut lines = Vec::new();
-    let mut parts: Vec<(&'static str, Vec<Part>)> = Vec::new();
     let started = Instant::now();
-    let cpu = p.breakdown.then(|| breakdown_cpu(20_000));
     for b in &backends {
         eprintln!("running {} …", b.name());
-        let (l, pt) = match b {
+        let l = match b {
             Backend::Postgres => bench_postgres(&p, &mut ids, &mut notes),
             Backend::Sqlite => bench_sqlite(&p, &mut ids, &mut notes),
         };
         lines.extend(l);
-        parts.push((b.name(), pt));
     }
     for n in &notes {
         println!("- {n}");
@@ -772,19 +496,6 @@ fn main() {
             "| {} | {} | {:.1} | {:.1} | {:.2}× | {} |",
             l.backend, l.case, wo, w, ratio, target
         );
-    }
-    if let Some(cpu) = cpu {
-        println!();
-        println!("## breakdown (median µs per row)");
-        println!();
-        println!("| backend | what | µs/row |");
-        println!("|---|---|---:|");
-        println!("| rust | {} | {:.2} |", cpu.what, cpu.us_per_row);
-        for (backend, pts) in &parts {
-            for pt in pts {
-                println!("| {backend} | {} | {:.2} |", pt.what, pt.us_per_row);
-            }
-        }
     }
     println!();
     println!("total time: {:.1} s", started.elapsed().as_secs_f64());

@@ -371,3 +371,57 @@ where
     assert_eq!(c.accounts(), vec![Account::new(1, "kept")]);
     assert_eq!(c.count("devour_outbox"), 1);
 }
+
+both_backends!(
+    save_all_writes_every_message_in_order,
+    save_all_rolls_back_entirely_on_one_bad_model
+);
+
+fn save_all_writes_every_message_in_order<C: TestConn>(db: &TestDb)
+where
+    Account: ModelStore<C::Backend>,
+{
+    let mut c = C::open(db);
+    Account::new(2, "exists")
+        .save(&mut c, SaveOptions::new())
+        .unwrap();
+    let models: Vec<Account> = (1..=5).map(|i| Account::new(i, &format!("a{i}"))).collect();
+    let saved =
+        Account::save_all(&mut c, &models, SaveOptions::new().extra("batch", true)).unwrap();
+    let events: Vec<_> = saved.iter().map(|s| s.event.as_str().to_string()).collect();
+    assert_eq!(events, ["create", "update", "create", "create", "create"]);
+    let rows = c.outbox();
+    assert_eq!(rows.len(), 6, "{rows:?}");
+    for (s, r) in saved.iter().zip(&rows[1..]) {
+        let p = s.produced.as_ref().unwrap();
+        assert_eq!(
+            p.outbox_id,
+            Some(r.id),
+            "ids returned in the order of the models"
+        );
+        assert_eq!(r.message_id, p.message.message_id.to_string());
+        assert_eq!(r.key.as_deref(), Some(s.model.id.to_string().as_str()));
+        assert_eq!(r.payload.as_ref().unwrap()["batch"], true);
+        assert_eq!(r.shard, shard_for_key(&s.model.id.to_string()));
+    }
+    assert!(rows.windows(2).all(|w| w[0].id < w[1].id));
+    assert_eq!(c.count("accounts"), 5);
+    let none = Account::save_all(&mut c, &models, SaveOptions::new().produce(false)).unwrap();
+    assert!(none
+        .iter()
+        .all(|s| s.produced.is_none() && s.event == Event::Update));
+    assert_eq!(c.count("devour_outbox"), 6);
+}
+
+fn save_all_rolls_back_entirely_on_one_bad_model<C: TestConn>(db: &TestDb)
+where
+    Account: ModelStore<C::Backend>,
+{
+    let mut c = C::open(db);
+    let mut models: Vec<Account> = (1..=3).map(|i| Account::new(i, "ok")).collect();
+    models.push(Account::new(4, &"z".repeat(1024 * 1024 + 1)));
+    let err = Account::save_all(&mut c, &models, SaveOptions::new()).unwrap_err();
+    assert!(matches!(err, ProduceError::TooLarge { .. }), "{err}");
+    assert_eq!(c.count("accounts"), 0);
+    assert_eq!(c.count("devour_outbox"), 0);
+}

@@ -44,36 +44,60 @@ diesel::table! {
     }
 }
 
-/// One outbox row to insert, as both backends take it. `shard: None` inserts `DEFAULT`, which
-/// PostgreSQL's generated column requires; SQLite is given the shard.
+/// One outbox row to insert, as both backends take it. Every value is bound (a `None` is NULL,
+/// never `DEFAULT`), so the statement is prepared once and cached.
 #[derive(diesel::Insertable)]
-#[diesel(table_name = devour_outbox)]
-pub(crate) struct NewOutboxRow<'a> {
-    topic: &'a str,
-    partition_key: Option<&'a str>,
+#[diesel(table_name = devour_outbox, treat_none_as_default_value = false)]
+pub(crate) struct NewOutboxRow {
+    topic: String,
+    partition_key: Option<String>,
     kafka_partition: Option<i32>,
-    payload: Option<&'a [u8]>,
+    payload: Option<Vec<u8>>,
     headers: String,
-    event: Option<&'a str>,
+    event: Option<String>,
     message_id: String,
-    content_type: &'a str,
-    shard: Option<i32>,
+    content_type: String,
+    shard: i32,
 }
 
-impl<'a> NewOutboxRow<'a> {
-    pub(crate) fn new(m: &'a crate::outbox::OutboxMessage, shard: Option<i32>) -> Self {
+impl NewOutboxRow {
+    /// The row of `m`. Owns its values: a row type without lifetimes lets Diesel cache
+    /// fixed-size multi-row INSERTs too.
+    pub(crate) fn new(m: &crate::outbox::OutboxMessage) -> Self {
         NewOutboxRow {
-            topic: &m.topic,
-            partition_key: m.key.as_deref(),
+            topic: m.topic.clone(),
+            partition_key: m.key.clone(),
             kafka_partition: m.partition,
-            payload: m.payload.as_deref(),
+            payload: m.payload.clone(),
             headers: m.headers_json(),
-            event: m.event.as_deref(),
+            event: m.event.clone(),
             message_id: m.message_id.to_string(),
-            content_type: &m.content_type,
-            shard,
+            content_type: m.content_type.clone(),
+            shard: m.shard(),
         }
     }
+}
+
+/// Rows per multi-row outbox INSERT (9 bound values each, well under PostgreSQL's 65,535).
+pub(crate) const BATCH_INSERT_ROWS: usize = 1000;
+
+/// The ids of a multi-row INSERT's `RETURNING (id, message_id)`, in the order of `messages`
+/// (matched by message id, so nothing relies on the order rows come back in).
+pub(crate) fn ids_in_order(
+    messages: &[crate::outbox::OutboxMessage],
+    returned: Vec<(i64, String)>,
+) -> diesel::QueryResult<Vec<i64>> {
+    let by_message: std::collections::HashMap<String, i64> =
+        returned.into_iter().map(|(id, mid)| (mid, id)).collect();
+    messages
+        .iter()
+        .map(|m| {
+            by_message
+                .get(&m.message_id.to_string())
+                .copied()
+                .ok_or(diesel::result::Error::NotFound)
+        })
+        .collect()
 }
 
 /// A failure talking to the database.

@@ -17,11 +17,27 @@ impl OutboxBackend for Pg {
         C: LoadConnection<Backend = Pg>,
     {
         use devour_outbox::dsl as o;
-        // `shard` is a generated column on PostgreSQL: the database derives it from the key.
         diesel::insert_into(o::devour_outbox)
-            .values(NewOutboxRow::new(m, None))
+            .values(NewOutboxRow::new(m))
             .returning(o::id)
             .get_result(conn)
+    }
+
+    fn insert_outbox_batch<C>(conn: &mut C, ms: &[OutboxMessage]) -> QueryResult<Vec<i64>>
+    where
+        C: LoadConnection<Backend = Pg>,
+    {
+        use devour_outbox::dsl as o;
+        let mut ids = Vec::with_capacity(ms.len());
+        for chunk in ms.chunks(super::BATCH_INSERT_ROWS) {
+            let rows: Vec<NewOutboxRow> = chunk.iter().map(NewOutboxRow::new).collect();
+            let returned: Vec<(i64, String)> = diesel::insert_into(o::devour_outbox)
+                .values(&rows)
+                .returning((o::id, o::message_id))
+                .get_results(conn)?;
+            ids.extend(super::ids_in_order(chunk, returned)?);
+        }
+        Ok(ids)
     }
 }
 

@@ -17,12 +17,58 @@ impl OutboxBackend for Sqlite {
         C: LoadConnection<Backend = Sqlite>,
     {
         use devour_outbox::dsl as o;
-        // Keyless rows go to shard 0: on SQLite a single relay drains every shard.
         diesel::insert_into(o::devour_outbox)
-            .values(NewOutboxRow::new(m, Some(m.shard().unwrap_or(0))))
+            .values(NewOutboxRow::new(m))
             .returning(o::id)
             .get_result(conn)
     }
+
+    fn insert_outbox_batch<C>(conn: &mut C, ms: &[OutboxMessage]) -> QueryResult<Vec<i64>>
+    where
+        C: LoadConnection<Backend = Sqlite>,
+    {
+        // Diesel cannot combine SQLite's multi-row INSERT with RETURNING. The ids are known
+        // anyway: the transaction holds SQLite's write lock and AUTOINCREMENT hands one
+        // statement's rows consecutive ids in VALUES order, ending at last_insert_rowid().
+        let mut ids = Vec::with_capacity(ms.len());
+        let mut rest = ms;
+        while !rest.is_empty() {
+            // Chunks of fixed sizes keep each statement's text constant, so Diesel prepares
+            // it once.
+            rest = match rest.len() {
+                n if n >= 128 => insert_chunk::<C, 128>(conn, rest, &mut ids)?,
+                n if n >= 32 => insert_chunk::<C, 32>(conn, rest, &mut ids)?,
+                n if n >= 8 => insert_chunk::<C, 8>(conn, rest, &mut ids)?,
+                _ => {
+                    ids.push(Self::insert_outbox(conn, &rest[0])?);
+                    &rest[1..]
+                }
+            };
+        }
+        Ok(ids)
+    }
+}
+
+/// Inserts the first `N` of `ms` with one statement, appends their ids, returns the rest.
+fn insert_chunk<'m, C, const N: usize>(
+    conn: &mut C,
+    ms: &'m [OutboxMessage],
+    ids: &mut Vec<i64>,
+) -> QueryResult<&'m [OutboxMessage]>
+where
+    C: LoadConnection<Backend = Sqlite>,
+{
+    use devour_outbox::dsl as o;
+    let rows: [NewOutboxRow; N] = std::array::from_fn(|i| NewOutboxRow::new(&ms[i]));
+    diesel::insert_into(o::devour_outbox)
+        .values(&rows)
+        .execute(conn)?;
+    let last: i64 = diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(
+        "last_insert_rowid()",
+    ))
+    .get_result(conn)?;
+    ids.extend(last - N as i64 + 1..=last);
+    Ok(&ms[N..])
 }
 
 impl MigrateConnection for diesel::SqliteConnection {

@@ -142,10 +142,13 @@ impl OutboxMessage {
         Ok(())
     }
 
-    /// The shard the row belongs to (see [`shard_for_key`]); `None` for a keyless row, whose
-    /// shard the database derives from its id.
-    pub fn shard(&self) -> Option<i32> {
-        self.key.as_deref().map(shard_for_key)
+    /// The shard the row belongs to: [`shard_for_key`] of the key; a keyless row (which needs no
+    /// order) is spread by the random low bits of its message id.
+    pub fn shard(&self) -> i32 {
+        match &self.key {
+            Some(k) => shard_for_key(k),
+            None => (self.message_id.as_u128() % SHARDS as u128) as i32,
+        }
     }
 
     /// The headers as a JSON object, as stored in the `headers` column.

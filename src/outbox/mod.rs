@@ -155,21 +155,36 @@ pub trait OutboxBackend: diesel::backend::Backend + Sized {
     ) -> Result<i64, diesel::result::Error>
     where
         C: LoadConnection<Backend = Self>;
+
+    /// Inserts rows with one multi-row INSERT (per chunk); returns their ids in order.
+    fn insert_outbox_batch<C>(
+        conn: &mut C,
+        messages: &[OutboxMessage],
+    ) -> Result<Vec<i64>, diesel::result::Error>
+    where
+        C: LoadConnection<Backend = Self>;
 }
 
-/// Writes one message to the outbox on `conn` after validating it. Its row commits or rolls
-/// back with the transaction `conn` is in.
-pub fn write_message<C>(
+/// Writes messages to the outbox on `conn` after validating them all: nothing is written if
+/// one is invalid. The rows commit or roll back with the transaction `conn` is in. Returns the
+/// row ids in the order of `messages`.
+pub fn write_messages<C>(
     conn: &mut C,
-    message: &OutboxMessage,
+    messages: &[OutboxMessage],
     max_message_bytes: usize,
-) -> Result<i64, ProduceError>
+) -> Result<Vec<i64>, ProduceError>
 where
     C: LoadConnection,
     C::Backend: OutboxBackend,
 {
-    message.validate(max_message_bytes)?;
-    Ok(<C::Backend as OutboxBackend>::insert_outbox(conn, message)?)
+    for m in messages {
+        m.validate(max_message_bytes)?;
+    }
+    Ok(match messages {
+        [] => Vec::new(),
+        [one] => vec![<C::Backend as OutboxBackend>::insert_outbox(conn, one)?],
+        many => <C::Backend as OutboxBackend>::insert_outbox_batch(conn, many)?,
+    })
 }
 
 /// What one produce did.
@@ -240,7 +255,7 @@ pub(crate) fn key_from_field(
     }
 }
 
-/// Everything one produce needs once the customizable methods have answered.
+/// Everything one message needs once the customizable methods have answered.
 pub(crate) struct Draft<'a> {
     pub what: &'a str,
     pub config: &'a ProducerConfig,
@@ -251,46 +266,83 @@ pub(crate) struct Draft<'a> {
     pub context: &'a Context,
 }
 
-/// Serializes a draft into a message and writes it to the outbox (or sends it, for a direct
-/// producer).
-pub(crate) fn dispatch<C>(conn: &mut C, draft: Draft<'_>) -> Result<Produced, ProduceError>
+impl Draft<'_> {
+    /// Serializes the body and assembles the message (not validated yet).
+    pub(crate) fn into_message(self) -> Result<OutboxMessage, ProduceError> {
+        let payload = serde_json::to_vec(&self.body).map_err(|source| ProduceError::Serialize {
+            what: self.what.to_string(),
+            source,
+        })?;
+        let mut message = OutboxMessage::new(self.topic, Some(payload));
+        message.key = self.key;
+        message.partition = self.config.partition;
+        message.event = Some(self.event.to_string());
+        if let Some(tp) = self.context.traceparent() {
+            message
+                .headers
+                .insert(HEADER_TRACEPARENT.into(), tp.to_string());
+        }
+        Ok(message)
+    }
+}
+
+/// Validates `messages` and delivers them as `config.producer_type` says: written to the outbox
+/// on `conn` (one INSERT for all of them), or sent to Kafka now.
+pub(crate) fn deliver<C>(
+    conn: &mut C,
+    config: &ProducerConfig,
+    messages: Vec<OutboxMessage>,
+) -> Result<Vec<Produced>, ProduceError>
 where
     C: LoadConnection,
     C::Backend: OutboxBackend,
 {
-    let payload = serde_json::to_vec(&draft.body).map_err(|source| ProduceError::Serialize {
-        what: draft.what.to_string(),
-        source,
-    })?;
-    let mut message = OutboxMessage::new(draft.topic, Some(payload));
-    message.key = draft.key;
-    message.partition = draft.config.partition;
-    message.event = Some(draft.event.to_string());
-    if let Some(tp) = draft.context.traceparent() {
-        message
-            .headers
-            .insert(HEADER_TRACEPARENT.into(), tp.to_string());
-    }
-    let max = max_message_bytes(draft.config);
-    match draft.config.producer_type {
+    let max = max_message_bytes(config);
+    match config.producer_type {
         ProducerType::Outbox => {
-            let id = write_message(conn, &message, max)?;
-            Ok(Produced {
-                outbox_id: Some(id),
-                message,
-                delivered: None,
-            })
+            let ids = write_messages(conn, &messages, max)?;
+            Ok(messages
+                .into_iter()
+                .zip(ids)
+                .map(|(message, id)| Produced {
+                    outbox_id: Some(id),
+                    message,
+                    delivered: None,
+                })
+                .collect())
         }
         ProducerType::Direct => {
-            message.validate(max)?;
-            let delivered = direct::send(&message)?;
-            Ok(Produced {
-                outbox_id: None,
-                message,
-                delivered: Some(delivered),
-            })
+            for m in &messages {
+                m.validate(max)?;
+            }
+            messages
+                .into_iter()
+                .map(|message| {
+                    let delivered = direct::send(&message)?;
+                    Ok(Produced {
+                        outbox_id: None,
+                        message,
+                        delivered: Some(delivered),
+                    })
+                })
+                .collect()
         }
     }
+}
+
+/// Delivers one message (see [`deliver`]).
+pub(crate) fn deliver_one<C>(
+    conn: &mut C,
+    config: &ProducerConfig,
+    message: OutboxMessage,
+) -> Result<Produced, ProduceError>
+where
+    C: LoadConnection,
+    C::Backend: OutboxBackend,
+{
+    Ok(deliver(conn, config, vec![message])?
+        .pop()
+        .expect("one message in, one out"))
 }
 
 #[cfg(test)]

@@ -5,8 +5,8 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::{
-    compose_body, dispatch, key_from_field, Context, Draft, Event, Extras, OutboxBackend,
-    ProduceError, Produced,
+    compose_body, deliver_one, key_from_field, Context, Draft, Event, Extras, OutboxBackend,
+    OutboxMessage, ProduceError, Produced,
 };
 
 /// How a producer delivers its messages.
@@ -184,8 +184,38 @@ pub trait Producer {
             .unwrap_or_else(snake_type_name::<Self>)
     }
 
-    /// Builds the message (schema + extras + `event`) and writes it to the outbox on `conn`, so it
-    /// commits or rolls back with the caller's transaction; a direct producer sends it now.
+    /// The message for `source` (schema + extras + `event`), topic and key decided, not yet
+    /// validated or written.
+    fn message(
+        &self,
+        event: &Event,
+        source: &Self::Source,
+        extras: &Extras,
+        context: &Context,
+    ) -> Result<OutboxMessage, ProduceError> {
+        let what = snake_type_name::<Self>();
+        let schema = self.get_schema(event, source, context)?;
+        let schema = serde_json::to_value(&schema).map_err(|source| ProduceError::Serialize {
+            what: what.clone(),
+            source,
+        })?;
+        let body = compose_body(&what, schema, extras, event)?;
+        let topic = self.get_topic(event, source, context)?;
+        let key = self.get_partition_key(event, source, context, &body)?;
+        Draft {
+            what: &what,
+            config: &Self::CONFIG,
+            event,
+            topic,
+            body,
+            key,
+            context,
+        }
+        .into_message()
+    }
+
+    /// Builds the message and writes it to the outbox on `conn`, so it commits or rolls back with
+    /// the caller's transaction; a direct producer sends it now.
     fn produce<C>(
         &self,
         conn: &mut C,
@@ -198,27 +228,8 @@ pub trait Producer {
         C: LoadConnection,
         C::Backend: OutboxBackend,
     {
-        let what = snake_type_name::<Self>();
-        let schema = self.get_schema(&event, source, context)?;
-        let schema = serde_json::to_value(&schema).map_err(|source| ProduceError::Serialize {
-            what: what.clone(),
-            source,
-        })?;
-        let body = compose_body(&what, schema, extras, &event)?;
-        let topic = self.get_topic(&event, source, context)?;
-        let key = self.get_partition_key(&event, source, context, &body)?;
-        dispatch(
-            conn,
-            Draft {
-                what: &what,
-                config: &Self::CONFIG,
-                event: &event,
-                topic,
-                body,
-                key,
-                context,
-            },
-        )
+        let message = self.message(&event, source, extras, context)?;
+        deliver_one(conn, &Self::CONFIG, message)
     }
 }
 

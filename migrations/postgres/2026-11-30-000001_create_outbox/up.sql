@@ -52,10 +52,21 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     END
 $$;
 
+-- Fills in `shard` for writers that leave it out (plain SQL). devour's own write path computes
+-- it in Rust, so the trigger's WHEN clause skips the function call for it.
+CREATE FUNCTION devour_fill_shard() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.shard := devour_shard(NEW.partition_key, NEW.id);
+    RETURN NEW;
+END
+$$;
+
 CREATE TABLE devour_outbox (
     id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     topic           text NOT NULL
-                    CHECK (topic ~ '^[a-zA-Z0-9._-]{1,249}$' AND topic NOT IN ('.', '..')),
+                    CHECK (topic ~ '^[a-zA-Z0-9._-]+$' AND length(topic) <= 249
+                           AND topic NOT IN ('.', '..')),
     partition_key   text,
     kafka_partition integer CHECK (kafka_partition >= 0),
     payload         bytea,
@@ -63,11 +74,12 @@ CREATE TABLE devour_outbox (
     event           text,
     message_id      text NOT NULL DEFAULT gen_random_uuid()::text,
     content_type    text NOT NULL DEFAULT 'application/json',
-    shard           integer GENERATED ALWAYS AS (devour_shard(partition_key, id)) STORED,
+    shard           integer NOT NULL,  -- filled by devour_outbox_shard when left out
     created_at      timestamptz NOT NULL DEFAULT clock_timestamp(),
     attempts        integer NOT NULL DEFAULT 0,
     delivered_at    timestamptz
 );
 
--- The relay reads the oldest undelivered rows of the shards it owns.
-CREATE INDEX devour_outbox_pending ON devour_outbox (shard, id) WHERE delivered_at IS NULL;
+CREATE TRIGGER devour_outbox_shard BEFORE INSERT ON devour_outbox
+    FOR EACH ROW WHEN (NEW.shard IS NULL) EXECUTE FUNCTION devour_fill_shard();
+

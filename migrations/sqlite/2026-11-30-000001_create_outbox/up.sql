@@ -25,4 +25,3 @@ CREATE TABLE devour_outbox (
     delivered_at    TEXT
 );
 
-CREATE INDEX devour_outbox_pending ON devour_outbox (shard, id) WHERE delivered_at IS NULL;
