@@ -84,6 +84,23 @@ enum OutboxCommand {
     ///
     /// Example: devour outbox pending --limit 20
     Pending(PendingArgs),
+    /// Put a dead letter back into the outbox, in its original place: it is delivered before
+    /// the later rows of its key.
+    ///
+    /// Example: devour outbox retry 4711
+    Retry(DeadLetterArgs),
+    /// Delete a dead letter for good (the later rows of its key are then delivered).
+    ///
+    /// Example: devour outbox discard 4711
+    Discard(DeadLetterArgs),
+}
+
+#[derive(Debug, Args)]
+struct DeadLetterArgs {
+    #[command(flatten)]
+    config: ConfigOpts,
+    /// The dead letter's id (its original outbox id).
+    id: i64,
 }
 
 #[derive(Debug, Args)]
@@ -107,13 +124,20 @@ enum Failure {
     Db(#[from] DbError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Relay(#[from] crate::relay::RelayError),
 }
 
 impl Failure {
     fn exit_code(&self) -> u8 {
         match self {
             Failure::Config(_) => EXIT_USAGE,
-            Failure::Db(_) | Failure::Io(_) => EXIT_FAILURE,
+            Failure::Relay(crate::relay::RelayError::Config(_)) => EXIT_USAGE,
+            Failure::Db(_) | Failure::Io(_) | Failure::NotFound(_) | Failure::Relay(_) => {
+                EXIT_FAILURE
+            }
         }
     }
 }
@@ -179,6 +203,30 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
+        Command::Outbox(OutboxCommand::Retry(args)) => {
+            let config = args.config.load()?;
+            let pool = DbPool::connect(&config.database)?;
+            if !pool.get()?.retry_dead_letter(args.id)? {
+                return Err(Failure::NotFound(format!(
+                    "no dead letter with id {}",
+                    args.id
+                )));
+            }
+            println!("dead letter {} is back in the outbox", args.id);
+            Ok(())
+        }
+        Command::Outbox(OutboxCommand::Discard(args)) => {
+            let config = args.config.load()?;
+            let pool = DbPool::connect(&config.database)?;
+            if !pool.get()?.discard_dead_letter(args.id)? {
+                return Err(Failure::NotFound(format!(
+                    "no dead letter with id {}",
+                    args.id
+                )));
+            }
+            println!("dead letter {} discarded", args.id);
+            Ok(())
+        }
         Command::Outbox(OutboxCommand::Pending(args)) => {
             let config = args.config.load()?;
             let pool = DbPool::connect(&config.database)?;
@@ -210,6 +258,74 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 writeln!(out, "({} undelivered row(s) shown)", rows.len())?;
             }
             Ok(())
+        }
+    }
+}
+
+/// devour-relay: drains the outbox to Kafka, in commit order per key, at least once.
+#[derive(Debug, Parser)]
+#[command(name = "devour-relay", version, long_about = None)]
+pub struct RelayCli {
+    #[command(flatten)]
+    config: ConfigOpts,
+    /// Deliver what is in the outbox now, then exit (progress on stderr when it is a terminal).
+    ///
+    /// Example: devour-relay --drain
+    #[arg(long)]
+    drain: bool,
+    /// Apply devour's migrations before starting.
+    #[arg(long)]
+    migrate: bool,
+}
+
+/// The `devour-relay` binary: runs a relay until SIGINT/SIGTERM (a second signal exits at once).
+/// Exit codes: 0 stopped cleanly, 1 runtime failure, 2 bad usage or configuration.
+pub fn relay_main() -> ExitCode {
+    use std::io::IsTerminal;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    init_logging();
+    let cli = match RelayCli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { EXIT_USAGE } else { 0 });
+        }
+    };
+    let run = || -> Result<crate::relay::RelayReport, Failure> {
+        let config = cli.config.load()?;
+        if cli.migrate {
+            DbPool::connect(&config.database)?.migrate()?;
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            // A second signal while stopping exits at once.
+            signal_hook::flag::register_conditional_shutdown(signal, 130, stop.clone())?;
+            signal_hook::flag::register(signal, stop.clone())?;
+        }
+        let options = crate::relay::RunOptions {
+            mode: if cli.drain {
+                crate::relay::Mode::Drain
+            } else {
+                crate::relay::Mode::Follow
+            },
+            progress: std::io::stderr().is_terminal(),
+        };
+        Ok(crate::relay::run(&config, options, stop)?)
+    };
+    match run() {
+        Ok(report) => {
+            eprintln!(
+                "devour-relay: delivered {} message(s), dead-lettered {}, in {:.1} s",
+                report.delivered,
+                report.dead_lettered,
+                report.elapsed.as_secs_f64()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("devour-relay: error: {e}");
+            ExitCode::from(e.exit_code())
         }
     }
 }

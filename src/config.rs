@@ -95,6 +95,8 @@ pub struct Config {
     pub kafka: KafkaConfig,
     /// `[outbox]`.
     pub outbox: OutboxConfig,
+    /// `[relay]`.
+    pub relay: RelayConfig,
     /// Deprecation warnings met while loading (also logged through `tracing`).
     pub warnings: Vec<String>,
 }
@@ -241,6 +243,67 @@ impl Default for OutboxConfig {
     }
 }
 
+/// What the relay does with a delivered row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retention {
+    /// Delete it (default).
+    Delete,
+    /// Move it to `devour_outbox_delivered`, deleted after `retention_hours`.
+    Keep,
+}
+
+/// What happens to the later rows of a key whose row was dead-lettered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterPolicy {
+    /// They are delivered (default).
+    Continue,
+    /// They wait until the dead letter is retried or discarded.
+    BlockKey,
+}
+
+/// `[relay]`: devour-relay.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct RelayConfig {
+    /// `batch_size`: rows read per query (default 1000).
+    pub batch_size: u32,
+    /// `max_in_flight`: rows handed to the producer and not yet acknowledged (default 50000).
+    pub max_in_flight: u32,
+    /// `poll_interval_ms`: how often to look for rows without a wake-up (default 250).
+    pub poll_interval_ms: u64,
+    /// `lease_ttl_ms`: how long a shard lease lasts unless renewed (default 10000).
+    pub lease_ttl_ms: u64,
+    /// `retention`: `"delete"` (default) or `"keep"`.
+    pub retention: Retention,
+    /// `retention_hours`: how long `keep` keeps delivered rows (default 24).
+    pub retention_hours: u64,
+    /// `on_dead_letter`: `"continue"` (default) or `"block_key"`.
+    pub on_dead_letter: DeadLetterPolicy,
+    /// `shutdown_timeout_ms`: how long a stop waits for in-flight deliveries (default 30000).
+    pub shutdown_timeout_ms: u64,
+    /// `relay_id`: this relay's name in the lease table (default `HOST-PID`).
+    pub relay_id: Option<String>,
+    /// `[relay.producer]`: librdkafka properties for the relay's producer.
+    pub producer: BTreeMap<String, String>,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            batch_size: 1000,
+            max_in_flight: 50_000,
+            poll_interval_ms: 250,
+            lease_ttl_ms: 10_000,
+            retention: Retention::Delete,
+            retention_hours: 24,
+            on_dead_letter: DeadLetterPolicy::Continue,
+            shutdown_timeout_ms: 30_000,
+            relay_id: None,
+            producer: BTreeMap::new(),
+        }
+    }
+}
+
 /// Properties whose values are secrets: never printed, never logged.
 pub fn is_secret_property(name: &str) -> bool {
     let n = name.to_ascii_lowercase();
@@ -332,9 +395,19 @@ const KEYS: &[(&str, Kind)] = &[
     ("kafka.use_greenlets", Kind::Bool),
     ("kafka.properties", Kind::Table),
     ("outbox.max_message_bytes", Kind::Int),
+    ("relay.batch_size", Kind::Int),
+    ("relay.max_in_flight", Kind::Int),
+    ("relay.poll_interval_ms", Kind::Int),
+    ("relay.lease_ttl_ms", Kind::Int),
+    ("relay.retention", Kind::Str),
+    ("relay.retention_hours", Kind::Int),
+    ("relay.on_dead_letter", Kind::Str),
+    ("relay.shutdown_timeout_ms", Kind::Int),
+    ("relay.relay_id", Kind::Str),
+    ("relay.producer", Kind::Table),
 ];
 
-const SECTIONS: &[&str] = &["database", "kafka", "outbox"];
+const SECTIONS: &[&str] = &["database", "kafka", "outbox", "relay"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -578,27 +651,7 @@ impl Config {
                 warnings.push(w);
             }
         }
-        if let Some(Value::Table(props)) = r.get("kafka.properties") {
-            for (name, value) in props {
-                let key = format!("kafka.properties.{name}");
-                let v = match value {
-                    Value::String(s) => s.clone(),
-                    Value::Integer(i) => i.to_string(),
-                    Value::Float(f) => f.to_string(),
-                    Value::Boolean(b) => b.to_string(),
-                    other => {
-                        return Err(r.err(
-                            &key,
-                            format!(
-                                "wrong type: librdkafka properties are strings, numbers or booleans, found {}",
-                                other.type_str()
-                            ),
-                        ))
-                    }
-                };
-                kafka.properties.insert(name.clone(), v);
-            }
-        }
+        kafka.properties = r.properties("kafka.properties")?;
 
         let mut outbox = OutboxConfig::default();
         if let Some(n) = r.positive("outbox.max_message_bytes")? {
@@ -606,11 +659,82 @@ impl Config {
                 .map_err(|_| r.err("outbox.max_message_bytes", "is too large"))?;
         }
 
+        let mut relay = RelayConfig::default();
+        let int_u32 = |key: &str, n: u64| {
+            u32::try_from(n)
+                .map_err(|_| r.err(key, format!("{n} is too large (at most {})", u32::MAX)))
+        };
+        if let Some(n) = r.positive("relay.batch_size")? {
+            relay.batch_size = int_u32("relay.batch_size", n)?;
+        }
+        if let Some(n) = r.positive("relay.max_in_flight")? {
+            relay.max_in_flight = int_u32("relay.max_in_flight", n)?;
+        }
+        if relay.max_in_flight < relay.batch_size {
+            return Err(r.err(
+                "relay.max_in_flight",
+                format!(
+                    "must be at least relay.batch_size ({}), found {}",
+                    relay.batch_size, relay.max_in_flight
+                ),
+            ));
+        }
+        if let Some(n) = r.positive("relay.poll_interval_ms")? {
+            relay.poll_interval_ms = n;
+        }
+        if let Some(n) = r.positive("relay.lease_ttl_ms")? {
+            if n < 1000 {
+                return Err(r.err(
+                    "relay.lease_ttl_ms",
+                    format!("must be at least 1000 ms, found {n}"),
+                ));
+            }
+            relay.lease_ttl_ms = n;
+        }
+        if let Some(v) = r.string("relay.retention")? {
+            relay.retention = match v.as_str() {
+                "delete" => Retention::Delete,
+                "keep" => Retention::Keep,
+                other => {
+                    return Err(r.err(
+                        "relay.retention",
+                        format!("`{other}` is not one of \"delete\", \"keep\""),
+                    ))
+                }
+            };
+        }
+        if let Some(n) = r.positive("relay.retention_hours")? {
+            relay.retention_hours = n;
+        }
+        if let Some(v) = r.string("relay.on_dead_letter")? {
+            relay.on_dead_letter = match v.as_str() {
+                "continue" => DeadLetterPolicy::Continue,
+                "block_key" => DeadLetterPolicy::BlockKey,
+                other => {
+                    return Err(r.err(
+                        "relay.on_dead_letter",
+                        format!("`{other}` is not one of \"continue\", \"block_key\""),
+                    ))
+                }
+            };
+        }
+        if let Some(n) = r.positive("relay.shutdown_timeout_ms")? {
+            relay.shutdown_timeout_ms = n;
+        }
+        if let Some(id) = r.string("relay.relay_id")? {
+            if id.trim().is_empty() {
+                return Err(r.err("relay.relay_id", "must not be empty"));
+            }
+            relay.relay_id = Some(id);
+        }
+        relay.producer = r.properties("relay.producer")?;
+
         Ok(Config {
             file,
             database,
             kafka,
             outbox,
+            relay,
             warnings,
         })
     }
@@ -682,19 +806,10 @@ impl Config {
             kt.insert("ssl_config".into(), st.into());
         }
         if !k.properties.is_empty() {
-            let props: Table = k
-                .properties
-                .iter()
-                .map(|(n, v)| {
-                    let shown = if is_secret_property(n) {
-                        "***".to_string()
-                    } else {
-                        v.clone()
-                    };
-                    (n.clone(), Value::String(shown))
-                })
-                .collect();
-            kt.insert("properties".into(), props.into());
+            kt.insert(
+                "properties".into(),
+                redacted_properties(&k.properties).into(),
+            );
         }
         root.insert("kafka".into(), kt.into());
 
@@ -704,8 +819,57 @@ impl Config {
             clamp_i64(self.outbox.max_message_bytes as u64).into(),
         );
         root.insert("outbox".into(), ot.into());
+
+        let rl = &self.relay;
+        let mut rt = Table::new();
+        rt.insert("batch_size".into(), i64::from(rl.batch_size).into());
+        rt.insert("max_in_flight".into(), i64::from(rl.max_in_flight).into());
+        rt.insert(
+            "poll_interval_ms".into(),
+            clamp_i64(rl.poll_interval_ms).into(),
+        );
+        rt.insert("lease_ttl_ms".into(), clamp_i64(rl.lease_ttl_ms).into());
+        let retention = match rl.retention {
+            Retention::Delete => "delete",
+            Retention::Keep => "keep",
+        };
+        rt.insert("retention".into(), retention.into());
+        rt.insert(
+            "retention_hours".into(),
+            clamp_i64(rl.retention_hours).into(),
+        );
+        let policy = match rl.on_dead_letter {
+            DeadLetterPolicy::Continue => "continue",
+            DeadLetterPolicy::BlockKey => "block_key",
+        };
+        rt.insert("on_dead_letter".into(), policy.into());
+        rt.insert(
+            "shutdown_timeout_ms".into(),
+            clamp_i64(rl.shutdown_timeout_ms).into(),
+        );
+        if let Some(id) = &rl.relay_id {
+            rt.insert("relay_id".into(), id.clone().into());
+        }
+        if !rl.producer.is_empty() {
+            rt.insert("producer".into(), redacted_properties(&rl.producer).into());
+        }
+        root.insert("relay".into(), rt.into());
         toml::to_string_pretty(&root).unwrap_or_default()
     }
+}
+
+fn redacted_properties(props: &BTreeMap<String, String>) -> Table {
+    props
+        .iter()
+        .map(|(n, v)| {
+            let shown = if is_secret_property(n) {
+                "***".to_string()
+            } else {
+                v.clone()
+            };
+            (n.clone(), Value::String(shown))
+        })
+        .collect()
 }
 
 fn clamp_i64(n: u64) -> i64 {
@@ -886,7 +1050,7 @@ fn check_table_keys(prefix: &str, t: &Table, origins: &Origins) -> Result<(), Co
                 ),
             });
         };
-        if *kind == Kind::Table && key != "kafka.properties" {
+        if *kind == Kind::Table && key != "kafka.properties" && key != "relay.producer" {
             match value {
                 Value::Table(inner) => check_table_keys(&key, inner, origins)?,
                 other => {
@@ -1003,6 +1167,33 @@ impl Reader<'_> {
                 .map(Some)
                 .map_err(|_| self.err(key, format!("{n} ms is too large (at most {})", u32::MAX))),
         }
+    }
+
+    /// A table of librdkafka properties: every value a string, number or boolean.
+    fn properties(&self, key: &str) -> Result<BTreeMap<String, String>, ConfigError> {
+        let mut out = BTreeMap::new();
+        let Some(Value::Table(props)) = self.get(key) else {
+            return Ok(out);
+        };
+        for (name, value) in props {
+            let v = match value {
+                Value::String(s) => s.clone(),
+                Value::Integer(i) => i.to_string(),
+                Value::Float(f) => f.to_string(),
+                Value::Boolean(b) => b.to_string(),
+                other => {
+                    return Err(self.err(
+                        &format!("{key}.{name}"),
+                        format!(
+                            "wrong type: librdkafka properties are strings, numbers or booleans, found {}",
+                            other.type_str()
+                        ),
+                    ))
+                }
+            };
+            out.insert(name.clone(), v);
+        }
+        Ok(out)
     }
 
     fn boolean(&self, key: &str) -> Result<Option<bool>, ConfigError> {

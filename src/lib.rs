@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod db;
 pub mod outbox;
+pub mod relay;
 
 pub use config::{Config, ConfigError};
 pub use db::{run_migrations, DbConnection, DbError, DbPool};

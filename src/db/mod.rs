@@ -17,7 +17,7 @@ pub mod sqlite;
 
 diesel::table! {
     /// The outbox table, as the write path sees it (the columns both backends type alike).
-    /// `created_at` and `delivered_at` are typed per backend and read by backend modules.
+    /// `created_at` is typed per backend and read by backend modules.
     devour_outbox (id) {
         /// Increasing id; order of insertion, not of commit.
         id -> BigInt,
@@ -292,9 +292,6 @@ impl DbConnection {
                 o::payload,
                 diesel::dsl::sql::<diesel::sql_types::Text>("CAST(created_at AS TEXT)"),
             ))
-            .filter(diesel::dsl::sql::<diesel::sql_types::Bool>(
-                "delivered_at IS NULL",
-            ))
             .order(o::id)
             .limit(limit);
         let raw: Vec<Raw> = each_backend!(self, c => query.load(c)?);
@@ -313,6 +310,48 @@ impl DbConnection {
                 }
             })
             .collect())
+    }
+}
+
+impl DbConnection {
+    /// Puts dead letter `id` back into the outbox under its original id, so it is delivered
+    /// before the later rows of its key; returns whether there was such a dead letter.
+    pub fn retry_dead_letter(&mut self, id: i64) -> Result<bool, DbError> {
+        use diesel::prelude::*;
+        const COLUMNS: &str =
+            "id, topic, partition_key, kafka_partition, payload, headers, event, \
+             message_id, content_type, shard, created_at, attempts";
+        let n = match self {
+            #[cfg(feature = "postgres")]
+            DbConnection::Postgres(c) => diesel::sql_query(format!(
+                "WITH d AS (DELETE FROM devour_dead_letters WHERE id = $1 RETURNING *) \
+                 INSERT INTO devour_outbox ({COLUMNS}) OVERRIDING SYSTEM VALUE SELECT {COLUMNS} FROM d"
+            ))
+            .bind::<diesel::sql_types::BigInt, _>(id)
+            .execute(&mut **c)?,
+            #[cfg(feature = "sqlite")]
+            DbConnection::Sqlite(c) => c.immediate_transaction(|c| {
+                let n = diesel::sql_query(format!(
+                    "INSERT INTO devour_outbox ({COLUMNS}) SELECT {COLUMNS} FROM devour_dead_letters WHERE id = ?1"
+                ))
+                .bind::<diesel::sql_types::BigInt, _>(id)
+                .execute(c)?;
+                diesel::sql_query("DELETE FROM devour_dead_letters WHERE id = ?1")
+                    .bind::<diesel::sql_types::BigInt, _>(id)
+                    .execute(c)?;
+                Ok::<_, diesel::result::Error>(n)
+            })?,
+        };
+        Ok(n == 1)
+    }
+
+    /// Deletes dead letter `id` for good; returns whether there was one.
+    pub fn discard_dead_letter(&mut self, id: i64) -> Result<bool, DbError> {
+        use diesel::prelude::*;
+        let q = diesel::sql_query("DELETE FROM devour_dead_letters WHERE id = $1")
+            .bind::<diesel::sql_types::BigInt, _>(id);
+        let n = each_backend!(self, c => q.execute(&mut **c)?);
+        Ok(n == 1)
     }
 }
 

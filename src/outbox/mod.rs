@@ -301,6 +301,7 @@ where
     match config.producer_type {
         ProducerType::Outbox => {
             let ids = write_messages(conn, &messages, max)?;
+            crate::relay::notify_local();
             Ok(messages
                 .into_iter()
                 .zip(ids)

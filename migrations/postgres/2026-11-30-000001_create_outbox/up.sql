@@ -76,8 +76,7 @@ CREATE TABLE devour_outbox (
     content_type    text NOT NULL DEFAULT 'application/json',
     shard           integer NOT NULL,  -- filled by devour_outbox_shard when left out
     created_at      timestamptz NOT NULL DEFAULT clock_timestamp(),
-    attempts        integer NOT NULL DEFAULT 0,
-    delivered_at    timestamptz
+    attempts        integer NOT NULL DEFAULT 0
 );
 
 CREATE TRIGGER devour_outbox_shard BEFORE INSERT ON devour_outbox

@@ -21,7 +21,6 @@ CREATE TABLE devour_outbox (
     content_type    TEXT NOT NULL DEFAULT 'application/json',
     shard           INTEGER NOT NULL DEFAULT 0,
     created_at      TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now')),
-    attempts        INTEGER NOT NULL DEFAULT 0,
-    delivered_at    TEXT
+    attempts        INTEGER NOT NULL DEFAULT 0
 );
 

@@ -1,0 +1,813 @@
+//! The relay's threads: a reader that sends the oldest undelivered rows of the shards it holds, a
+//! committer that removes rows once the broker acknowledged them (or dead-letters them), a lease
+//! keeper, and on PostgreSQL a listener for wake-ups.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::Producer as _;
+
+use super::kafka::{self, InFlight, Outcome, RelayProducer, Report, TopicLimits};
+use super::store::{Leases, Row, Store};
+use super::{Mode, RelayError, RunOptions, Wake};
+use crate::config::{Config, DeadLetterPolicy, RelayConfig};
+use crate::db::DbError;
+use crate::outbox::SHARDS;
+
+/// What a relay run did.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct RelayReport {
+    /// Rows the broker acknowledged.
+    pub delivered: u64,
+    /// Rows moved to the dead letters.
+    pub dead_lettered: u64,
+    /// Times the reader started over from the oldest row after a failure.
+    pub restarts: u64,
+    /// Rows still in flight when a stop's time ran out (they will be delivered again).
+    pub abandoned: u64,
+    /// Commit → acknowledgement latency, 50th percentile, in ms.
+    pub latency_p50_ms: u64,
+    /// Commit → acknowledgement latency, 99th percentile, in ms.
+    pub latency_p99_ms: u64,
+    /// How long the run lasted.
+    pub elapsed: Duration,
+}
+
+/// The leases as the reader sees them.
+#[derive(Debug, Clone)]
+struct LeaseView {
+    owned: Leases,
+    /// After this instant the leases may have expired in the database: stop sending.
+    valid_until: Instant,
+    /// Shards being handed back: no new sends.
+    releasing: BTreeSet<i32>,
+    /// Another relay holds the SQLite outbox.
+    standby: Option<String>,
+}
+
+/// Rows handed to the producer and not yet removed from the outbox, per shard.
+#[derive(Default)]
+struct InFlightRows {
+    total: usize,
+    per_shard: HashMap<i32, usize>,
+}
+
+struct Shared {
+    relay_id: String,
+    config: RelayConfig,
+    stop: Arc<AtomicBool>,
+    wake: Arc<Wake>,
+    leases: RwLock<LeaseView>,
+    in_flight: Mutex<InFlightRows>,
+    drained: Condvar,
+    /// A delivery failed in a way that may have left a gap: start over from the oldest row.
+    restart: AtomicBool,
+    /// Keys dead-lettered during this pass (policy `block_key`): their later rows wait.
+    blocked: Mutex<HashSet<String>>,
+    delivered: AtomicU64,
+    dead_lettered: AtomicU64,
+    latency: Mutex<hdrhistogram::Histogram<u64>>,
+    /// The lease keeper and committer stop after the reader.
+    threads_stop: AtomicBool,
+}
+
+impl Shared {
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    fn add_in_flight(&self, shard: i32) {
+        let mut f = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        f.total += 1;
+        *f.per_shard.entry(shard).or_default() += 1;
+    }
+
+    fn remove_in_flight(&self, shards: impl IntoIterator<Item = i32>) {
+        let mut f = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        for s in shards {
+            f.total = f.total.saturating_sub(1);
+            if let Some(n) = f.per_shard.get_mut(&s) {
+                *n -= 1;
+                if *n == 0 {
+                    f.per_shard.remove(&s);
+                }
+            }
+        }
+        drop(f);
+        self.drained.notify_all();
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .total
+    }
+
+    fn in_flight_on(&self, shard: i32) -> usize {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .per_shard
+            .get(&shard)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Waits until at most `limit` rows are in flight, or `timeout`; returns whether it got there.
+    fn wait_in_flight_at_most(&self, limit: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut f = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        while f.total > limit {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            f = self
+                .drained
+                .wait_timeout(f, left.min(Duration::from_millis(100)))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+
+    fn leases(&self) -> LeaseView {
+        self.leases
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// A connected relay, ready to run.
+pub(crate) struct Relay {
+    shared: Arc<Shared>,
+    config: Config,
+    options: RunOptions,
+    reader: Store,
+    producer_config: rdkafka::ClientConfig,
+}
+
+fn default_relay_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "relay".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// Who gives up retrying when: the reader as soon as a stop is asked, the other threads only
+/// when the reader is done (so that delivered rows are still removed while stopping).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Reader,
+    Background,
+}
+
+/// Retries `f` with backoff (100 ms doubling to 5 s) until it succeeds or `role` must stop,
+/// reconnecting the store after a failure. Transient failures never end the relay.
+fn with_retry<T>(
+    shared: &Shared,
+    role: Role,
+    store: &mut Store,
+    config: &Config,
+    what: &str,
+    mut f: impl FnMut(&mut Store) -> Result<T, DbError>,
+) -> Option<T> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match f(store) {
+            Ok(v) => return Some(v),
+            Err(e) => {
+                tracing::warn!(relay = %shared.relay_id, "{what} failed, retrying in {backoff:?}: {e}");
+                let give_up = match role {
+                    Role::Reader => shared.stopping(),
+                    Role::Background => shared.threads_stop.load(Ordering::Acquire),
+                };
+                if give_up {
+                    return None;
+                }
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                if let Ok(s) = Store::connect(&config.database.url, config.database.busy_timeout_ms)
+                {
+                    *store = s;
+                }
+            }
+        }
+    }
+}
+
+impl Relay {
+    pub(crate) fn connect(
+        config: &Config,
+        options: RunOptions,
+        stop: Arc<AtomicBool>,
+        wake: Arc<Wake>,
+    ) -> Result<Relay, RelayError> {
+        let rc = config.relay.clone();
+        let reader = Store::connect(&config.database.url, config.database.busy_timeout_ms)?;
+        let producer_config = kafka::producer_config(&config.kafka, &rc.producer);
+        let relay_id = rc.relay_id.clone().unwrap_or_else(default_relay_id);
+        let shared = Arc::new(Shared {
+            relay_id,
+            config: rc,
+            stop,
+            wake,
+            leases: RwLock::new(LeaseView {
+                owned: Leases::new(),
+                valid_until: Instant::now(),
+                releasing: BTreeSet::new(),
+                standby: None,
+            }),
+            in_flight: Mutex::new(InFlightRows::default()),
+            drained: Condvar::new(),
+            restart: AtomicBool::new(false),
+            blocked: Mutex::new(HashSet::new()),
+            delivered: AtomicU64::new(0),
+            dead_lettered: AtomicU64::new(0),
+            latency: Mutex::new(
+                hdrhistogram::Histogram::new_with_bounds(1, 3_600_000, 2).expect("valid bounds"),
+            ),
+            threads_stop: AtomicBool::new(false),
+        });
+        Ok(Relay {
+            shared,
+            config: config.clone(),
+            options,
+            reader,
+            producer_config,
+        })
+    }
+
+    /// Runs until stopped (or drained); returns what it did.
+    pub(crate) fn run(mut self) -> Result<RelayReport, RelayError> {
+        let started = Instant::now();
+        let shared = self.shared.clone();
+        let (tx, rx) = crossbeam_channel::unbounded::<Report>();
+        let mut producer = kafka::create_producer(&self.producer_config, tx.clone())?;
+        let mut limits = TopicLimits::new(&self.config.kafka)?;
+        tracing::info!(
+            relay = %shared.relay_id,
+            database = %self.config.database.url,
+            brokers = %self.config.kafka.hosts.join(","),
+            "relay starting"
+        );
+
+        let committer = {
+            let shared = shared.clone();
+            let store = Store::connect(
+                &self.config.database.url,
+                self.config.database.busy_timeout_ms,
+            )?;
+            let config = self.config.clone();
+            std::thread::Builder::new()
+                .name("devour-relay-commit".into())
+                .spawn(move || commit_loop(&shared, store, &config, rx))
+                .expect("spawn committer")
+        };
+        let lease_keeper = {
+            let shared = shared.clone();
+            let store = Store::connect(
+                &self.config.database.url,
+                self.config.database.busy_timeout_ms,
+            )?;
+            let config = self.config.clone();
+            std::thread::Builder::new()
+                .name("devour-relay-lease".into())
+                .spawn(move || lease_loop(&shared, store, &config))
+                .expect("spawn lease keeper")
+        };
+        let listener = match &self.config.database.url {
+            #[cfg(feature = "postgres")]
+            crate::config::DatabaseUrl::Postgres(url) => {
+                let shared = shared.clone();
+                let url = url.clone();
+                Some(
+                    std::thread::Builder::new()
+                        .name("devour-relay-listen".into())
+                        .spawn(move || listen_loop(&shared, &url))
+                        .expect("spawn listener"),
+                )
+            }
+            _ => None,
+        };
+
+        let result = self.read_loop(&mut producer, &mut limits, &tx);
+
+        // Stop: no new sends; wait (bounded) for what is in flight, then let the others finish.
+        let timeout = Duration::from_millis(shared.config.shutdown_timeout_ms);
+        let _ = producer.flush(timeout);
+        let finished = shared.wait_in_flight_at_most(0, timeout);
+        let abandoned = if finished {
+            0
+        } else {
+            shared.in_flight() as u64
+        };
+        drop(producer);
+        drop(tx);
+        shared.threads_stop.store(true, Ordering::Release);
+        shared.wake.wake();
+        for (name, t) in [
+            ("committer", Some(committer)),
+            ("lease keeper", Some(lease_keeper)),
+            ("listener", listener),
+        ] {
+            if let Some(t) = t {
+                if let Err(p) = t.join() {
+                    tracing::error!("relay {name} panicked: {}", super::panic_message(&p));
+                }
+            }
+        }
+        let latency = shared
+            .latency
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let report = RelayReport {
+            delivered: shared.delivered.load(Ordering::Relaxed),
+            dead_lettered: shared.dead_lettered.load(Ordering::Relaxed),
+            restarts: result?,
+            abandoned,
+            latency_p50_ms: latency.value_at_quantile(0.5),
+            latency_p99_ms: latency.value_at_quantile(0.99),
+            elapsed: started.elapsed(),
+        };
+        tracing::info!(
+            relay = %shared.relay_id,
+            delivered = report.delivered,
+            dead_lettered = report.dead_lettered,
+            abandoned = report.abandoned,
+            "relay stopped"
+        );
+        Ok(report)
+    }
+
+    /// Reads the oldest undelivered rows of the held shards and hands them to the producer,
+    /// until stopped. Returns how many times it started over after a failure.
+    fn read_loop(
+        &mut self,
+        producer: &mut RelayProducer,
+        limits: &mut TopicLimits,
+        tx: &crossbeam_channel::Sender<Report>,
+    ) -> Result<u64, RelayError> {
+        let shared = self.shared.clone();
+        let rc = &shared.config;
+        let poll = Duration::from_millis(rc.poll_interval_ms);
+        let block_keys = rc.on_dead_letter == DeadLetterPolicy::BlockKey;
+        let mut cursor: i64 = 0;
+        let mut pass_started = Instant::now();
+        let mut restarts = 0;
+        let mut progress = Progress::new(&self.options);
+        let mut standby_logged = false;
+
+        while !shared.stopping() {
+            if shared.restart.swap(false, Ordering::AcqRel) {
+                // A delivery failed without a verdict: let everything in flight settle, then
+                // start over from the oldest row with a fresh producer (its idempotence state
+                // may be broken).
+                restarts += 1;
+                tracing::warn!(relay = %shared.relay_id, "delivery failure: starting over from the oldest undelivered row");
+                let _ = producer.flush(Duration::from_millis(rc.shutdown_timeout_ms));
+                shared.wait_in_flight_at_most(0, Duration::from_millis(rc.shutdown_timeout_ms));
+                *producer = kafka::create_producer(&self.producer_config, tx.clone())?;
+                cursor = 0;
+            }
+            let view = shared.leases();
+            if let Some(holder) = &view.standby {
+                if !standby_logged {
+                    tracing::info!(relay = %shared.relay_id, "relay {holder} holds this SQLite outbox; standing by");
+                    standby_logged = true;
+                }
+                shared.wake.wait(poll);
+                continue;
+            }
+            standby_logged = false;
+            let shards: Vec<i32> = if Instant::now() < view.valid_until {
+                view.owned
+                    .keys()
+                    .copied()
+                    .filter(|s| !view.releasing.contains(s))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            if shards.is_empty() {
+                shared.wake.wait(poll);
+                continue;
+            }
+            // Back-pressure: never more than max_in_flight rows between read and removal.
+            let room = (rc.max_in_flight as usize).saturating_sub(rc.batch_size as usize);
+            if !shared.wait_in_flight_at_most(room, poll) {
+                continue;
+            }
+            // Rows that committed late with a smaller id than the cursor: look from the oldest
+            // row again every second, once what is in flight has been removed.
+            if cursor > 0 && pass_started.elapsed() > Duration::from_secs(1) {
+                if shared.wait_in_flight_at_most(0, poll) {
+                    cursor = 0;
+                    pass_started = Instant::now();
+                    shared
+                        .blocked
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clear();
+                }
+                continue;
+            }
+            let Some(rows) = with_retry(
+                &shared,
+                Role::Reader,
+                &mut self.reader,
+                &self.config,
+                "reading the outbox",
+                |s| s.fetch(&shards, cursor, rc.batch_size, block_keys),
+            ) else {
+                break;
+            };
+            if rows.is_empty() {
+                if shared.in_flight() == 0 {
+                    if cursor == 0 && self.options.mode == Mode::Drain {
+                        break;
+                    }
+                    cursor = 0;
+                    pass_started = Instant::now();
+                    shared
+                        .blocked
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clear();
+                }
+                progress.tick(&shared, &mut self.reader);
+                shared.wake.wait(poll);
+                continue;
+            }
+            for row in rows {
+                cursor = row.id;
+                if let Some(k) = &row.partition_key {
+                    if block_keys
+                        && shared
+                            .blocked
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .contains(k)
+                    {
+                        continue;
+                    }
+                }
+                let Some(&epoch) = view.owned.get(&row.shard) else {
+                    continue;
+                };
+                if let Some(limit) = limits.limit(&row.topic) {
+                    let size = kafka::row_size(&row);
+                    if size > limit {
+                        let error = format!(
+                            "message of about {size} bytes exceeds topic `{}` max.message.bytes = {limit}",
+                            row.topic
+                        );
+                        self.dead_letter_now(&row, epoch, &error);
+                        continue;
+                    }
+                }
+                self.send(producer, &row, epoch);
+            }
+            progress.tick(&shared, &mut self.reader);
+        }
+        progress.finish();
+        Ok(restarts)
+    }
+
+    /// Hands one row to the producer (waiting while its queue is full).
+    fn send(&mut self, producer: &RelayProducer, row: &Row, epoch: i64) {
+        let shared = self.shared.clone();
+        let mut record = kafka::record(row, epoch, kafka::headers(row));
+        if let Some(k) = &row.partition_key {
+            record = record.key(k.as_str());
+        }
+        if let Some(p) = row.kafka_partition {
+            record = record.partition(p);
+        }
+        if let Some(v) = &row.payload {
+            record = record.payload(v.as_slice());
+        }
+        shared.add_in_flight(row.shard);
+        loop {
+            match producer.send(record) {
+                Ok(()) => return,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err((KafkaError::MessageProduction(code), _)) if kafka::is_permanent(code) => {
+                    shared.remove_in_flight([row.shard]);
+                    self.dead_letter_now(row, epoch, &format!("{code} ({code:?})"));
+                    return;
+                }
+                Err((e, _)) => {
+                    tracing::warn!(relay = %shared.relay_id, id = row.id, "cannot hand row to the producer: {e}");
+                    shared.remove_in_flight([row.shard]);
+                    shared.restart.store(true, Ordering::Release);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Dead-letters a row before it was sent (so before any later row of its key).
+    fn dead_letter_now(&mut self, row: &Row, epoch: i64, error: &str) {
+        let shared = self.shared.clone();
+        let moved = with_retry(
+            &shared,
+            Role::Reader,
+            &mut self.reader,
+            &self.config,
+            "dead-lettering a row",
+            |s| s.dead_letter(&shared.relay_id, row.shard, epoch, row.id, error),
+        );
+        if moved == Some(true) {
+            shared.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(relay = %shared.relay_id, id = row.id, topic = %row.topic, "dead-lettered: {error}");
+            if let Some(k) = &row.partition_key {
+                shared
+                    .blocked
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(k.clone());
+            }
+        }
+    }
+}
+
+/// Removes acknowledged rows in batches, dead-letters rejected ones, and asks the reader to
+/// start over after any other failure.
+fn commit_loop(shared: &Shared, mut store: Store, config: &Config, reports: Receiver<Report>) {
+    const MAX_BATCH: usize = 5000;
+    let retention = shared.config.retention;
+    let mut acked: Vec<InFlight> = Vec::with_capacity(MAX_BATCH);
+    let mut last_cleanup = Instant::now();
+    loop {
+        let first = match reports.recv_timeout(Duration::from_millis(50)) {
+            Ok(r) => Some(r),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        for report in first.into_iter().chain(reports.try_iter().take(MAX_BATCH)) {
+            match report.outcome {
+                Outcome::Delivered => acked.push(report.row),
+                Outcome::Rejected(error) => {
+                    let row = report.row;
+                    let moved = with_retry(
+                        shared,
+                        Role::Background,
+                        &mut store,
+                        config,
+                        "dead-lettering a row",
+                        |s| s.dead_letter(&shared.relay_id, row.shard, row.epoch, row.id, &error),
+                    );
+                    if moved == Some(true) {
+                        shared.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(relay = %shared.relay_id, id = row.id, "dead-lettered: {error}");
+                    }
+                    shared.remove_in_flight([row.shard]);
+                }
+                Outcome::Failed(error) => {
+                    tracing::warn!(relay = %shared.relay_id, id = report.row.id, "delivery failed: {error}");
+                    shared.restart.store(true, Ordering::Release);
+                    shared.remove_in_flight([report.row.shard]);
+                }
+            }
+        }
+        if !acked.is_empty() {
+            let ids: Vec<i64> = acked.iter().map(|r| r.id).collect();
+            let leases = shared.leases().owned;
+            let removed = with_retry(
+                shared,
+                Role::Background,
+                &mut store,
+                config,
+                "removing delivered rows",
+                |s| s.complete(&shared.relay_id, &leases, &ids, retention),
+            );
+            if let Some(n) = removed {
+                if n < ids.len() {
+                    tracing::warn!(
+                        relay = %shared.relay_id,
+                        "{} delivered row(s) were not removed: their lease was lost; the new owner delivers them again",
+                        ids.len() - n
+                    );
+                }
+            }
+            let now = chrono::Utc::now().timestamp_millis();
+            {
+                let mut h = shared.latency.lock().unwrap_or_else(|p| p.into_inner());
+                for r in &acked {
+                    let _ = h.record((now - r.created_ms).max(1) as u64);
+                }
+            }
+            shared
+                .delivered
+                .fetch_add(acked.len() as u64, Ordering::Relaxed);
+            shared.remove_in_flight(acked.drain(..).map(|r| r.shard));
+        }
+        if retention == crate::config::Retention::Keep
+            && last_cleanup.elapsed() > Duration::from_secs(60)
+        {
+            last_cleanup = Instant::now();
+            let hours = shared.config.retention_hours;
+            let _ = with_retry(
+                shared,
+                Role::Background,
+                &mut store,
+                config,
+                "cleaning up kept rows",
+                |s| s.cleanup_delivered(hours),
+            );
+        }
+    }
+}
+
+/// Keeps the leases: heartbeat, renew, take a fair share, hand back the excess (after its rows
+/// in flight are removed), and on stop release everything.
+fn lease_loop(shared: &Shared, mut store: Store, config: &Config) {
+    let ttl = shared.config.lease_ttl_ms;
+    let period = Duration::from_millis(ttl / 3);
+    let id = shared.relay_id.clone();
+    let shares = store.shares_shards();
+    while !shared.threads_stop.load(Ordering::Acquire) {
+        let started = Instant::now();
+        let stopping = shared.stopping();
+        let tick = (|| -> Result<(), DbError> {
+            let live = store.heartbeat(&id, ttl)?;
+            let mut owned = store.renew(&id, ttl)?;
+            let mut standby = None;
+            let mut releasing = shared.leases().releasing;
+            releasing.retain(|s| owned.contains_key(s));
+            if !stopping {
+                if shares {
+                    let target = (SHARDS as usize).div_ceil(live);
+                    if owned.len() < target {
+                        let (claimed, _) = store.claim(&id, ttl, target - owned.len())?;
+                        if !claimed.is_empty() {
+                            tracing::info!(relay = %id, "took {} shard(s): {:?}", claimed.len(), claimed.keys().collect::<Vec<_>>());
+                        }
+                        owned.extend(claimed);
+                    } else if owned.len() > target {
+                        let excess: Vec<i32> = owned
+                            .keys()
+                            .rev()
+                            .take(owned.len() - target)
+                            .copied()
+                            .collect();
+                        releasing.extend(excess);
+                    }
+                } else {
+                    let (all, holder) = store.claim(&id, ttl, SHARDS as usize)?;
+                    owned = all;
+                    standby = holder;
+                }
+                // Hand back the shards whose rows in flight are all removed.
+                let done: Vec<i32> = releasing
+                    .iter()
+                    .copied()
+                    .filter(|s| shared.in_flight_on(*s) == 0)
+                    .collect();
+                if !done.is_empty() {
+                    store.release(&id, &done)?;
+                    tracing::info!(relay = %id, "handed back {} shard(s) for rebalancing", done.len());
+                    for s in &done {
+                        owned.remove(s);
+                        releasing.remove(s);
+                    }
+                }
+            }
+            let mut view = shared.leases.write().unwrap_or_else(|p| p.into_inner());
+            // Trust the leases a little less long than the database does: stop sending before
+            // another relay may take them.
+            view.valid_until = started + Duration::from_millis(ttl - ttl / 5);
+            view.owned = owned;
+            view.releasing = releasing;
+            view.standby = standby;
+            Ok(())
+        })();
+        if let Err(e) = tick {
+            tracing::warn!(relay = %id, "lease renewal failed: {e}");
+            if let Ok(s) = Store::connect(&config.database.url, config.database.busy_timeout_ms) {
+                store = s;
+            }
+        }
+        shared.wake.wake();
+        let wait = if shared.stopping() {
+            Duration::from_millis(50)
+        } else {
+            period
+        };
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline && !shared.threads_stop.load(Ordering::Acquire) {
+            std::thread::sleep(
+                Duration::from_millis(20).min(deadline.saturating_duration_since(Instant::now())),
+            );
+        }
+    }
+    if let Err(e) = store.leave(&id) {
+        tracing::warn!(relay = %id, "could not release leases on stop (they expire in {ttl} ms): {e}");
+    }
+}
+
+/// PostgreSQL: LISTEN on `devour_outbox` and wake the reader on every notification.
+#[cfg(feature = "postgres")]
+fn listen_loop(shared: &Shared, url: &str) {
+    use diesel::prelude::*;
+    while !shared.threads_stop.load(Ordering::Acquire) {
+        let mut conn = match diesel::PgConnection::establish(url) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(relay = %shared.relay_id, "LISTEN connection failed (polling meanwhile): {e}");
+                std::thread::sleep(Duration::from_secs(1));
+                continue;
+            }
+        };
+        if let Err(e) = diesel::sql_query("LISTEN devour_outbox").execute(&mut conn) {
+            tracing::warn!(relay = %shared.relay_id, "LISTEN failed (polling meanwhile): {e}");
+            std::thread::sleep(Duration::from_secs(1));
+            continue;
+        }
+        let mut last_check = Instant::now();
+        'conn: while !shared.threads_stop.load(Ordering::Acquire) {
+            let mut woke = false;
+            for n in conn.notifications_iter() {
+                match n {
+                    Ok(_) => woke = true,
+                    Err(e) => {
+                        tracing::warn!(relay = %shared.relay_id, "LISTEN connection lost: {e}");
+                        break 'conn;
+                    }
+                }
+            }
+            if woke {
+                shared.wake.wake();
+            }
+            // notifications_iter never blocks: check often, and probe the connection now and then.
+            if last_check.elapsed() > Duration::from_secs(5) {
+                last_check = Instant::now();
+                if diesel::sql_query("SELECT 1").execute(&mut conn).is_err() {
+                    break 'conn;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// The progress bar of `--drain` on a terminal.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    last: Instant,
+}
+
+impl Progress {
+    fn new(options: &RunOptions) -> Progress {
+        let bar = (options.progress && options.mode == Mode::Drain).then(|| {
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} {msg} [{elapsed_precise}]")
+                    .expect("valid template"),
+            );
+            bar
+        });
+        Progress {
+            bar,
+            last: Instant::now() - Duration::from_secs(10),
+        }
+    }
+
+    fn tick(&mut self, shared: &Shared, store: &mut Store) {
+        let Some(bar) = &self.bar else { return };
+        if self.last.elapsed() < Duration::from_millis(500) {
+            return;
+        }
+        self.last = Instant::now();
+        let delivered = shared.delivered.load(Ordering::Relaxed);
+        let left = store
+            .backlog()
+            .map(|n| n.to_string())
+            .unwrap_or_else(|_| "?".into());
+        let rate = delivered as f64 / bar.elapsed().as_secs_f64().max(0.001);
+        bar.set_message(format!(
+            "{left} rows left, {delivered} delivered, {rate:.0} msg/s"
+        ));
+        bar.tick();
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+}

@@ -1,0 +1,249 @@
+//! The relay's Kafka side: an idempotent producer whose delivery reports carry the outbox row
+//! they are for, the classification of delivery errors, and the topics' size limits.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Sender;
+use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
+
+use super::store::Row;
+use crate::config::KafkaConfig;
+use crate::outbox::{HEADER_CONTENT_TYPE, HEADER_EVENT, HEADER_MESSAGE_ID};
+
+/// What the relay needs to know about a message in flight.
+#[derive(Debug, Clone)]
+pub(crate) struct InFlight {
+    pub id: i64,
+    pub shard: i32,
+    pub epoch: i64,
+    pub created_ms: i64,
+}
+
+/// A delivery report, as the relay's committer receives it.
+#[derive(Debug)]
+pub(crate) struct Report {
+    pub row: InFlight,
+    pub outcome: Outcome,
+}
+
+/// How a delivery ended.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    /// The broker acknowledged it.
+    Delivered,
+    /// The broker will never take it (too large, topic missing, not authorized, …).
+    Rejected(String),
+    /// It failed for a reason that may pass (or the producer broke down): send it again.
+    Failed(String),
+}
+
+/// Errors that no retry can fix: the row goes to the dead letters.
+pub(crate) fn is_permanent(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        code,
+        C::MessageSizeTooLarge
+            | C::UnknownTopicOrPartition
+            | C::UnknownTopic
+            | C::UnknownPartition
+            | C::TopicAuthorizationFailed
+            | C::ClusterAuthorizationFailed
+            | C::InvalidRecord
+            | C::InvalidMessage
+            | C::InvalidTopic
+            | C::InvalidRequiredAcks
+            | C::PolicyViolation
+    )
+}
+
+/// Routes delivery reports to the committer.
+pub(crate) struct RelayContext {
+    reports: Sender<Report>,
+}
+
+impl ClientContext for RelayContext {}
+
+impl ProducerContext for RelayContext {
+    type DeliveryOpaque = Box<InFlight>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, row: Self::DeliveryOpaque) {
+        let outcome = match result {
+            Ok(_) => Outcome::Delivered,
+            Err((KafkaError::MessageProduction(code), _)) if is_permanent(*code) => {
+                Outcome::Rejected(format!("{code} ({code:?})"))
+            }
+            Err((e, _)) => Outcome::Failed(e.to_string()),
+        };
+        // The committer outlives the producer; if it is gone, the relay is stopping anyway.
+        let _ = self.reports.send(Report { row: *row, outcome });
+    }
+}
+
+/// The relay's producer.
+pub(crate) type RelayProducer = ThreadedProducer<RelayContext>;
+
+/// librdkafka settings of the relay's producer, lowest precedence first: devour's defaults,
+/// then `[kafka]` (with `[kafka.properties]`), then `[relay.producer]`.
+pub(crate) fn producer_config(
+    kafka: &KafkaConfig,
+    tuning: &BTreeMap<String, String>,
+) -> ClientConfig {
+    let mut cfg = ClientConfig::new();
+    for (k, v) in [
+        // Ordered, gapless, exactly-once per partition session; acks=all.
+        ("enable.idempotence", "true"),
+        // Keys land where the Java client puts them.
+        ("partitioner", "murmur2_random"),
+        // Never give up on a message: a broker outage is waited out, so nothing is reordered
+        // by an expiry. A stop flushes with its own bound.
+        ("message.timeout.ms", "0"),
+        ("linger.ms", "5"),
+        ("batch.num.messages", "10000"),
+        ("compression.type", "lz4"),
+        ("queue.buffering.max.messages", "1000000"),
+        ("queue.buffering.max.kbytes", "1048576"),
+    ] {
+        cfg.set(k, v);
+    }
+    for (k, v) in kafka.client_properties() {
+        cfg.set(k, v);
+    }
+    for (k, v) in tuning {
+        cfg.set(k, v);
+    }
+    cfg
+}
+
+/// Creates the producer; its delivery reports go to `reports`.
+pub(crate) fn create_producer(
+    cfg: &ClientConfig,
+    reports: Sender<Report>,
+) -> Result<RelayProducer, KafkaError> {
+    cfg.create_with_context(RelayContext { reports })
+}
+
+/// The Kafka headers of a row: `message-id`, `content-type`, `event`, then its `headers`.
+pub(crate) fn headers(row: &Row) -> OwnedHeaders {
+    let mut h = OwnedHeaders::new_with_capacity(4)
+        .insert(Header {
+            key: HEADER_MESSAGE_ID,
+            value: Some(row.message_id.as_bytes()),
+        })
+        .insert(Header {
+            key: HEADER_CONTENT_TYPE,
+            value: Some(row.content_type.as_bytes()),
+        });
+    if let Some(e) = &row.event {
+        h = h.insert(Header {
+            key: HEADER_EVENT,
+            value: Some(e.as_bytes()),
+        });
+    }
+    if row.headers.len() > 2 {
+        // A malformed headers column (plain-SQL writers) is carried as one header rather than
+        // losing the message.
+        match serde_json::from_str::<BTreeMap<String, serde_json::Value>>(&row.headers) {
+            Ok(map) => {
+                for (k, v) in map {
+                    let text = match v {
+                        serde_json::Value::String(s) => s,
+                        other => other.to_string(),
+                    };
+                    h = h.insert(Header {
+                        key: &k,
+                        value: Some(text.as_bytes()),
+                    });
+                }
+            }
+            Err(_) => {
+                h = h.insert(Header {
+                    key: "devour-headers",
+                    value: Some(row.headers.as_bytes()),
+                })
+            }
+        }
+    }
+    h
+}
+
+/// The record for a row.
+pub(crate) fn record<'a>(
+    row: &'a Row,
+    epoch: i64,
+    headers: OwnedHeaders,
+) -> BaseRecord<'a, str, [u8], Box<InFlight>> {
+    BaseRecord::with_opaque_to(
+        &row.topic,
+        Box::new(InFlight {
+            id: row.id,
+            shard: row.shard,
+            epoch,
+            created_ms: row.created_ms,
+        }),
+    )
+    .headers(headers)
+}
+
+/// The wire size of a row as the broker counts it against `max.message.bytes` (roughly).
+pub(crate) fn row_size(row: &Row) -> usize {
+    row.payload.as_ref().map_or(0, Vec::len)
+        + row.partition_key.as_ref().map_or(0, String::len)
+        + row.headers.len()
+        + row.message_id.len()
+        + row.content_type.len()
+        + row.event.as_ref().map_or(0, String::len)
+        + 64
+}
+
+/// Each topic's `max.message.bytes`, asked of the broker once in a while, so that a row the
+/// topic can never take is dead-lettered before it is sent (and so before any later row of its
+/// key).
+pub(crate) struct TopicLimits {
+    admin: AdminClient<DefaultClientContext>,
+    known: HashMap<String, (Option<usize>, Instant)>,
+}
+
+const LIMIT_TTL: Duration = Duration::from_secs(300);
+
+impl TopicLimits {
+    pub(crate) fn new(kafka: &KafkaConfig) -> Result<Self, KafkaError> {
+        Ok(TopicLimits {
+            admin: kafka.client_config().create()?,
+            known: HashMap::new(),
+        })
+    }
+
+    /// The topic's `max.message.bytes`, if the broker said (a topic that does not exist yet has
+    /// none; the broker's default applies when it is created).
+    pub(crate) fn limit(&mut self, topic: &str) -> Option<usize> {
+        if let Some((limit, at)) = self.known.get(topic) {
+            if at.elapsed() < LIMIT_TTL {
+                return *limit;
+            }
+        }
+        let limit = self.describe(topic);
+        self.known
+            .insert(topic.to_string(), (limit, Instant::now()));
+        limit
+    }
+
+    fn describe(&self, topic: &str) -> Option<usize> {
+        let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(5)));
+        let res = futures::executor::block_on(
+            self.admin
+                .describe_configs([&ResourceSpecifier::Topic(topic)], &opts),
+        )
+        .ok()?;
+        let config = res.into_iter().next()?.ok()?;
+        config
+            .get("max.message.bytes")
+            .and_then(|e| e.value.as_deref())
+            .and_then(|v| v.parse().ok())
+    }
+}

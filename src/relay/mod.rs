@@ -1,0 +1,220 @@
+//! devour-relay: drains the outbox to Kafka in per-key commit order, at least once, with several
+//! relays sharing the shards of one PostgreSQL database.
+//!
+//! Run it as a daemon (`devour-relay`), or inside an application with [`start`], which returns a
+//! [`RelayHandle`] to wake it after a commit and to stop it.
+//!
+//! How it keeps its promises (details in ARCHITECTURE.md):
+//! - it always reads the oldest undelivered rows of the shards it holds, in id order, and
+//!   removes a row only after the broker acknowledged it (at least once, nothing skipped);
+//! - one relay holds a shard at a time (leases with epochs in the database), every removal is
+//!   fenced by the lease it was read under, and the producer is idempotent with no message
+//!   expiry, so one key's messages reach Kafka in order;
+//! - a message the broker refuses for good is moved to `devour_dead_letters`, never dropped.
+
+mod engine;
+mod kafka;
+mod store;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+pub use engine::RelayReport;
+
+use crate::config::{Config, ConfigError};
+use crate::db::DbError;
+
+/// Why a relay could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RelayError {
+    /// The configuration is invalid.
+    #[error("configuration: {0}")]
+    Config(#[from] ConfigError),
+    /// The database could not be reached at start.
+    #[error("{0}")]
+    Db(#[from] DbError),
+    /// The Kafka producer could not be created.
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// A relay thread panicked.
+    #[error("relay thread panicked: {0}")]
+    Panicked(String),
+}
+
+impl RelayError {
+    /// Whether starting again later may succeed.
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            RelayError::Db(e) => e.is_retriable(),
+            RelayError::Kafka(_) => true,
+            RelayError::Config(_) | RelayError::Panicked(_) => false,
+        }
+    }
+}
+
+/// How a relay run ends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// Run until stopped (the daemon).
+    #[default]
+    Follow,
+    /// Deliver what is in the outbox, then stop (`devour-relay --drain`).
+    Drain,
+}
+
+/// Options of one relay run (what the command line adds to `[relay]`).
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Follow or drain.
+    pub mode: Mode,
+    /// Show a progress bar on stderr (drain mode, when stderr is a terminal).
+    pub progress: bool,
+}
+
+/// Wakes a waiting relay loop: a flag and a condition variable.
+#[derive(Debug, Default)]
+pub(crate) struct Wake {
+    woken: Mutex<bool>,
+    cv: Condvar,
+    /// Until when to poll eagerly: a local write was just made and may commit any moment.
+    eager_until: Mutex<Option<Instant>>,
+}
+
+impl Wake {
+    pub(crate) fn wake(&self) {
+        *self.woken.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.cv.notify_all();
+    }
+
+    fn wake_eager(&self) {
+        *self.eager_until.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(Instant::now() + Duration::from_millis(100));
+        self.wake();
+    }
+
+    /// Waits until woken or `timeout`; polls every 2 ms for a while after a local write.
+    pub(crate) fn wait(&self, timeout: Duration) {
+        let eager = self
+            .eager_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|t| Instant::now() < t);
+        let timeout = if eager {
+            timeout.min(Duration::from_millis(2))
+        } else {
+            timeout
+        };
+        let guard = self.woken.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut woken, _) = self
+            .cv
+            .wait_timeout_while(guard, timeout, |w| !*w)
+            .unwrap_or_else(|p| p.into_inner());
+        *woken = false;
+    }
+}
+
+/// Relays running in this process, woken by the write path after it writes outbox rows.
+static LOCAL: Mutex<Vec<Weak<Wake>>> = Mutex::new(Vec::new());
+static ANY_LOCAL: AtomicBool = AtomicBool::new(false);
+
+fn register_local(wake: &Arc<Wake>) {
+    let mut l = LOCAL.lock().unwrap_or_else(|p| p.into_inner());
+    l.retain(|w| w.strong_count() > 0);
+    l.push(Arc::downgrade(wake));
+    ANY_LOCAL.store(true, Ordering::Release);
+}
+
+/// Tells relays running in this process that rows were written (called by the write path; cheap
+/// when no relay runs here). They poll eagerly for a moment, to see the rows once committed.
+pub fn notify_local() {
+    if !ANY_LOCAL.load(Ordering::Acquire) {
+        return;
+    }
+    let l = LOCAL.lock().unwrap_or_else(|p| p.into_inner());
+    for w in l.iter().filter_map(Weak::upgrade) {
+        w.wake_eager();
+    }
+}
+
+/// A relay running on its own threads.
+pub struct RelayHandle {
+    stop: Arc<AtomicBool>,
+    wake: Arc<Wake>,
+    thread: Option<JoinHandle<Result<RelayReport, RelayError>>>,
+}
+
+impl RelayHandle {
+    /// Asks the relay to stop: it stops reading, waits (bounded) for in-flight deliveries,
+    /// removes what was delivered and releases its leases.
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.wake.wake();
+    }
+
+    /// Wakes the relay now (e.g. right after the application committed).
+    pub fn wake(&self) {
+        self.wake.wake();
+    }
+
+    /// Whether the relay has stopped.
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
+    /// Waits for the relay to stop and returns its report.
+    pub fn join(mut self) -> Result<RelayReport, RelayError> {
+        let thread = self.thread.take().expect("joined once");
+        match thread.join() {
+            Ok(r) => r,
+            Err(p) => Err(RelayError::Panicked(panic_message(&p))),
+        }
+    }
+}
+
+impl Drop for RelayHandle {
+    fn drop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            self.shutdown();
+            let _ = t.join();
+        }
+    }
+}
+
+pub(crate) fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// Starts a relay on its own threads (e.g. beside an application on SQLite). Connects first, so
+/// that a wrong URL or broker setting fails here.
+pub fn start(config: &Config, options: RunOptions) -> Result<RelayHandle, RelayError> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let wake = Arc::new(Wake::default());
+    register_local(&wake);
+    let relay = engine::Relay::connect(config, options, stop.clone(), wake.clone())?;
+    let thread = std::thread::Builder::new()
+        .name("devour-relay".into())
+        .spawn(move || relay.run())
+        .map_err(|e| RelayError::Panicked(e.to_string()))?;
+    Ok(RelayHandle {
+        stop,
+        wake,
+        thread: Some(thread),
+    })
+}
+
+/// Runs a relay on this thread until `stop` is set (or, in drain mode, the outbox is empty).
+pub fn run(
+    config: &Config,
+    options: RunOptions,
+    stop: Arc<AtomicBool>,
+) -> Result<RelayReport, RelayError> {
+    let wake = Arc::new(Wake::default());
+    register_local(&wake);
+    engine::Relay::connect(config, options, stop, wake)?.run()
+}

@@ -1,0 +1,517 @@
+//! The relay's database work: heartbeats, shard leases, reading the oldest undelivered rows, and
+//! removing, keeping or dead-lettering rows, each write fenced by the lease it was read under.
+//! One function per operation; the SQL of each backend sits side by side.
+
+use std::collections::BTreeMap;
+
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Binary, Integer, Nullable, Text};
+
+use crate::config::{DatabaseUrl, Retention};
+use crate::db::DbError;
+
+/// A relay's own database connection (not pooled: the relay holds it for its life).
+pub(crate) enum Store {
+    #[cfg(feature = "postgres")]
+    Postgres(diesel::PgConnection),
+    #[cfg(feature = "sqlite")]
+    Sqlite(diesel::SqliteConnection),
+}
+
+/// Shard → epoch of the leases a relay holds.
+pub(crate) type Leases = BTreeMap<i32, i64>;
+
+/// One outbox row read for delivery.
+#[derive(Debug, Clone, QueryableByName)]
+pub(crate) struct Row {
+    #[diesel(sql_type = BigInt)]
+    pub id: i64,
+    #[diesel(sql_type = Text)]
+    pub topic: String,
+    #[diesel(sql_type = Nullable<Text>)]
+    pub partition_key: Option<String>,
+    #[diesel(sql_type = Nullable<Integer>)]
+    pub kafka_partition: Option<i32>,
+    #[diesel(sql_type = Nullable<Binary>)]
+    pub payload: Option<Vec<u8>>,
+    #[diesel(sql_type = Text)]
+    pub headers: String,
+    #[diesel(sql_type = Nullable<Text>)]
+    pub event: Option<String>,
+    #[diesel(sql_type = Text)]
+    pub message_id: String,
+    #[diesel(sql_type = Text)]
+    pub content_type: String,
+    #[diesel(sql_type = Integer)]
+    pub shard: i32,
+    /// `created_at` in Unix milliseconds.
+    #[diesel(sql_type = BigInt)]
+    pub created_ms: i64,
+}
+
+#[derive(QueryableByName)]
+struct LeaseRow {
+    #[diesel(sql_type = Integer)]
+    shard: i32,
+    #[diesel(sql_type = BigInt)]
+    epoch: i64,
+}
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+#[derive(QueryableByName)]
+struct Holder {
+    #[diesel(sql_type = Text)]
+    owner: String,
+}
+
+fn leases(rows: Vec<LeaseRow>) -> Leases {
+    rows.into_iter().map(|r| (r.shard, r.epoch)).collect()
+}
+
+/// A JSON array, the way SQLite takes a list in one bind (`json_each`).
+fn json_list<T: serde::Serialize>(items: &[T]) -> String {
+    serde_json::to_string(items).expect("numbers serialize")
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+const PG_ROW: &str = "id, topic, partition_key, kafka_partition, payload, headers, event, \
+     message_id, content_type, shard, (extract(epoch from created_at) * 1000)::bigint AS created_ms";
+const SQLITE_ROW: &str = "id, topic, partition_key, kafka_partition, payload, headers, event, \
+     message_id, content_type, shard, \
+     CAST((julianday(created_at) - 2440587.5) * 86400000 AS INTEGER) AS created_ms";
+const COLUMNS: &str = "id, topic, partition_key, kafka_partition, payload, headers, event, \
+     message_id, content_type, shard, created_at, attempts";
+
+impl Store {
+    /// Opens a connection for the relay.
+    pub(crate) fn connect(url: &DatabaseUrl, busy_timeout_ms: u64) -> Result<Store, DbError> {
+        let err = |e: diesel::ConnectionError| DbError::Connect {
+            url: url.redacted(),
+            reason: e.to_string(),
+        };
+        match url {
+            #[cfg(feature = "postgres")]
+            DatabaseUrl::Postgres(u) => Ok(Store::Postgres(
+                diesel::PgConnection::establish(u).map_err(err)?,
+            )),
+            #[cfg(feature = "sqlite")]
+            DatabaseUrl::Sqlite(path) => {
+                let mut c = diesel::SqliteConnection::establish(path).map_err(err)?;
+                crate::db::sqlite::configure(&mut c, busy_timeout_ms)?;
+                Ok(Store::Sqlite(c))
+            }
+            #[allow(unreachable_patterns)]
+            other => Err(DbError::Connect {
+                url: other.redacted(),
+                reason: "this build of devour lacks the backend's cargo feature".into(),
+            }),
+        }
+    }
+
+    /// Whether this store can share the outbox between several relays.
+    pub(crate) fn shares_shards(&self) -> bool {
+        match self {
+            #[cfg(feature = "postgres")]
+            Store::Postgres(_) => true,
+            #[cfg(feature = "sqlite")]
+            Store::Sqlite(_) => false,
+        }
+    }
+
+    /// Records that `relay` is alive; forgets relays silent for three TTLs; returns how many
+    /// relays are alive (this one included).
+    pub(crate) fn heartbeat(&mut self, relay: &str, ttl_ms: u64) -> Result<usize, DbError> {
+        let ttl = ttl_ms as i64;
+        let n = match self {
+            #[cfg(feature = "postgres")]
+            Store::Postgres(c) => {
+                diesel::sql_query(
+                    "INSERT INTO devour_relays (relay_id) VALUES ($1) \
+                     ON CONFLICT (relay_id) DO UPDATE SET heartbeat_at = now()",
+                )
+                .bind::<Text, _>(relay)
+                .execute(c)?;
+                diesel::sql_query(
+                    "DELETE FROM devour_relays \
+                     WHERE heartbeat_at < now() - $1 * 3 * interval '1 millisecond'",
+                )
+                .bind::<BigInt, _>(ttl)
+                .execute(c)?;
+                diesel::sql_query(
+                    "SELECT count(*) AS n FROM devour_relays \
+                     WHERE heartbeat_at > now() - $1 * interval '1 millisecond'",
+                )
+                .bind::<BigInt, _>(ttl)
+                .get_result::<Count>(c)?
+                .n
+            }
+            #[cfg(feature = "sqlite")]
+            Store::Sqlite(c) => {
+                let now = now_ms();
+                diesel::sql_query(
+                    "INSERT INTO devour_relays (relay_id, started_at, heartbeat_at) VALUES (?1, ?2, ?2) \
+                     ON CONFLICT (relay_id) DO UPDATE SET heartbeat_at = ?2",
+                )
+                .bind::<Text, _>(relay)
+                .bind::<BigInt, _>(now)
+                .execute(c)?;
+                diesel::sql_query("DELETE FROM devour_relays WHERE heartbeat_at < ?1")
+                    .bind::<BigInt, _>(now - 3 * ttl)
+                    .execute(c)?;
+                diesel::sql_query("SELECT count(*) AS n FROM devour_relays WHERE heartbeat_at > ?1")
+                    .bind::<BigInt, _>(now - ttl)
+                    .get_result::<Count>(c)?
+                    .n
+            }
+        };
+        Ok(n.max(1) as usize)
+    }
+
+    /// Extends the unexpired leases `relay` holds; returns them. A lease that expired is lost
+    /// (another relay may have it by now); [`claim`](Self::claim) can take it again.
+    pub(crate) fn renew(&mut self, relay: &str, ttl_ms: u64) -> Result<Leases, DbError> {
+        Ok(leases(match self {
+            #[cfg(feature = "postgres")]
+            Store::Postgres(c) => diesel::sql_query(
+                "UPDATE devour_relay_leases SET expires_at = now() + $2 * interval '1 millisecond' \
+                 WHERE owner = $1 AND expires_at > now() RETURNING shard, epoch",
+            )
+            .bind::<Text, _>(relay)
+            .bind::<BigInt, _>(ttl_ms as i64)
+            .load(c)?,
+            #[cfg(feature = "sqlite")]
+            Store::Sqlite(c) => {
+                let now = now_ms();
+                diesel::sql_query(
+                    "UPDATE devour_relay_leases SET expires_at = ?3 \
+                     WHERE owner = ?1 AND expires_at > ?2 RETURNING shard, epoch",
+                )
+                .bind::<Text, _>(relay)
+                .bind::<BigInt, _>(now)
+                .bind::<BigInt, _>(now + ttl_ms as i64)
+                .load(c)?
+            }
+        }))
+    }
+
+    /// Takes up to `max` shards that nobody holds or whose lease expired, bumping their epochs.
+    /// On SQLite a relay takes every shard or none: if another relay holds any, it returns the
+    /// holder and nothing else.
+    pub(crate) fn claim(
+        &mut self,
+        relay: &str,
+        ttl_ms: u64,
+        max: usize,
+    ) -> Result<(Leases, Option<String>), DbError> {
+        match self {
+            #[cfg(feature = "postgres")]
+            Store::Postgres(c) => {
+                if max == 0 {
+                    return Ok((Leases::new(), None));
+                }
+                let rows: Vec<LeaseRow> = diesel::sql_query(
+                    "UPDATE devour_relay_leases SET owner = $1, epoch = epoch + 1, \
+                         expires_at = now() + $2 * interval '1 millisecond' \
+                     WHERE shard IN (SELECT shard FROM devour_relay_leases \
+                         WHERE owner IS NULL OR expires_at IS NULL OR expires_at <= now() \
+                         ORDER BY shard LIMIT $3 FOR UPDATE SKIP LOCKED) \
+                     RETURNING shard, epoch",
+                )
+                .bind::<Text, _>(relay)
+                .bind::<BigInt, _>(ttl_ms as i64)
+                .bind::<BigInt, _>(max as i64)
+                .load(c)?;
+                Ok((leases(rows), None))
+            }
+            #[cfg(feature = "sqlite")]
+            Store::Sqlite(c) => c.immediate_transaction(|c| {
+                let now = now_ms();
+                let holder: Option<Holder> = diesel::sql_query(
+                    "SELECT owner FROM devour_relay_leases \
+                     WHERE owner IS NOT NULL AND owner <> ?1 AND expires_at > ?2 LIMIT 1",
+                )
+                .bind::<Text, _>(relay)
+                .bind::<BigInt, _>(now)
+                .get_result(c)
+                .optional()?;
+                if let Some(h) = holder {
+                    return Ok((Leases::new(), Some(h.owner)));
+                }
+                let rows: Vec<LeaseRow> = diesel::sql_query(
+                    "UPDATE devour_relay_leases SET \
+                         epoch = CASE WHEN owner = ?1 AND expires_at > ?2 THEN epoch ELSE epoch + 1 END, \
+                         owner = ?1, expires_at = ?3 \
+                     RETURNING shard, epoch",
+                )
+                .bind::<Text, _>(relay)
+                .bind::<BigInt, _>(now)
+                .bind::<BigInt, _>(now + ttl_ms as i64)
+                .load(c)?;
+                Ok((leases(rows), None))
+            }),
+        }
+    }
+
+    /// Gives up the leases on `shards`.
+    pub(crate) fn release(&mut self, relay: &str, shards: &[i32]) -> Result<(), DbError> {
+        match self {
+            #[cfg(feature = "postgres")]
+            Store::Postgres(c) => diesel::sql_query(
+                "UPDATE devour_relay_leases SET owner = NULL, expires_at = NULL \
+                 WHERE owner = $1 AND shard = ANY($2)",
+            )
+            .bind::<Text, _>(relay)
+            .bind::<diesel::sql_types::Array<Integer>, _>(shards)
+            .execute(c)?,
+            #[cfg(feature = "sqlite")]
+            Store::Sqlite(c) => diesel::sql_query(
+                "UPDATE devour_relay_leases SET owner = NULL, expires_at = NULL \
+                 WHERE owner = ?1 AND shard IN (SELECT value FROM json_each(?2))",
+            )
+            .bind::<Text, _>(relay)
+            .bind::<Text, _>(json_list(shards))
+            .execute(c)?,
+        };
+        Ok(())
+    }
+
+    /// Releases every lease of `relay` and removes it from the live relays.
+    pub(crate) fn leave(&mut self, relay: &str) -> Result<(), DbError> {
+        let all: Vec<i32> = (0..crate::outbox::SHARDS).collect();
+        self.release(relay, &all)?;
+        match self {
+            #[cfg(feature = "postgres")]
+            Store::Postgres(c) => {
+                diesel::sql_query("DELETE FROM devour_relays WHERE relay_id = $1")
+                    .bind::<Text, _>(relay)
+                    .execute(c)?
+            }
+            #[cfg(feature = "sqlite")]
+            Store::Sqlite(c) => diesel::sql_query("DELETE FROM devour_relays WHERE relay_id = ?1")
+                .bind::<Text, _>(relay)
+                .execute(c)?,
+        };
+        Ok(())
+    }
+
+    /// The oldest undelivered rows after `after_id` in `shards`, in id order. With
+    /// `skip_blocked_keys`, rows whose key has a dead letter are left out.
+    pub(crate) fn fetch(
+        &mut self,
+        shards: &[i32],
+        after_id: i64,
+        limit: u32,
+        skip_blocked_keys: bool,
+    ) -> Result<Vec<Row>, DbError> {
+        let all = shards.len() == crate::outbox::SHARDS as usize;
+        let blocked = if skip_blocked_keys {
+            " AND (o.partition_key IS NULL OR NOT EXISTS (SELECT 1 FROM devour_dead_letters d \
+               WHERE d.partition_key = o.partition_key))"
+        } else {
+            ""
+        };
+        Ok(match self {
+            #[cfg(feature = "postgres")]
+            Store::Postgres(c) => {
+                let shard_filter = if all { "" } else { " AND o.shard = ANY($3)" };
+                let q = diesel::sql_query(format!(
+                    "SELECT {PG_ROW} FROM devour_outbox o WHERE o.id > $1{shard_filter}{blocked} \
+                     ORDER BY o.id LIMIT $2"
+                ))
+                .into_boxed::<diesel::pg::Pg>()
+                .bind::<BigInt, _>(after_id)
+                .bind::<BigInt, _>(i64::from(limit));
+                if all {
+                    q.load(c)?
+                } else {
+                    q.bind::<diesel::sql_types::Array<Integer>, _>(shards.to_vec())
+                        .load(c)?
+                }
+            }
+            #[cfg(feature = "sqlite")]
+            Store::Sqlite(c) => {
+                let shard_filter = if all {
+                    ""
+                } else {
+                    " AND o.shard IN (SELECT value FROM json_each(?3))"
+                };
+                let q = diesel::sql_query(format!(
+                    "SELECT {SQLITE_ROW} FROM devour_outbox o WHERE o.id > ?1{shard_filter}{blocked} \
+                     ORDER BY o.id LIMIT ?2"
+                ))
+                .into_boxed::<diesel::sqlite::Sqlite>()
+                .bind::<BigInt, _>(after_id)
+                .bind::<BigInt, _>(i64::from(limit));
+                if all {
+                    q.load(c)?
+                } else {
+                    q.bind::<Text, _>(json_list(shards)).load(c)?
+                }
+            }
+        })
+    }
+
+    /// Removes (or, with `Retention::Keep`, moves to `devour_outbox_delivered`) the delivered
+    /// rows `ids`, but only those in shards `relay` still holds at the epochs in `leases`.
+    /// Returns how many rows it removed.
+    pub(crate) fn complete(
+        &mut self,
+        relay: &str,
+        leases: &Leases,
+        ids: &[i64],
+        retention: Retention,
+    ) -> Result<usize, DbError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let (shards, epochs): (Vec<i32>, Vec<i64>) = leases.iter().map(|(s, e)| (*s, *e)).unzip();
+        match self {
+            #[cfg(feature = "postgres")]
+            Store::Postgres(c) => {
+                let delete = "DELETE FROM devour_outbox o USING devour_relay_leases l, \
+                         unnest($3::int[], $4::bigint[]) AS mine(shard, epoch) \
+                     WHERE o.id = ANY($1) AND l.shard = o.shard AND l.owner = $2 \
+                       AND l.expires_at > now() AND mine.shard = l.shard AND mine.epoch = l.epoch";
+                let sql = match retention {
+                    Retention::Delete => delete.to_string(),
+                    Retention::Keep => format!(
+                        "WITH moved AS ({delete} RETURNING o.*) \
+                         INSERT INTO devour_outbox_delivered ({COLUMNS}) SELECT {COLUMNS} FROM moved"
+                    ),
+                };
+                Ok(diesel::sql_query(sql)
+                    .bind::<diesel::sql_types::Array<BigInt>, _>(ids)
+                    .bind::<Text, _>(relay)
+                    .bind::<diesel::sql_types::Array<Integer>, _>(&shards)
+                    .bind::<diesel::sql_types::Array<BigInt>, _>(&epochs)
+                    .execute(c)?)
+            }
+            #[cfg(feature = "sqlite")]
+            Store::Sqlite(c) => c.immediate_transaction(|c| {
+                let fence = "id IN (SELECT value FROM json_each(?1)) AND shard IN ( \
+                       SELECT l.shard FROM devour_relay_leases l JOIN json_each(?3) m \
+                         ON l.shard = json_extract(m.value, '$[0]') \
+                        AND l.epoch = json_extract(m.value, '$[1]') \
+                       WHERE l.owner = ?2 AND l.expires_at > ?4)";
+                let mine: Vec<(i32, i64)> =
+                    shards.iter().copied().zip(epochs.iter().copied()).collect();
+                let bind = |sql: String| {
+                    diesel::sql_query(sql)
+                        .bind::<Text, _>(json_list(ids))
+                        .bind::<Text, _>(relay)
+                        .bind::<Text, _>(json_list(&mine))
+                        .bind::<BigInt, _>(now_ms())
+                };
+                if retention == Retention::Keep {
+                    bind(format!(
+                        "INSERT INTO devour_outbox_delivered ({COLUMNS}) \
+                         SELECT {COLUMNS} FROM devour_outbox WHERE {fence}"
+                    ))
+                    .execute(c)?;
+                }
+                Ok(bind(format!("DELETE FROM devour_outbox WHERE {fence}")).execute(c)?)
+            }),
+        }
+    }
+
+    /// Moves row `id` to `devour_dead_letters` with `error`, if `relay` still holds its shard at
+    /// `epoch`. Returns whether it moved.
+    pub(crate) fn dead_letter(
+        &mut self,
+        relay: &str,
+        shard: i32,
+        epoch: i64,
+        id: i64,
+        error: &str,
+    ) -> Result<bool, DbError> {
+        let dead_columns = format!("{COLUMNS}, error");
+        match self {
+            #[cfg(feature = "postgres")]
+            Store::Postgres(c) => {
+                let n = diesel::sql_query(format!(
+                    "WITH moved AS (DELETE FROM devour_outbox o USING devour_relay_leases l \
+                         WHERE o.id = $1 AND l.shard = o.shard AND l.shard = $3 AND l.epoch = $4 \
+                           AND l.owner = $2 AND l.expires_at > now() RETURNING o.*) \
+                     INSERT INTO devour_dead_letters ({dead_columns}) \
+                     SELECT id, topic, partition_key, kafka_partition, payload, headers, event, \
+                         message_id, content_type, shard, created_at, attempts + 1, $5 FROM moved"
+                ))
+                .bind::<BigInt, _>(id)
+                .bind::<Text, _>(relay)
+                .bind::<Integer, _>(shard)
+                .bind::<BigInt, _>(epoch)
+                .bind::<Text, _>(error)
+                .execute(c)?;
+                Ok(n == 1)
+            }
+            #[cfg(feature = "sqlite")]
+            Store::Sqlite(c) => c.immediate_transaction(|c| {
+                let held: Option<Count> = diesel::sql_query(
+                    "SELECT 1 AS n FROM devour_relay_leases \
+                     WHERE shard = ?1 AND epoch = ?2 AND owner = ?3 AND expires_at > ?4",
+                )
+                .bind::<Integer, _>(shard)
+                .bind::<BigInt, _>(epoch)
+                .bind::<Text, _>(relay)
+                .bind::<BigInt, _>(now_ms())
+                .get_result(c)
+                .optional()?;
+                if held.is_none() {
+                    return Ok(false);
+                }
+                let n = diesel::sql_query(format!(
+                    "INSERT INTO devour_dead_letters ({dead_columns}) \
+                     SELECT id, topic, partition_key, kafka_partition, payload, headers, event, \
+                         message_id, content_type, shard, created_at, attempts + 1, ?2 \
+                     FROM devour_outbox WHERE id = ?1"
+                ))
+                .bind::<BigInt, _>(id)
+                .bind::<Text, _>(error)
+                .execute(c)?;
+                diesel::sql_query("DELETE FROM devour_outbox WHERE id = ?1")
+                    .bind::<BigInt, _>(id)
+                    .execute(c)?;
+                Ok(n == 1)
+            }),
+        }
+    }
+
+    /// Deletes kept delivered rows older than `hours`; returns how many.
+    pub(crate) fn cleanup_delivered(&mut self, hours: u64) -> Result<usize, DbError> {
+        Ok(match self {
+            #[cfg(feature = "postgres")]
+            Store::Postgres(c) => diesel::sql_query(
+                "DELETE FROM devour_outbox_delivered WHERE id IN (SELECT id FROM devour_outbox_delivered \
+                 WHERE delivered_at < now() - $1 * interval '1 hour' LIMIT 10000)",
+            )
+            .bind::<BigInt, _>(hours as i64)
+            .execute(c)?,
+            #[cfg(feature = "sqlite")]
+            Store::Sqlite(c) => diesel::sql_query(
+                "DELETE FROM devour_outbox_delivered WHERE id IN (SELECT id FROM devour_outbox_delivered \
+                 WHERE delivered_at < strftime('%Y-%m-%d %H:%M:%f', 'now', ?1) LIMIT 10000)",
+            )
+            .bind::<Text, _>(format!("-{hours} hours"))
+            .execute(c)?,
+        })
+    }
+
+    /// Rows waiting in the outbox (for progress reports).
+    pub(crate) fn backlog(&mut self) -> Result<i64, DbError> {
+        let q = diesel::sql_query("SELECT count(*) AS n FROM devour_outbox");
+        Ok(match self {
+            #[cfg(feature = "postgres")]
+            Store::Postgres(c) => q.get_result::<Count>(c)?.n,
+            #[cfg(feature = "sqlite")]
+            Store::Sqlite(c) => q.get_result::<Count>(c)?.n,
+        })
+    }
+}
