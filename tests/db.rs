@@ -33,7 +33,8 @@ fn sqlite_pool_connections_use_wal_and_the_busy_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("p.db").display());
     let pool = DbPool::connect(&config(&url).database).unwrap();
-    assert_eq!(pool.migrate().unwrap().len(), 1);
+    let applied = pool.migrate().unwrap();
+    assert!(applied.iter().any(|m| m.ends_with("_create_outbox")), "{applied:?}");
     assert!(
         pool.migrate().unwrap().is_empty(),
         "second run applies nothing"
