@@ -34,7 +34,10 @@ fn sqlite_pool_connections_use_wal_and_the_busy_timeout() {
     let url = format!("sqlite://{}", dir.path().join("p.db").display());
     let pool = DbPool::connect(&config(&url).database).unwrap();
     let applied = pool.migrate().unwrap();
-    assert!(applied.iter().any(|m| m.ends_with("_create_outbox")), "{applied:?}");
+    assert!(
+        applied.iter().any(|m| m.ends_with("_create_outbox")),
+        "{applied:?}"
+    );
     assert!(
         pool.migrate().unwrap().is_empty(),
         "second run applies nothing"

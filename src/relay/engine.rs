@@ -160,7 +160,9 @@ fn default_relay_id() -> String {
         .ok()
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "relay".into());
-    format!("{host}-{}", std::process::id())
+    // Unique per relay, even for two relays in one process.
+    let salt = uuid::Uuid::now_v7().as_u128() as u16;
+    format!("{host}-{}-{salt:04x}", std::process::id())
 }
 
 /// Who gives up retrying when: the reader as soon as a stop is asked, the other threads only
@@ -467,7 +469,8 @@ impl Relay {
                 };
                 if let Some(limit) = limits.limit(&row.topic) {
                     let size = kafka::row_size(&row);
-                    if size > limit {
+                    // A cached limit may be old: ask again before refusing a row for good.
+                    if size > limit && limits.refresh(&row.topic).is_none_or(|l| size > l) {
                         let error = format!(
                             "message of about {size} bytes exceeds topic `{}` max.message.bytes = {limit}",
                             row.topic

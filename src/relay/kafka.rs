@@ -233,6 +233,12 @@ impl TopicLimits {
         limit
     }
 
+    /// Asks the broker again (the topic's settings may have changed).
+    pub(crate) fn refresh(&mut self, topic: &str) -> Option<usize> {
+        self.known.remove(topic);
+        self.limit(topic)
+    }
+
     fn describe(&self, topic: &str) -> Option<usize> {
         let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(5)));
         let res = futures::executor::block_on(

@@ -461,3 +461,136 @@ pub fn consume(topic: &str, n: usize, timeout: Duration) -> Vec<Received> {
     }
     out
 }
+
+/// A configuration for `db` and the test broker, with `[relay]` settings from `relay_toml`.
+pub fn config(db: &TestDb, relay_toml: &str) -> devour::Config {
+    devour::Config::from_toml_str(
+        &format!(
+            "[database]\nurl = \"{}\"\n[kafka]\nhosts = \"{}\"\n[relay]\nlease_ttl_ms = 3000\npoll_interval_ms = 50\nshutdown_timeout_ms = 10000\n{relay_toml}\n",
+            db.url,
+            kafka_hosts()
+        ),
+        devour::config::Origin::Defaults,
+        &Default::default(),
+    )
+    .unwrap()
+}
+
+/// Inserts `n` rows with plain SQL: row `i` (from `first`) has key `k{i % keys}` and the JSON
+/// payload `{"seq": i, "key": ...}`.
+pub fn insert_rows<C: TestConn>(c: &mut C, topic: &str, first: i64, n: i64, keys: i64) {
+    let mut done = 0;
+    while done < n {
+        let chunk = (n - done).min(500);
+        let values: Vec<String> = (first + done..first + done + chunk)
+            .map(|i| {
+                let key = format!("k{}", i % keys);
+                format!(
+                    "('{topic}', '{key}', CAST('{{\"seq\":{i},\"key\":\"{key}\"}}' AS {blob}), 'create', {shard})",
+                    blob = if std::any::type_name::<C>().contains("Pg") { "bytea" } else { "BLOB" },
+                    shard = devour::outbox::shard_for_key(&key),
+                )
+            })
+            .collect();
+        c.batch_execute(&format!(
+            "INSERT INTO devour_outbox (topic, partition_key, payload, event, shard) VALUES {}",
+            values.join(",")
+        ))
+        .unwrap();
+        done += chunk;
+    }
+}
+
+/// The `seq` of each message, grouped by key in the order they were read per partition.
+pub fn seqs(msgs: &[Received]) -> Vec<(String, i32, i64)> {
+    msgs.iter()
+        .map(|m| {
+            let v: serde_json::Value =
+                serde_json::from_slice(m.payload.as_deref().unwrap()).unwrap();
+            (
+                m.key.clone().unwrap_or_default(),
+                m.partition,
+                v["seq"].as_i64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Checks that every seq in `expected` arrived, and that per key the *first* delivery of each
+/// seq is in increasing order. Returns the number of duplicates. Panics with what differed.
+pub fn check_delivery(msgs: &[Received], expected: impl IntoIterator<Item = i64>) -> usize {
+    use std::collections::{BTreeMap, BTreeSet, HashSet};
+    let mut seen = HashSet::new();
+    let mut last_first: BTreeMap<String, i64> = BTreeMap::new();
+    let mut dups = 0;
+    // Messages come per partition in offset order; sort so that holds whatever the reader did.
+    let mut sorted: Vec<&Received> = msgs.iter().collect();
+    sorted.sort_by_key(|m| (m.partition, m.offset));
+    for (key, _, seq) in seqs(&sorted.iter().map(|m| (*m).clone()).collect::<Vec<_>>()) {
+        if !seen.insert(seq) {
+            dups += 1;
+            continue;
+        }
+        if let Some(prev) = last_first.insert(key.clone(), seq) {
+            assert!(
+                prev < seq,
+                "key {key}: first delivery of seq {seq} came after seq {prev}"
+            );
+        }
+    }
+    let want: BTreeSet<i64> = expected.into_iter().collect();
+    let missing: Vec<_> = want.iter().filter(|s| !seen.contains(s)).take(20).collect();
+    assert!(
+        missing.is_empty(),
+        "{} message(s) lost, e.g. seqs {missing:?}",
+        want.iter().filter(|s| !seen.contains(s)).count()
+    );
+    dups
+}
+
+/// Reads `topic` from the beginning until `unique` distinct seqs arrived, then one more second
+/// for stragglers (duplicates); fails after `timeout`.
+pub fn consume_seqs(topic: &str, distinct: usize, timeout: Duration) -> Vec<Received> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Message;
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka_hosts())
+        .set("group.id", unique("reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let deadline = std::time::Instant::now() + timeout;
+    let mut out = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut done_at: Option<std::time::Instant> = None;
+    loop {
+        if let Some(t) = done_at {
+            if t.elapsed() > Duration::from_secs(1) {
+                return out;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "read {} of {distinct} distinct messages from {topic} before the timeout",
+            seen.len()
+        );
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            let r = Received {
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                payload: m.payload().map(<[u8]>::to_vec),
+                headers: Vec::new(),
+            };
+            let v: serde_json::Value =
+                serde_json::from_slice(r.payload.as_deref().unwrap_or(b"{}")).unwrap_or_default();
+            seen.insert(v["seq"].as_i64().unwrap_or(-1));
+            out.push(r);
+            if seen.len() >= distinct && done_at.is_none() {
+                done_at = Some(std::time::Instant::now());
+            }
+        }
+    }
+}

@@ -1,0 +1,314 @@
+//! devour-relay against real PostgreSQL, SQLite and Kafka: everything committed arrives, in
+//! per-key order, on the partition Java's murmur2 partitioner picks; late commits are not
+//! skipped; refused messages are dead-lettered and (with block_key) hold their key back.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Backend, TestConn, TestDb};
+use devour::outbox::partition_for_key;
+use devour::relay::{self, Mode, RunOptions};
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+
+fn drain(config: &devour::Config) -> devour::relay::RelayReport {
+    let handle = relay::start(
+        config,
+        RunOptions {
+            mode: Mode::Drain,
+            progress: false,
+        },
+    )
+    .unwrap();
+    handle.join().unwrap()
+}
+
+fn ten_thousand_rows_in_key_order_on_murmur2_partitions<C: TestConn>(db: &TestDb) {
+    let topic = common::create_topic("relay10k", 6);
+    let mut c = C::open(db);
+    common::insert_rows(&mut c, &topic, 0, 10_000, 200);
+    let report = drain(&common::config(db, ""));
+    assert_eq!(report.delivered, 10_000, "{report:?}");
+    assert_eq!(c.count("devour_outbox"), 0, "delivered rows are removed");
+    let msgs = common::consume_seqs(&topic, 10_000, Duration::from_secs(60));
+    let dups = common::check_delivery(&msgs, 0..10_000);
+    assert_eq!(dups, 0, "a clean drain delivers each row once");
+    for m in &msgs {
+        let key = m.key.as_deref().unwrap();
+        assert_eq!(
+            m.partition,
+            partition_for_key(key.as_bytes(), 6),
+            "key {key}"
+        );
+    }
+    // The Java client's partition for known murmur2 vectors (same formula as above).
+    assert_eq!(
+        partition_for_key(b"21", 6),
+        ((-973932308i32 & 0x7fffffff) % 6)
+    );
+}
+
+both_backends!(ten_thousand_rows_in_key_order_on_murmur2_partitions);
+
+#[test]
+fn late_commit_with_a_smaller_id_is_delivered() {
+    let db = TestDb::new(Backend::Postgres, "late");
+    let topic = common::create_topic("late", 1);
+    let handle = relay::start(&common::config(&db, ""), RunOptions::default()).unwrap();
+    let mut early = PgConnection::establish(&db.url).unwrap();
+    let mut late = PgConnection::establish(&db.url).unwrap();
+    // The first transaction takes the smaller id and commits last.
+    late.batch_execute("BEGIN").unwrap();
+    common::insert_rows(&mut late, &topic, 1, 1, 2);
+    common::insert_rows(&mut early, &topic, 2, 1, 2);
+    let first = common::consume_seqs(&topic, 1, Duration::from_secs(30));
+    assert_eq!(common::seqs(&first)[0].2, 2, "the committed row goes first");
+    late.batch_execute("COMMIT").unwrap();
+    let all = common::consume_seqs(&topic, 2, Duration::from_secs(30));
+    common::check_delivery(&all, [1, 2]);
+    handle.shutdown();
+    let report = handle.join().unwrap();
+    assert_eq!(report.delivered, 2);
+}
+
+#[test]
+fn rows_inserted_with_psql_are_delivered() {
+    let db = TestDb::new(Backend::Postgres, "psql");
+    let topic = common::create_topic("psql", 3);
+    let sql = format!(
+        "BEGIN; INSERT INTO devour_outbox (topic, partition_key, payload, event) \
+         VALUES ('{topic}', 'order-42', convert_to('{{\"seq\": 7}}', 'UTF8'), 'update'); COMMIT;"
+    );
+    let out = std::process::Command::new("psql")
+        .arg(&db.url)
+        .arg("-c")
+        .arg(&sql)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "psql: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = drain(&common::config(&db, ""));
+    assert_eq!(report.delivered, 1);
+    let msgs = common::consume(&topic, 1, Duration::from_secs(30));
+    assert_eq!(msgs[0].key.as_deref(), Some("order-42"));
+    assert_eq!(msgs[0].partition, partition_for_key(b"order-42", 3));
+    let header = |n: &str| {
+        msgs[0]
+            .headers
+            .iter()
+            .find(|(k, _)| k == n)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(header("event").as_deref(), Some("update"));
+    assert_eq!(header("content-type").as_deref(), Some("application/json"));
+    assert_eq!(header("message-id").map(|m| m.len()), Some(36));
+}
+
+/// A topic whose max.message.bytes is 20,000.
+fn small_topic(tag: &str) -> String {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let name = common::unique(tag).replace('_', "-");
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", common::kafka_hosts())
+        .create()
+        .unwrap();
+    let t = NewTopic::new(&name, 1, TopicReplication::Fixed(1)).set("max.message.bytes", "20000");
+    for r in futures::executor::block_on(admin.create_topics([&t], &AdminOptions::new())).unwrap() {
+        r.unwrap();
+    }
+    name
+}
+
+fn raise_limit(topic: &str) {
+    use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", common::kafka_hosts())
+        .create()
+        .unwrap();
+    let alter =
+        AlterConfig::new(ResourceSpecifier::Topic(topic)).set("max.message.bytes", "200000");
+    for r in
+        futures::executor::block_on(admin.alter_configs([&alter], &AdminOptions::new())).unwrap()
+    {
+        r.unwrap();
+    }
+}
+
+/// Rows: k1 seq 1 (small), k1 seq 2 (too large for the topic), k1 seq 3, k2 seq 4. Returns
+/// the large row's id.
+fn insert_with_a_large_one(c: &mut PgConnection, topic: &str) -> i64 {
+    let big = "x".repeat(50_000);
+    for (key, seq, pad) in [
+        ("k1", 1, ""),
+        ("k1", 2, big.as_str()),
+        ("k1", 3, ""),
+        ("k2", 4, ""),
+    ] {
+        c.batch_execute(&format!(
+            "INSERT INTO devour_outbox (topic, partition_key, payload) VALUES \
+             ('{topic}', '{key}', convert_to('{{\"seq\":{seq},\"pad\":\"{pad}\"}}', 'UTF8'))"
+        ))
+        .unwrap();
+    }
+    diesel::sql_query("SELECT id AS n FROM devour_outbox WHERE length(payload) > 40000")
+        .get_result::<Id>(c)
+        .unwrap()
+        .n
+}
+
+#[derive(QueryableByName)]
+struct Id {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
+}
+
+fn dead_letters(c: &mut PgConnection) -> Vec<(i64, String)> {
+    #[derive(QueryableByName)]
+    struct Dl {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        id: i64,
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        error: String,
+    }
+    diesel::sql_query("SELECT id, error FROM devour_dead_letters ORDER BY id")
+        .load::<Dl>(c)
+        .unwrap()
+        .into_iter()
+        .map(|d| (d.id, d.error))
+        .collect()
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn too_large_message_is_dead_lettered_while_the_others_flow() {
+    let db = TestDb::new(Backend::Postgres, "dlq_continue");
+    let topic = small_topic("dlq-continue");
+    let mut c = PgConnection::establish(&db.url).unwrap();
+    let big_id = insert_with_a_large_one(&mut c, &topic);
+    let report = drain(&common::config(&db, ""));
+    assert_eq!(
+        (report.delivered, report.dead_lettered),
+        (3, 1),
+        "{report:?}"
+    );
+    let dl = dead_letters(&mut c);
+    assert_eq!(dl.len(), 1);
+    assert_eq!(dl[0].0, big_id);
+    assert!(
+        dl[0].1.contains("max.message.bytes"),
+        "error recorded: {}",
+        dl[0].1
+    );
+    let msgs = common::consume_seqs(&topic, 3, Duration::from_secs(30));
+    common::check_delivery(&msgs, [1, 3, 4]);
+}
+
+#[test]
+fn block_key_holds_later_rows_until_retry_or_discard() {
+    let db = TestDb::new(Backend::Postgres, "dlq_block");
+    let topic = small_topic("dlq-block");
+    let mut c = PgConnection::establish(&db.url).unwrap();
+    let big_id = insert_with_a_large_one(&mut c, &topic);
+    let config = common::config(&db, "on_dead_letter = \"block_key\"");
+    let handle = relay::start(&config, RunOptions::default()).unwrap();
+    let msgs = common::consume_seqs(&topic, 2, Duration::from_secs(30));
+    common::check_delivery(&msgs, [1, 4]);
+    wait_for("the dead letter", || dead_letters(&mut c).len() == 1);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        c.count("devour_outbox"),
+        1,
+        "k1's later row waits behind its dead letter"
+    );
+
+    // Once the topic takes the message, a retry delivers it, then the row that waited.
+    raise_limit(&topic);
+    std::thread::sleep(Duration::from_millis(500));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_devour"))
+        .args(["outbox", "retry", &big_id.to_string()])
+        .env("DEVOUR_DATABASE_URL", &db.url)
+        .env("DEVOUR_KAFKA_HOSTS", common::kafka_hosts())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "retry: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    handle.wake();
+    wait_for("the outbox to empty", || c.count("devour_outbox") == 0);
+    handle.shutdown();
+    handle.join().unwrap();
+    let msgs = common::consume_seqs(&topic, 4, Duration::from_secs(30));
+    let order: Vec<i64> = common::seqs(&msgs)
+        .into_iter()
+        .filter(|(k, _, _)| k == "k1")
+        .map(|(_, _, s)| s)
+        .collect();
+    assert_eq!(
+        order,
+        [1, 2, 3],
+        "k1 in order once its dead letter was retried"
+    );
+}
+
+#[test]
+fn discarding_the_dead_letter_releases_its_key() {
+    let db = TestDb::new(Backend::Postgres, "dlq_discard");
+    let topic = small_topic("dlq-discard");
+    let mut c = PgConnection::establish(&db.url).unwrap();
+    let big_id = insert_with_a_large_one(&mut c, &topic);
+    let config = common::config(&db, "on_dead_letter = \"block_key\"");
+    let handle = relay::start(&config, RunOptions::default()).unwrap();
+    wait_for("the dead letter", || dead_letters(&mut c).len() == 1);
+    let mut conn = devour::DbPool::connect(&config.database)
+        .unwrap()
+        .get()
+        .unwrap();
+    assert!(conn.discard_dead_letter(big_id).unwrap());
+    assert!(!conn.discard_dead_letter(big_id).unwrap(), "gone");
+    handle.wake();
+    wait_for("the outbox to empty", || c.count("devour_outbox") == 0);
+    handle.shutdown();
+    handle.join().unwrap();
+    let msgs = common::consume_seqs(&topic, 3, Duration::from_secs(30));
+    common::check_delivery(&msgs, [1, 3, 4]);
+}
+
+#[test]
+fn second_relay_on_sqlite_stands_by_until_the_first_stops() {
+    let db = TestDb::new(Backend::Sqlite, "standby");
+    let topic = common::create_topic("standby", 1);
+    let config = common::config(&db, "");
+    let first = relay::start(&config, RunOptions::default()).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let second = relay::start(&config, RunOptions::default()).unwrap();
+    let mut c = SqliteConnection::open(&db);
+    common::insert_rows(&mut c, &topic, 0, 100, 10);
+    common::consume_seqs(&topic, 100, Duration::from_secs(30));
+    first.shutdown();
+    let r1 = first.join().unwrap();
+    assert_eq!(r1.delivered, 100, "the first relay did the work");
+    common::insert_rows(&mut c, &topic, 100, 50, 10);
+    let msgs = common::consume_seqs(&topic, 150, Duration::from_secs(30));
+    second.shutdown();
+    let r2 = second.join().unwrap();
+    assert_eq!(
+        r2.delivered, 50,
+        "the second took over once the first released the outbox"
+    );
+    common::check_delivery(&msgs, 0..150);
+}
