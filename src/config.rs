@@ -267,7 +267,7 @@ pub enum DeadLetterPolicy {
 pub struct RelayConfig {
     /// `batch_size`: rows read per query (default 1000).
     pub batch_size: u32,
-    /// `max_in_flight`: rows handed to the producer and not yet acknowledged (default 50000).
+    /// `max_in_flight`: rows handed to the producer and not yet removed (default 10000).
     pub max_in_flight: u32,
     /// `poll_interval_ms`: how often to look for rows without a wake-up (default 250).
     pub poll_interval_ms: u64,
@@ -291,7 +291,7 @@ impl Default for RelayConfig {
     fn default() -> Self {
         RelayConfig {
             batch_size: 1000,
-            max_in_flight: 50_000,
+            max_in_flight: 10_000,
             poll_interval_ms: 250,
             lease_ttl_ms: 10_000,
             retention: Retention::Delete,

@@ -366,6 +366,8 @@ impl Relay {
         let block_keys = rc.on_dead_letter == DeadLetterPolicy::BlockKey;
         let mut cursor: i64 = 0;
         let mut pass_started = Instant::now();
+        // The shards the current pass (reading upward from `cursor`) covers.
+        let mut pass_shards: BTreeSet<i32> = BTreeSet::new();
         let mut restarts = 0;
         let mut progress = Progress::new(&self.options);
         let mut standby_logged = false;
@@ -405,6 +407,19 @@ impl Relay {
                 shared.wake.wait(poll);
                 continue;
             }
+            // A shard just taken over may hold rows below the cursor, older than anything this
+            // relay would send next: start a new pass from the oldest row first (once what is
+            // in flight is removed, so nothing is sent twice).
+            if shards.iter().any(|s| !pass_shards.contains(s)) {
+                if cursor > 0 {
+                    if !shared.wait_in_flight_at_most(0, poll) {
+                        continue;
+                    }
+                    cursor = 0;
+                    pass_started = Instant::now();
+                }
+            }
+            pass_shards = shards.iter().copied().collect();
             // Back-pressure: never more than max_in_flight rows between read and removal.
             let room = (rc.max_in_flight as usize).saturating_sub(rc.batch_size as usize);
             if !shared.wait_in_flight_at_most(room, poll) {

@@ -594,3 +594,10 @@ pub fn consume_seqs(topic: &str, distinct: usize, timeout: Duration) -> Vec<Rece
         }
     }
 }
+
+/// `SELECT count(*) AS n`.
+#[derive(QueryableByName)]
+pub struct CountRow {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    pub n: i64,
+}
