@@ -453,3 +453,63 @@ fn bad_usage_exits_2() {
     let (code, _, err) = devour(&["config", "frobnicate"], &[]);
     assert_eq!(code, 2, "{err}");
 }
+
+#[test]
+fn relay_keys_are_validated() {
+    assert_names(
+        &format!("{OK}[relay]\non_dead_letter = \"skip\"\n"),
+        &[],
+        Some("relay.on_dead_letter"),
+        &["`skip` is not one of"],
+    );
+    assert_names(
+        &format!("{OK}[relay]\nretention = \"forever\"\n"),
+        &[],
+        Some("relay.retention"),
+        &["`forever` is not one of"],
+    );
+    assert_names(
+        &format!("{OK}[relay]\nlease_ttl_ms = 10\n"),
+        &[],
+        Some("relay.lease_ttl_ms"),
+        &["at least 1000"],
+    );
+    assert_names(
+        &format!("{OK}[relay]\nbatch_size = 500\nmax_in_flight = 100\n"),
+        &[],
+        Some("relay.max_in_flight"),
+        &["at least relay.batch_size (500)"],
+    );
+    assert_names(
+        &format!("{OK}[relay]\nbatch_sise = 5\n"),
+        &[],
+        Some("relay.batch_sise"),
+        &["did you mean `batch_size`?"],
+    );
+    assert_names(
+        &format!("{OK}[relay.producer]\n\"linger.ms\" = {{ a = 1 }}\n"),
+        &[],
+        Some("relay.producer.linger.ms"),
+        &["wrong type"],
+    );
+}
+
+#[test]
+fn relay_keys_from_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "r.toml", OK.as_bytes());
+    let env = [
+        ("DEVOUR_RELAY_ON_DEAD_LETTER", "block_key"),
+        ("DEVOUR_RELAY_BATCH_SIZE", "50"),
+    ];
+    let c = Config::load_file(
+        &path,
+        env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+    )
+    .unwrap();
+    assert_eq!(
+        c.relay.on_dead_letter,
+        devour::config::DeadLetterPolicy::BlockKey
+    );
+    assert_eq!(c.relay.batch_size, 50);
+}
