@@ -410,14 +410,12 @@ impl Relay {
             // A shard just taken over may hold rows below the cursor, older than anything this
             // relay would send next: start a new pass from the oldest row first (once what is
             // in flight is removed, so nothing is sent twice).
-            if shards.iter().any(|s| !pass_shards.contains(s)) {
-                if cursor > 0 {
-                    if !shared.wait_in_flight_at_most(0, poll) {
-                        continue;
-                    }
-                    cursor = 0;
-                    pass_started = Instant::now();
+            if cursor > 0 && shards.iter().any(|s| !pass_shards.contains(s)) {
+                if !shared.wait_in_flight_at_most(0, poll) {
+                    continue;
                 }
+                cursor = 0;
+                pass_started = Instant::now();
             }
             pass_shards = shards.iter().copied().collect();
             // Back-pressure: never more than max_in_flight rows between read and removal.
