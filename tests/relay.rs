@@ -312,3 +312,31 @@ fn second_relay_on_sqlite_stands_by_until_the_first_stops() {
     );
     common::check_delivery(&msgs, 0..150);
 }
+
+#[test]
+fn retention_keep_moves_delivered_rows_and_cleans_up_old_ones() {
+    let db = TestDb::new(Backend::Postgres, "keep");
+    let topic = common::create_topic("keep", 1);
+    let mut c = PgConnection::establish(&db.url).unwrap();
+    c.batch_execute(
+        "INSERT INTO devour_outbox_delivered (id, topic, headers, message_id, content_type, shard, created_at, attempts, delivered_at) \
+         VALUES (999999, 'old', '{}', 'm', 'application/json', 0, now() - interval '3 days', 0, now() - interval '2 days')",
+    )
+    .unwrap();
+    common::insert_rows(&mut c, &topic, 0, 20, 5);
+    let report = drain(&common::config(
+        &db,
+        "retention = \"keep\"\nretention_hours = 24",
+    ));
+    assert_eq!(report.delivered, 20);
+    assert_eq!(c.count("devour_outbox"), 0);
+    let kept = c.count("devour_outbox_delivered");
+    assert_eq!(
+        kept, 20,
+        "the 20 delivered rows are kept, the 2-day-old one is cleaned up"
+    );
+    common::check_delivery(
+        &common::consume_seqs(&topic, 20, Duration::from_secs(30)),
+        0..20,
+    );
+}

@@ -567,7 +567,8 @@ fn commit_loop(shared: &Shared, mut store: Store, config: &Config, reports: Rece
     const MAX_BATCH: usize = 5000;
     let retention = shared.config.retention;
     let mut acked: Vec<InFlight> = Vec::with_capacity(MAX_BATCH);
-    let mut last_cleanup = Instant::now();
+    // Clean up kept rows at start, then every minute.
+    let mut last_cleanup = Instant::now() - Duration::from_secs(61);
     loop {
         let first = match reports.recv_timeout(Duration::from_millis(50)) {
             Ok(r) => Some(r),
