@@ -98,8 +98,13 @@ impl Shared {
                 }
             }
         }
+        let empty = f.total == 0;
         drop(f);
         self.drained.notify_all();
+        if empty {
+            // The reader may be waiting to start a new pass (or to finish a drain).
+            self.wake.wake();
+        }
     }
 
     fn in_flight(&self) -> usize {

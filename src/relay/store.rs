@@ -83,7 +83,7 @@ fn now_ms() -> i64 {
 }
 
 const PG_ROW: &str = "id, topic, partition_key, kafka_partition, payload, headers, event, \
-     message_id, content_type, shard, (extract(epoch from created_at) * 1000)::bigint AS created_ms";
+     message_id, content_type, shard, (date_part('epoch', created_at) * 1000)::bigint AS created_ms";
 const SQLITE_ROW: &str = "id, topic, partition_key, kafka_partition, payload, headers, event, \
      message_id, content_type, shard, \
      CAST((julianday(created_at) - 2440587.5) * 86400000 AS INTEGER) AS created_ms";
@@ -376,10 +376,12 @@ impl Store {
         match self {
             #[cfg(feature = "postgres")]
             Store::Postgres(c) => {
-                let delete = "DELETE FROM devour_outbox o USING devour_relay_leases l, \
-                         unnest($3::int[], $4::bigint[]) AS mine(shard, epoch) \
-                     WHERE o.id = ANY($1) AND l.shard = o.shard AND l.owner = $2 \
-                       AND l.expires_at > now() AND mine.shard = l.shard AND mine.epoch = l.epoch";
+                let delete = "DELETE FROM devour_outbox o \
+                     WHERE o.id = ANY($1) AND o.shard = ANY(ARRAY( \
+                       SELECT l.shard FROM devour_relay_leases l \
+                       JOIN unnest($3::int[], $4::bigint[]) AS mine(shard, epoch) \
+                         ON mine.shard = l.shard AND mine.epoch = l.epoch \
+                       WHERE l.owner = $2 AND l.expires_at > now()))";
                 let sql = match retention {
                     Retention::Delete => delete.to_string(),
                     Retention::Keep => format!(
