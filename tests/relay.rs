@@ -340,3 +340,27 @@ fn retention_keep_moves_delivered_rows_and_cleans_up_old_ones() {
         0..20,
     );
 }
+
+#[test]
+fn postgres_notify_wakes_the_relay_without_polling() {
+    let db = TestDb::new(Backend::Postgres, "notify");
+    let topic = common::create_topic("notify", 1);
+    // Poll once a minute: only the NOTIFY can explain a quick delivery.
+    let mut config = common::config(&db, "");
+    config.relay.poll_interval_ms = 60_000;
+    // The lease keeper wakes the reader on each renewal (every third of the TTL): keep it quiet.
+    config.relay.lease_ttl_ms = 60_000;
+    let handle = relay::start(&config, RunOptions::default()).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let mut c = PgConnection::establish(&db.url).unwrap();
+    let started = Instant::now();
+    common::insert_rows(&mut c, &topic, 0, 1, 1);
+    common::consume_seqs(&topic, 1, Duration::from_secs(10));
+    let took = started.elapsed();
+    handle.shutdown();
+    handle.join().unwrap();
+    assert!(
+        took < Duration::from_secs(5),
+        "delivered {took:?} after the insert: not woken by NOTIFY"
+    );
+}
