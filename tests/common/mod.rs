@@ -414,11 +414,10 @@ pub struct Received {
     pub headers: Vec<(String, String)>,
 }
 
-/// Reads `n` messages from the beginning of `topic` with a real consumer (fails after `timeout`).
-pub fn consume(topic: &str, n: usize, timeout: Duration) -> Vec<Received> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::message::{Headers, Message};
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+/// A consumer of `topic` from its beginning, in a group of its own, committing nothing.
+fn reader(topic: &str) -> rdkafka::consumer::BaseConsumer {
+    use rdkafka::consumer::Consumer;
+    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", kafka_hosts())
         .set("group.id", unique("reader"))
         .set("auto.offset.reset", "earliest")
@@ -426,6 +425,35 @@ pub fn consume(topic: &str, n: usize, timeout: Duration) -> Vec<Received> {
         .create()
         .unwrap();
     consumer.subscribe(&[topic]).unwrap();
+    consumer
+}
+
+fn received(m: &rdkafka::message::BorrowedMessage<'_>) -> Received {
+    use rdkafka::message::{Headers, Message};
+    Received {
+        partition: m.partition(),
+        offset: m.offset(),
+        key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+        payload: m.payload().map(<[u8]>::to_vec),
+        headers: m
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| {
+                        (
+                            h.key.to_string(),
+                            String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }
+}
+
+/// Reads `n` messages from the beginning of `topic` with a real consumer (fails after `timeout`).
+pub fn consume(topic: &str, n: usize, timeout: Duration) -> Vec<Received> {
+    let consumer = reader(topic);
     let deadline = std::time::Instant::now() + timeout;
     let mut out = Vec::new();
     while out.len() < n {
@@ -437,26 +465,7 @@ pub fn consume(topic: &str, n: usize, timeout: Duration) -> Vec<Received> {
         match consumer.poll(Duration::from_millis(200)) {
             None => {}
             Some(Err(e)) => panic!("consumer error on {topic}: {e}"),
-            Some(Ok(m)) => out.push(Received {
-                partition: m.partition(),
-                offset: m.offset(),
-                key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-                payload: m.payload().map(<[u8]>::to_vec),
-                headers: m
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|h| {
-                                (
-                                    h.key.to_string(),
-                                    String::from_utf8_lossy(h.value.unwrap_or_default())
-                                        .into_owned(),
-                                )
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            }),
+            Some(Ok(m)) => out.push(received(&m)),
         }
     }
     out
@@ -551,16 +560,7 @@ pub fn check_delivery(msgs: &[Received], expected: impl IntoIterator<Item = i64>
 /// Reads `topic` from the beginning until `unique` distinct seqs arrived, then one more second
 /// for stragglers (duplicates); fails after `timeout`.
 pub fn consume_seqs(topic: &str, distinct: usize, timeout: Duration) -> Vec<Received> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::message::Message;
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", kafka_hosts())
-        .set("group.id", unique("reader"))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[topic]).unwrap();
+    let consumer = reader(topic);
     let deadline = std::time::Instant::now() + timeout;
     let mut out = Vec::new();
     let mut seen = std::collections::HashSet::new();
@@ -577,13 +577,7 @@ pub fn consume_seqs(topic: &str, distinct: usize, timeout: Duration) -> Vec<Rece
             seen.len()
         );
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
-            let r = Received {
-                partition: m.partition(),
-                offset: m.offset(),
-                key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-                payload: m.payload().map(<[u8]>::to_vec),
-                headers: Vec::new(),
-            };
+            let r = received(&m);
             let v: serde_json::Value =
                 serde_json::from_slice(r.payload.as_deref().unwrap_or(b"{}")).unwrap_or_default();
             seen.insert(v["seq"].as_i64().unwrap_or(-1));
