@@ -63,6 +63,9 @@
 //!   `DEVOUR_KAFKA_PROPERTY_*` ones also to the raw producer. Other `DEVOUR_*` variables are
 //!   not passed on.
 
+#[path = "common/pg.rs"]
+mod pg;
+use pg::PgDb;
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -174,58 +177,6 @@ fn payload_of(i: usize, key: &str, size: usize) -> Vec<u8> {
 
 // ---------------------------------------------------------------------------------------------
 // PostgreSQL.
-
-/// Creates the benchmark's PostgreSQL database and drops it (`WITH (FORCE)`) when dropped.
-struct PgDb {
-    admin_url: String,
-    name: String,
-    url: String,
-}
-
-impl PgDb {
-    fn create() -> PgDb {
-        let admin_url = std::env::var("DEVOUR_BENCH_PG_URL")
-            .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/postgres".into());
-        let name = format!("devour_bench_relay_{}", std::process::id());
-        let mut admin = PgConnection::establish(&admin_url)
-            .unwrap_or_else(|e| panic!("PostgreSQL at {admin_url}: {e}"));
-        // Two statements: DROP/CREATE DATABASE cannot run in the implicit transaction of one.
-        admin
-            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            .expect("drop stale database");
-        admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .expect("create database");
-        // Keep the URL's parameters (e.g. `?sslmode=disable`).
-        let (base, query) = match admin_url.split_once('?') {
-            Some((b, q)) => (b, format!("?{q}")),
-            None => (admin_url.as_str(), String::new()),
-        };
-        let (server, _) = base.rsplit_once('/').expect("URL names a database");
-        let url = format!("{server}/{name}{query}");
-        PgDb {
-            admin_url,
-            name,
-            url,
-        }
-    }
-}
-
-impl Drop for PgDb {
-    fn drop(&mut self) {
-        match PgConnection::establish(&self.admin_url) {
-            Ok(mut admin) => {
-                if let Err(e) = admin.batch_execute(&format!(
-                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                    self.name
-                )) {
-                    eprintln!("could not drop database {}: {e}", self.name);
-                }
-            }
-            Err(e) => eprintln!("could not drop database {}: {e}", self.name),
-        }
-    }
-}
 
 #[derive(QueryableByName)]
 struct Setting {
@@ -882,7 +833,7 @@ fn main() {
     let total_started = Instant::now();
     let bin = relay_binary();
 
-    let db = PgDb::create();
+    let db = PgDb::create("devour_bench_relay");
     let mut conn = PgConnection::establish(&db.url).expect("connect");
     devour::run_migrations(&mut conn).expect("migrations");
     let dir = tempfile::tempdir().expect("temp dir");

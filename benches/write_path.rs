@@ -30,6 +30,9 @@
 //! - `DEVOUR_BENCH_SQLITE_SYNCHRONOUS`: sets SQLite's `PRAGMA synchronous` (default: SQLite's
 //!   own, FULL), e.g. `OFF` to see the CPU cost without the commit's fsync.
 
+#[path = "common/pg.rs"]
+mod pg;
+use pg::PgDb;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -299,53 +302,6 @@ where
 // ---------------------------------------------------------------------------------------------
 // Setup and report.
 
-/// Creates the benchmark's PostgreSQL database and drops it (`WITH (FORCE)`) when dropped.
-struct PgDb {
-    admin_url: String,
-    name: String,
-    url: String,
-}
-
-impl PgDb {
-    fn create() -> PgDb {
-        let admin_url = std::env::var("DEVOUR_BENCH_PG_URL")
-            .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/postgres".into());
-        let name = format!("devour_bench_{}", std::process::id());
-        let mut admin = PgConnection::establish(&admin_url)
-            .unwrap_or_else(|e| panic!("PostgreSQL at {admin_url}: {e}"));
-        // Two statements: DROP/CREATE DATABASE cannot run in the implicit transaction of one.
-        admin
-            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            .expect("drop stale database");
-        admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .expect("create database");
-        let (server, _) = admin_url.rsplit_once('/').expect("URL names a database");
-        let url = format!("{server}/{name}");
-        PgDb {
-            admin_url,
-            name,
-            url,
-        }
-    }
-}
-
-impl Drop for PgDb {
-    fn drop(&mut self) {
-        match PgConnection::establish(&self.admin_url) {
-            Ok(mut admin) => {
-                if let Err(e) = admin.batch_execute(&format!(
-                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                    self.name
-                )) {
-                    eprintln!("could not drop database {}: {e}", self.name);
-                }
-            }
-            Err(e) => eprintln!("could not drop database {}: {e}", self.name),
-        }
-    }
-}
-
 #[derive(QueryableByName)]
 struct Setting {
     #[diesel(sql_type = diesel::sql_types::Text)]
@@ -364,7 +320,7 @@ where
 }
 
 fn bench_postgres(p: &Params, ids: &mut Ids, notes: &mut Vec<String>) -> Vec<Line> {
-    let db = PgDb::create();
+    let db = PgDb::create("devour_bench");
     let mut conn = PgConnection::establish(&db.url).expect("connect");
     devour::run_migrations(&mut conn).expect("migrations");
     conn.batch_execute(ITEMS_SQL).expect("items table");
