@@ -150,6 +150,9 @@ impl Shared {
     }
 }
 
+/// The body of a background thread: its shared state, its own connection, the configuration.
+type ThreadBody = Box<dyn FnOnce(&Shared, Store, &Config) + Send>;
+
 /// A connected relay, ready to run.
 pub(crate) struct Relay {
     shared: Arc<Shared>,
@@ -203,8 +206,7 @@ fn with_retry<T>(
                 }
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(5));
-                if let Ok(s) = Store::connect(&config.database.url, config.database.busy_timeout_ms)
-                {
+                if let Ok(s) = Store::open(config) {
                     *store = s;
                 }
             }
@@ -220,7 +222,7 @@ impl Relay {
         wake: Arc<Wake>,
     ) -> Result<Relay, RelayError> {
         let rc = config.relay.clone();
-        let reader = Store::connect(&config.database.url, config.database.busy_timeout_ms)?;
+        let reader = Store::open(config)?;
         let producer_config = kafka::producer_config(&config.kafka, &rc.producer);
         let relay_id = rc.relay_id.clone().unwrap_or_else(default_relay_id);
         let shared = Arc::new(Shared {
@@ -268,30 +270,22 @@ impl Relay {
             "relay starting"
         );
 
-        let committer = {
-            let shared = shared.clone();
-            let store = Store::connect(
-                &self.config.database.url,
-                self.config.database.busy_timeout_ms,
-            )?;
-            let config = self.config.clone();
-            std::thread::Builder::new()
-                .name("devour-relay-commit".into())
-                .spawn(move || commit_loop(&shared, store, &config, rx))
-                .expect("spawn committer")
+        // Each background thread gets a connection of its own.
+        let spawn = |name: &str, body: ThreadBody| {
+            let (shared, config) = (shared.clone(), self.config.clone());
+            let store = Store::open(&config)?;
+            Ok::<_, RelayError>(
+                std::thread::Builder::new()
+                    .name(name.into())
+                    .spawn(move || body(&shared, store, &config))
+                    .expect("spawn a relay thread"),
+            )
         };
-        let lease_keeper = {
-            let shared = shared.clone();
-            let store = Store::connect(
-                &self.config.database.url,
-                self.config.database.busy_timeout_ms,
-            )?;
-            let config = self.config.clone();
-            std::thread::Builder::new()
-                .name("devour-relay-lease".into())
-                .spawn(move || lease_loop(&shared, store, &config))
-                .expect("spawn lease keeper")
-        };
+        let committer = spawn(
+            "devour-relay-commit",
+            Box::new(move |shared, store, config| commit_loop(shared, store, config, rx)),
+        )?;
+        let lease_keeper = spawn("devour-relay-lease", Box::new(lease_loop))?;
         let listener = match &self.config.database.url {
             #[cfg(feature = "postgres")]
             crate::config::DatabaseUrl::Postgres(url) => {
@@ -722,7 +716,7 @@ fn lease_loop(shared: &Shared, mut store: Store, config: &Config) {
         })();
         if let Err(e) = tick {
             tracing::warn!(relay = %id, "lease renewal failed: {e}");
-            if let Ok(s) = Store::connect(&config.database.url, config.database.busy_timeout_ms) {
+            if let Ok(s) = Store::open(config) {
                 store = s;
             }
         }

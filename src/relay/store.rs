@@ -116,6 +116,11 @@ impl Store {
         }
     }
 
+    /// Opens a connection to the configured database.
+    pub(crate) fn open(config: &crate::config::Config) -> Result<Store, DbError> {
+        Self::connect(&config.database.url, config.database.busy_timeout_ms)
+    }
+
     /// Whether this store can share the outbox between several relays.
     pub(crate) fn shares_shards(&self) -> bool {
         match self {
