@@ -81,10 +81,12 @@ impl Shared {
         self.stop.load(Ordering::Acquire)
     }
 
-    fn add_in_flight(&self, shard: i32) {
+    fn add_in_flight(&self, shards: impl IntoIterator<Item = i32>) {
         let mut f = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-        f.total += 1;
-        *f.per_shard.entry(shard).or_default() += 1;
+        for shard in shards {
+            f.total += 1;
+            *f.per_shard.entry(shard).or_default() += 1;
+        }
     }
 
     fn remove_in_flight(&self, shards: impl IntoIterator<Item = i32>) {
@@ -463,6 +465,9 @@ impl Relay {
                 shared.wake.wait(poll);
                 continue;
             }
+            // Count the whole batch in flight at once (a row that is not sent is taken back).
+            shared.add_in_flight(rows.iter().map(|r| r.shard));
+            let mut topic_limit: Option<(String, Option<usize>)> = None;
             for row in rows {
                 cursor = row.id;
                 if let Some(k) = &row.partition_key {
@@ -473,13 +478,23 @@ impl Relay {
                             .unwrap_or_else(|p| p.into_inner())
                             .contains(k)
                     {
+                        shared.remove_in_flight([row.shard]);
                         continue;
                     }
                 }
                 let Some(&epoch) = view.owned.get(&row.shard) else {
+                    shared.remove_in_flight([row.shard]);
                     continue;
                 };
-                if let Some(limit) = limits.limit(&row.topic) {
+                let limit = match &topic_limit {
+                    Some((t, l)) if *t == row.topic => *l,
+                    _ => {
+                        let l = limits.limit(&row.topic);
+                        topic_limit = Some((row.topic.clone(), l));
+                        l
+                    }
+                };
+                if let Some(limit) = limit {
                     let size = kafka::row_size(&row);
                     // A cached limit may be old: ask again before refusing a row for good.
                     if size > limit && limits.refresh(&row.topic).is_none_or(|l| size > l) {
@@ -487,7 +502,9 @@ impl Relay {
                             "message of about {size} bytes exceeds topic `{}` max.message.bytes = {limit}",
                             row.topic
                         );
+                        shared.remove_in_flight([row.shard]);
                         self.dead_letter_now(&row, epoch, &error);
+                        topic_limit = None;
                         continue;
                     }
                 }
@@ -499,9 +516,9 @@ impl Relay {
         Ok(restarts)
     }
 
-    /// Hands one row to the producer (waiting while its queue is full).
+    /// Hands one row, already counted in flight, to the producer (waiting while its queue is
+    /// full); takes it back out of the count if it cannot be sent.
     fn send(&mut self, producer: &RelayProducer, row: &Row, epoch: i64) {
-        let shared = self.shared.clone();
         let mut record = kafka::record(row, epoch, kafka::headers(row));
         if let Some(k) = &row.partition_key {
             record = record.key(k.as_str());
@@ -512,7 +529,7 @@ impl Relay {
         if let Some(v) = &row.payload {
             record = record.payload(v.as_slice());
         }
-        shared.add_in_flight(row.shard);
+        let shared = &self.shared;
         loop {
             match producer.send(record) {
                 Ok(()) => return,
