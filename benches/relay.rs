@@ -63,9 +63,9 @@
 //!   `DEVOUR_KAFKA_PROPERTY_*` ones also to the raw producer. Other `DEVOUR_*` variables are
 //!   not passed on.
 
-#[path = "common/pg.rs"]
-mod pg;
-use pg::PgDb;
+#[path = "common/mod.rs"]
+mod common;
+use common::{env_usize, PgDb};
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -98,17 +98,6 @@ struct Params {
     rate: usize,
     latency_secs: u64,
     kafka: String,
-}
-
-fn env_usize(name: &str, default: usize) -> usize {
-    match std::env::var(name) {
-        Ok(v) => v
-            .trim()
-            .replace('_', "")
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
-        Err(_) => default,
-    }
 }
 
 /// The `DEVOUR_*` variables handed to the relay: its tuning and librdkafka properties.
@@ -397,29 +386,9 @@ impl ProducerContext for RawContext {
     }
 }
 
-/// The relay's producer settings (src/relay/kafka.rs `producer_config`): devour's defaults, then
-/// `[kafka]`, then `[relay.producer]`.
+/// The relay's own producer settings, so that the raw producer is configured exactly alike.
 fn raw_producer_config(config: &devour::Config) -> rdkafka::ClientConfig {
-    let mut cfg = rdkafka::ClientConfig::new();
-    for (k, v) in [
-        ("enable.idempotence", "true"),
-        ("partitioner", "murmur2_random"),
-        ("message.timeout.ms", "0"),
-        ("linger.ms", "5"),
-        ("batch.num.messages", "10000"),
-        ("compression.type", "lz4"),
-        ("queue.buffering.max.messages", "1000000"),
-        ("queue.buffering.max.kbytes", "1048576"),
-    ] {
-        cfg.set(k, v);
-    }
-    for (k, v) in config.kafka.client_properties() {
-        cfg.set(k, v);
-    }
-    for (k, v) in &config.relay.producer {
-        cfg.set(k, v);
-    }
-    cfg
+    devour::relay::producer_config(config)
 }
 
 /// One message of the raw producer, built before the clock starts.

@@ -30,9 +30,9 @@
 //! - `DEVOUR_BENCH_SQLITE_SYNCHRONOUS`: sets SQLite's `PRAGMA synchronous` (default: SQLite's
 //!   own, FULL), e.g. `OFF` to see the CPU cost without the commit's fsync.
 
-#[path = "common/pg.rs"]
-mod pg;
-use pg::PgDb;
+#[path = "common/mod.rs"]
+mod common;
+use common::{env_usize, PgDb};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -89,16 +89,6 @@ struct Params {
     txns: usize,
     batch_txns: usize,
     rounds: usize,
-}
-
-fn env_usize(name: &str, default: usize) -> usize {
-    match std::env::var(name) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?} is not a positive number")),
-        Err(_) => default,
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

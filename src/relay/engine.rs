@@ -155,6 +155,35 @@ impl Shared {
 /// The body of a background thread: its shared state, its own connection, the configuration.
 type ThreadBody = Box<dyn FnOnce(&Shared, Store, &Config) + Send>;
 
+/// A pass of the reader: it reads upward from `cursor`, over the shards it started with.
+struct Pass {
+    cursor: i64,
+    started: Instant,
+    shards: BTreeSet<i32>,
+}
+
+impl Pass {
+    fn new() -> Pass {
+        Pass {
+            cursor: 0,
+            started: Instant::now(),
+            shards: BTreeSet::new(),
+        }
+    }
+
+    /// Starts the next pass from the oldest row still in the outbox. Keys dead-lettered in the
+    /// last pass are then kept back by the query itself.
+    fn restart(&mut self, shared: &Shared) {
+        self.cursor = 0;
+        self.started = Instant::now();
+        shared
+            .blocked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+}
+
 /// A connected relay, ready to run.
 pub(crate) struct Relay {
     shared: Arc<Shared>,
@@ -225,7 +254,7 @@ impl Relay {
     ) -> Result<Relay, RelayError> {
         let rc = config.relay.clone();
         let reader = Store::open(config)?;
-        let producer_config = kafka::producer_config(&config.kafka, &rc.producer);
+        let producer_config = super::producer_config(config);
         let relay_id = rc.relay_id.clone().unwrap_or_else(default_relay_id);
         let shared = Arc::new(Shared {
             relay_id,
@@ -365,10 +394,7 @@ impl Relay {
         let rc = &shared.config;
         let poll = Duration::from_millis(rc.poll_interval_ms);
         let block_keys = rc.on_dead_letter == DeadLetterPolicy::BlockKey;
-        let mut cursor: i64 = 0;
-        let mut pass_started = Instant::now();
-        // The shards the current pass (reading upward from `cursor`) covers.
-        let mut pass_shards: BTreeSet<i32> = BTreeSet::new();
+        let mut pass = Pass::new();
         let mut restarts = 0;
         let mut progress = Progress::new(&self.options);
         let mut standby_logged = false;
@@ -383,7 +409,7 @@ impl Relay {
                 let _ = producer.flush(Duration::from_millis(rc.shutdown_timeout_ms));
                 shared.wait_in_flight_at_most(0, Duration::from_millis(rc.shutdown_timeout_ms));
                 *producer = kafka::create_producer(&self.producer_config, tx.clone())?;
-                cursor = 0;
+                pass.restart(&shared);
             }
             let view = shared.leases();
             if let Some(holder) = &view.standby {
@@ -411,14 +437,13 @@ impl Relay {
             // A shard just taken over may hold rows below the cursor, older than anything this
             // relay would send next: start a new pass from the oldest row first (once what is
             // in flight is removed, so nothing is sent twice).
-            if cursor > 0 && shards.iter().any(|s| !pass_shards.contains(s)) {
+            if pass.cursor > 0 && shards.iter().any(|s| !pass.shards.contains(s)) {
                 if !shared.wait_in_flight_at_most(0, poll) {
                     continue;
                 }
-                cursor = 0;
-                pass_started = Instant::now();
+                pass.restart(&shared);
             }
-            pass_shards = shards.iter().copied().collect();
+            pass.shards = shards.iter().copied().collect();
             // Back-pressure: never more than max_in_flight rows between read and removal.
             let room = (rc.max_in_flight as usize).saturating_sub(rc.batch_size as usize);
             if !shared.wait_in_flight_at_most(room, poll) {
@@ -426,15 +451,9 @@ impl Relay {
             }
             // Rows that committed late with a smaller id than the cursor: look from the oldest
             // row again every second, once what is in flight has been removed.
-            if cursor > 0 && pass_started.elapsed() > Duration::from_secs(1) {
+            if pass.cursor > 0 && pass.started.elapsed() > Duration::from_secs(1) {
                 if shared.wait_in_flight_at_most(0, poll) {
-                    cursor = 0;
-                    pass_started = Instant::now();
-                    shared
-                        .blocked
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .clear();
+                    pass.restart(&shared);
                 }
                 continue;
             }
@@ -444,22 +463,16 @@ impl Relay {
                 &mut self.reader,
                 &self.config,
                 "reading the outbox",
-                |s| s.fetch(&shards, cursor, rc.batch_size, block_keys),
+                |s| s.fetch(&shards, pass.cursor, rc.batch_size, block_keys),
             ) else {
                 break;
             };
             if rows.is_empty() {
                 if shared.in_flight() == 0 {
-                    if cursor == 0 && self.options.mode == Mode::Drain {
+                    if pass.cursor == 0 && self.options.mode == Mode::Drain {
                         break;
                     }
-                    cursor = 0;
-                    pass_started = Instant::now();
-                    shared
-                        .blocked
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .clear();
+                    pass.restart(&shared);
                 }
                 progress.tick(&shared, &mut self.reader);
                 shared.wake.wait(poll);
@@ -469,7 +482,7 @@ impl Relay {
             shared.add_in_flight(rows.iter().map(|r| r.shard));
             let mut topic_limit: Option<(String, Option<usize>)> = None;
             for row in rows {
-                cursor = row.id;
+                pass.cursor = row.id;
                 if let Some(k) = &row.partition_key {
                     if block_keys
                         && shared

@@ -139,6 +139,13 @@ pub fn notify_local() {
     }
 }
 
+/// The librdkafka settings of the relay's producer for `config`: devour's defaults
+/// (idempotence, murmur2 partitioner, no message expiry, linger, lz4), then `[kafka]`, then
+/// `[relay.producer]`.
+pub fn producer_config(config: &Config) -> rdkafka::ClientConfig {
+    kafka::producer_config(&config.kafka, &config.relay.producer)
+}
+
 /// A relay running on its own threads.
 pub struct RelayHandle {
     stop: Arc<AtomicBool>,

@@ -1,4 +1,5 @@
-//! Shared by the benchmarks: a PostgreSQL database of their own.
+//! Shared by the benchmarks: a PostgreSQL database of their own, and numeric settings from the
+//! environment.
 
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
@@ -53,5 +54,17 @@ impl Drop for PgDb {
             }
             Err(e) => eprintln!("could not drop database {}: {e}", self.name),
         }
+    }
+}
+
+/// The number in environment variable `name` (`_` allowed as a separator), else `default`.
+pub fn env_usize(name: &str, default: usize) -> usize {
+    match std::env::var(name) {
+        Ok(v) => v
+            .trim()
+            .replace('_', "")
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
+        Err(_) => default,
     }
 }
