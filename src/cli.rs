@@ -55,6 +55,26 @@ enum Command {
     /// Look at the outbox table.
     #[command(subcommand)]
     Outbox(OutboxCommand),
+    /// Run consumer route NAME (`[consumers.NAME]` in devour.toml): hand every message of its
+    /// topics to its handler; commit offsets only after the handler succeeded. Stops cleanly on
+    /// SIGINT/SIGTERM (a second signal exits at once).
+    ///
+    /// Example: devour consume orders-audit
+    Consume(ConsumeArgs),
+}
+
+#[derive(Debug, Args)]
+struct ConsumeArgs {
+    #[command(flatten)]
+    config: ConfigOpts,
+    /// The route's name: a `[consumers.NAME]` table of devour.toml.
+    name: String,
+    /// Handle what the topics hold now, then exit.
+    #[arg(long)]
+    drain: bool,
+    /// Apply devour's migrations before starting (the inbox needs them).
+    #[arg(long)]
+    migrate: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -128,6 +148,8 @@ enum Failure {
     NotFound(String),
     #[error("{0}")]
     Relay(#[from] crate::relay::RelayError),
+    #[error("{0}")]
+    Consume(#[from] crate::consume::ConsumeError),
 }
 
 impl Failure {
@@ -135,16 +157,26 @@ impl Failure {
         match self {
             Failure::Config(_) => EXIT_USAGE,
             Failure::Relay(crate::relay::RelayError::Config(_)) => EXIT_USAGE,
-            Failure::Db(_) | Failure::Io(_) | Failure::NotFound(_) | Failure::Relay(_) => {
-                EXIT_FAILURE
-            }
+            Failure::Consume(e) if e.is_usage() => EXIT_USAGE,
+            Failure::Db(_)
+            | Failure::Io(_)
+            | Failure::NotFound(_)
+            | Failure::Relay(_)
+            | Failure::Consume(_) => EXIT_FAILURE,
         }
     }
 }
 
 /// Parses the process arguments, runs the command, prints any error, and returns the exit code
-/// (0 ok, 1 runtime failure, 2 bad usage or configuration).
+/// (0 ok, 1 runtime failure, 2 bad usage or configuration). `devour consume` knows the built-in
+/// handlers only; see [`main_with`].
 pub fn main() -> ExitCode {
+    main_with(crate::consume::Registry::new())
+}
+
+/// [`main`] for an application's own binary: `devour consume` routes to the handlers of
+/// `registry` (plus the built-ins), and every other subcommand works as in `devour`.
+pub fn main_with(registry: crate::consume::Registry) -> ExitCode {
     init_logging();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -153,7 +185,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { EXIT_USAGE } else { 0 });
         }
     };
-    match run(cli) {
+    match run(cli, &registry) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("devour: error: {e}");
@@ -167,12 +199,51 @@ fn init_logging() {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .try_init();
 }
 
-fn run(cli: Cli) -> Result<(), Failure> {
+/// A flag set by the first SIGINT or SIGTERM; a second one exits the process with 130.
+fn stop_on_signals() -> std::io::Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // A second signal while stopping exits at once.
+        signal_hook::flag::register_conditional_shutdown(signal, 130, stop.clone())?;
+        signal_hook::flag::register(signal, stop.clone())?;
+    }
+    Ok(stop)
+}
+
+fn run(cli: Cli, registry: &crate::consume::Registry) -> Result<(), Failure> {
     match cli.command {
+        Command::Consume(args) => {
+            let config = args.config.load()?;
+            if !config.consumers.contains_key(&args.name) {
+                // Before connecting to anything.
+                return Err(crate::consume::ConsumeError::UnknownRoute {
+                    name: args.name,
+                    known: config.consumers.keys().cloned().collect(),
+                }
+                .into());
+            }
+            if args.migrate {
+                DbPool::connect(&config.database)?.migrate()?;
+            }
+            let stop = stop_on_signals()?;
+            let options = crate::consume::RunOptions { drain: args.drain };
+            let report = crate::consume::run(&config, &args.name, registry, options, stop)?;
+            eprintln!(
+                "devour consume {}: {} processed, {} dead-lettered, {} duplicate(s) skipped, {} retried attempt(s), in {:.1} s",
+                args.name,
+                report.processed,
+                report.dead_lettered,
+                report.duplicates,
+                report.retries,
+                report.elapsed.as_secs_f64()
+            );
+            Ok(())
+        }
         Command::Config(ConfigCommand::Check(args)) => {
             let config = args.config.load()?;
             let source = match &config.file {
@@ -282,8 +353,6 @@ pub struct RelayCli {
 /// Exit codes: 0 stopped cleanly, 1 runtime failure, 2 bad usage or configuration.
 pub fn relay_main() -> ExitCode {
     use std::io::IsTerminal;
-    use std::sync::atomic::AtomicBool;
-    use std::sync::Arc;
     init_logging();
     let cli = match RelayCli::try_parse() {
         Ok(cli) => cli,
@@ -297,12 +366,7 @@ pub fn relay_main() -> ExitCode {
         if cli.migrate {
             DbPool::connect(&config.database)?.migrate()?;
         }
-        let stop = Arc::new(AtomicBool::new(false));
-        for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-            // A second signal while stopping exits at once.
-            signal_hook::flag::register_conditional_shutdown(signal, 130, stop.clone())?;
-            signal_hook::flag::register(signal, stop.clone())?;
-        }
+        let stop = stop_on_signals()?;
         let options = crate::relay::RunOptions {
             mode: if cli.drain {
                 crate::relay::Mode::Drain

@@ -19,6 +19,11 @@ use std::path::{Path, PathBuf};
 
 use toml::{Table, Value};
 
+mod consumers;
+pub use consumers::{
+    ConsumerRoute, ConsumerType, Dump, RetryPolicy, StartFrom, DLQ_SUFFIX, MAX_CONCURRENCY,
+};
+
 /// Environment variable holding the path of the configuration file.
 pub const CONFIG_ENV: &str = "DEVOUR_CONFIG";
 /// File looked for in the working directory when `DEVOUR_CONFIG` is not set.
@@ -97,6 +102,8 @@ pub struct Config {
     pub outbox: OutboxConfig,
     /// `[relay]`.
     pub relay: RelayConfig,
+    /// `[consumers.NAME]`: the routes of `devour consume NAME`, by NAME.
+    pub consumers: BTreeMap<String, ConsumerRoute>,
     /// Deprecation warnings met while loading (also logged through `tracing`).
     pub warnings: Vec<String>,
 }
@@ -407,7 +414,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("relay.producer", Kind::Table),
 ];
 
-const SECTIONS: &[&str] = &["database", "kafka", "outbox", "relay"];
+const SECTIONS: &[&str] = &["database", "kafka", "outbox", "relay", "consumers"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -729,12 +736,15 @@ impl Config {
         }
         relay.producer = r.properties("relay.producer")?;
 
+        let consumers = consumers::parse(&r, &kafka.properties)?;
+
         Ok(Config {
             file,
             database,
             kafka,
             outbox,
             relay,
+            consumers,
             warnings,
         })
     }
@@ -854,6 +864,12 @@ impl Config {
             rt.insert("producer".into(), redacted_properties(&rl.producer).into());
         }
         root.insert("relay".into(), rt.into());
+        if !self.consumers.is_empty() {
+            root.insert(
+                "consumers".into(),
+                consumers::to_table(&self.consumers).into(),
+            );
+        }
         toml::to_string_pretty(&root).unwrap_or_default()
     }
 }
@@ -1026,7 +1042,11 @@ fn check_unknown_keys(table: &Table, origins: &Origins) -> Result<(), ConfigErro
                 ),
             });
         };
-        check_table_keys(section, t, origins)?;
+        if section == "consumers" {
+            consumers::check_keys(t, origins)?;
+        } else {
+            check_table_keys(section, t, origins)?;
+        }
     }
     Ok(())
 }
@@ -1140,6 +1160,21 @@ impl Reader<'_> {
                 })
                 .collect::<Result<Vec<_>, _>>()
                 .map(Some),
+            Some(v) => Err(self.wrong_type(key, Kind::StrOrList, v)),
+        }
+    }
+
+    /// An array of strings, taken as it is (no splitting at commas).
+    fn string_list_exact(&self, key: &str) -> Result<Vec<String>, ConfigError> {
+        match self.get(key) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|i| match i {
+                    Value::String(s) => Ok(s.clone()),
+                    other => Err(self.wrong_type(key, Kind::StrOrList, other)),
+                })
+                .collect(),
             Some(v) => Err(self.wrong_type(key, Kind::StrOrList, v)),
         }
     }

@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod consume;
 pub mod db;
 pub mod outbox;
 pub mod relay;

@@ -1,0 +1,221 @@
+//! The built-in handlers, so that the shipped `devour` binary is useful without Rust code:
+//! `print` (one JSON line per message on stdout, the seed's `dump_json`) and `exec` (runs a
+//! command per message).
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Map, Value};
+
+use super::handler::{Consumer, Ctx, DigestError, Meta, Payload};
+use crate::config::{ConsumerRoute, Dump};
+
+/// `handler = "print"`: writes each message as one JSON line on stdout:
+/// `{"topic", "partition", "offset", "key", "timestamp_ms", "headers", "event", "message"}`,
+/// where `message` is the JSON payload (`dump = "json"` or `"obj"`) or the payload as text
+/// (`dump = "raw"`; bytes that are not UTF-8 become `{"base64": …}`).
+pub struct Print {
+    out: std::io::Stdout,
+}
+
+impl Print {
+    pub(crate) fn new(_route: &ConsumerRoute) -> Print {
+        Print {
+            out: std::io::stdout(),
+        }
+    }
+}
+
+/// A header or key value as JSON: text if UTF-8, else `{"base64": …}`.
+fn bytes_value(b: &[u8]) -> Value {
+    match std::str::from_utf8(b) {
+        Ok(s) => Value::String(s.to_string()),
+        Err(_) => {
+            use base64::Engine;
+            json!({ "base64": base64::engine::general_purpose::STANDARD.encode(b) })
+        }
+    }
+}
+
+/// The message's metadata as a JSON object (what `print` writes and `exec` passes on).
+pub(crate) fn meta_json(meta: &Meta<'_>) -> Map<String, Value> {
+    let mut headers = Map::new();
+    for (k, v) in meta.headers() {
+        headers.insert(k.to_string(), v.map(bytes_value).unwrap_or(Value::Null));
+    }
+    let mut m = Map::new();
+    m.insert("topic".into(), meta.topic.into());
+    m.insert("partition".into(), meta.partition.into());
+    m.insert("offset".into(), meta.offset.into());
+    m.insert(
+        "key".into(),
+        meta.key.map(bytes_value).unwrap_or(Value::Null),
+    );
+    m.insert(
+        "timestamp_ms".into(),
+        meta.timestamp_ms.map(Value::from).unwrap_or(Value::Null),
+    );
+    m.insert(
+        "event".into(),
+        meta.event()
+            .map(|e| Value::String(e.to_string()))
+            .unwrap_or(Value::Null),
+    );
+    m.insert("headers".into(), Value::Object(headers));
+    m
+}
+
+impl Consumer for Print {
+    type Message = Value;
+
+    fn digest(
+        &mut self,
+        meta: &Meta<'_>,
+        message: Payload<'_, Value>,
+        _ctx: &mut Ctx<'_>,
+    ) -> Result<(), DigestError> {
+        let mut line = meta_json(meta);
+        let message = match message {
+            Payload::Raw(b) => bytes_value(b),
+            Payload::Json(v) | Payload::Obj(v) => v,
+        };
+        line.insert("message".into(), message);
+        let mut text = serde_json::to_vec(&Value::Object(line)).map_err(DigestError::give_up)?;
+        text.push(b'\n');
+        // Written and flushed before `digest` returns, so before the offset is stored.
+        let mut out = self.out.lock();
+        out.write_all(&text)?;
+        out.flush()?;
+        Ok(())
+    }
+}
+
+/// Exit status of an `exec` command that means "this message will never succeed": it goes to
+/// the dead-letter topic at once (sysexits' `EX_DATAERR`).
+pub const EXEC_GIVE_UP_STATUS: i32 = 65;
+
+/// `handler = "exec"`: runs the route's `command` once per message, with the payload on stdin
+/// (`dump = "raw"`: the bytes; `"json"`: the JSON, compact) and the metadata in environment
+/// variables: `DEVOUR_ROUTE`, `DEVOUR_TOPIC`, `DEVOUR_PARTITION`, `DEVOUR_OFFSET`, `DEVOUR_KEY`,
+/// `DEVOUR_TIMESTAMP_MS`, `DEVOUR_EVENT`, `DEVOUR_MESSAGE_ID`, `DEVOUR_ATTEMPT` and
+/// `DEVOUR_HEADERS` (a JSON object). Exit 0 = done; exit 65 = give up (dead letter now); any
+/// other status, a signal, or running longer than `exec_timeout_ms` = an error, retried.
+/// The command's stdout and stderr are the consumer's.
+pub struct Exec {
+    program: String,
+    args: Vec<String>,
+    timeout: Duration,
+}
+
+impl Exec {
+    pub(crate) fn new(route: &ConsumerRoute) -> Result<Exec, String> {
+        let (program, args) = route
+            .command
+            .split_first()
+            .ok_or("the `exec` handler needs `command`")?;
+        Ok(Exec {
+            program: program.clone(),
+            args: args.to_vec(),
+            timeout: Duration::from_millis(route.exec_timeout_ms),
+        })
+    }
+}
+
+impl Consumer for Exec {
+    type Message = Value;
+    const DUMPS: &'static [Dump] = &[Dump::Raw, Dump::Json];
+
+    fn digest(
+        &mut self,
+        meta: &Meta<'_>,
+        message: Payload<'_, Value>,
+        _ctx: &mut Ctx<'_>,
+    ) -> Result<(), DigestError> {
+        let input = match message {
+            Payload::Raw(b) => b.to_vec(),
+            Payload::Json(v) | Payload::Obj(v) => {
+                serde_json::to_vec(&v).map_err(DigestError::give_up)?
+            }
+        };
+        let text = |v: Option<&str>| v.unwrap_or("").to_string();
+        let headers: Map<String, Value> = meta_json(meta)
+            .remove("headers")
+            .and_then(|h| match h {
+                Value::Object(m) => Some(m),
+                _ => None,
+            })
+            .unwrap_or_default();
+        let mut child = Command::new(&self.program)
+            .args(&self.args)
+            .env("DEVOUR_ROUTE", meta.route)
+            .env("DEVOUR_TOPIC", meta.topic)
+            .env("DEVOUR_PARTITION", meta.partition.to_string())
+            .env("DEVOUR_OFFSET", meta.offset.to_string())
+            .env(
+                "DEVOUR_KEY",
+                meta.key
+                    .map(String::from_utf8_lossy)
+                    .unwrap_or_default()
+                    .as_ref(),
+            )
+            .env(
+                "DEVOUR_TIMESTAMP_MS",
+                meta.timestamp_ms.map(|t| t.to_string()).unwrap_or_default(),
+            )
+            .env(
+                "DEVOUR_EVENT",
+                meta.event().map(|e| e.to_string()).unwrap_or_default(),
+            )
+            .env("DEVOUR_MESSAGE_ID", text(meta.message_id()))
+            .env("DEVOUR_ATTEMPT", meta.attempt.to_string())
+            .env("DEVOUR_HEADERS", Value::Object(headers).to_string())
+            .stdin(Stdio::piped())
+            .spawn()
+            .map_err(|e| DigestError::retry(format!("cannot start `{}`: {e}", self.program)))?;
+        // Feed stdin from a thread: a command that does not read it must not block us.
+        let mut stdin = child.stdin.take().expect("stdin is piped");
+        let feeder = std::thread::spawn(move || {
+            // A command that exits without reading its input is not an error.
+            let _ = stdin.write_all(&input);
+        });
+        let started = Instant::now();
+        let mut pause = Duration::from_micros(200);
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) if started.elapsed() >= self.timeout => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    let _ = feeder.join();
+                    return Err(DigestError::retry(format!(
+                        "`{}` ran longer than exec_timeout_ms ({} ms) and was killed",
+                        self.program,
+                        self.timeout.as_millis()
+                    )));
+                }
+                Ok(None) => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(20));
+                }
+                Err(e) => return Err(DigestError::retry(e)),
+            }
+        };
+        let _ = feeder.join();
+        match status.code() {
+            Some(0) => Ok(()),
+            Some(EXEC_GIVE_UP_STATUS) => Err(DigestError::give_up(format!(
+                "`{}` exited with {EXEC_GIVE_UP_STATUS} (give up)",
+                self.program
+            ))),
+            Some(c) => Err(DigestError::retry(format!(
+                "`{}` exited with {c}",
+                self.program
+            ))),
+            None => Err(DigestError::retry(format!(
+                "`{}` was killed by a signal ({status})",
+                self.program
+            ))),
+        }
+    }
+}

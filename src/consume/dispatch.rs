@@ -1,0 +1,481 @@
+//! One message (or, with the inbox, one batch) through the handler: decoding, retries with
+//! backoff, the dead-letter topic, and the inbox transaction. The runner calls `done` for a
+//! message only once it is finished (handled, skipped as a duplicate, or dead-lettered): that is
+//! what lets it store the message's offset.
+
+use std::collections::HashSet;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use diesel::Connection;
+use rdkafka::message::{BorrowedMessage, OwnedMessage};
+use rdkafka::Message;
+
+use super::dead_letter::DeadLetters;
+use super::handler::{Action, CallError, Ctx, DynConsumer, HeadersRef, Meta, TxConnection};
+use super::inbox::{self, InboxEntry};
+use crate::config::ConsumerRoute;
+use crate::db::{DbConnection, DbError, DbPool};
+
+/// A message as the dispatcher needs it: borrowed from the consumer (one worker) or owned
+/// (handed to a worker thread).
+pub(crate) trait Record {
+    fn meta<'a>(&'a self, route: &'a str, attempt: u32) -> Meta<'a>;
+    fn payload_bytes(&self) -> Option<&[u8]>;
+}
+
+fn meta_of<'a, M: Message>(
+    m: &'a M,
+    route: &'a str,
+    attempt: u32,
+    headers: HeadersRef<'a>,
+) -> Meta<'a> {
+    Meta {
+        route,
+        topic: m.topic(),
+        partition: m.partition(),
+        offset: m.offset(),
+        key: m.key(),
+        timestamp_ms: m.timestamp().to_millis(),
+        attempt,
+        headers,
+    }
+}
+
+impl Record for BorrowedMessage<'_> {
+    fn meta<'a>(&'a self, route: &'a str, attempt: u32) -> Meta<'a> {
+        let h = self
+            .headers()
+            .map_or(HeadersRef::None, HeadersRef::Borrowed);
+        meta_of(self, route, attempt, h)
+    }
+    fn payload_bytes(&self) -> Option<&[u8]> {
+        self.payload()
+    }
+}
+
+impl Record for OwnedMessage {
+    fn meta<'a>(&'a self, route: &'a str, attempt: u32) -> Meta<'a> {
+        let h = self.headers().map_or(HeadersRef::None, HeadersRef::Owned);
+        meta_of(self, route, attempt, h)
+    }
+    fn payload_bytes(&self) -> Option<&[u8]> {
+        self.payload()
+    }
+}
+
+/// Counters of one run, shared by the workers.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    pub processed: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub retries: AtomicU64,
+}
+
+/// Why an attempt failed.
+enum Failure {
+    Undecodable(String),
+    Handler(String, Action),
+    /// The database failed (not the handler): retried without counting an attempt.
+    Db(DbError),
+}
+
+impl From<CallError> for Failure {
+    fn from(e: CallError) -> Failure {
+        match e {
+            CallError::Undecodable(e) => Failure::Undecodable(e),
+            CallError::Digest(d) => Failure::Handler(d.error, d.action),
+        }
+    }
+}
+
+/// The run was asked to stop while a message was unfinished.
+pub(crate) struct Stopped;
+
+/// What follows a failed attempt.
+enum Next {
+    /// Call the handler again, as attempt + 1.
+    Retry,
+    /// Repeat the same attempt (the database failed, not the handler).
+    Again,
+    /// Finished: dead-lettered.
+    Finished,
+}
+
+/// A transaction's end other than commit.
+enum TxError {
+    Db(diesel::result::Error),
+    /// Message `usize` of the batch failed; nothing of the batch was committed.
+    Failed(usize, Failure),
+}
+
+impl From<diesel::result::Error> for TxError {
+    fn from(e: diesel::result::Error) -> TxError {
+        TxError::Db(e)
+    }
+}
+
+/// A connection that can record inbox entries and lend itself to a handler.
+trait InboxConnection: Connection {
+    fn claim(
+        &mut self,
+        group: &str,
+        entries: &[InboxEntry],
+    ) -> diesel::QueryResult<HashSet<String>>;
+    fn lend(&mut self) -> TxConnection<'_>;
+}
+
+#[cfg(feature = "postgres")]
+impl InboxConnection for diesel::PgConnection {
+    fn claim(
+        &mut self,
+        group: &str,
+        entries: &[InboxEntry],
+    ) -> diesel::QueryResult<HashSet<String>> {
+        inbox::claim_postgres(self, group, entries)
+    }
+    fn lend(&mut self) -> TxConnection<'_> {
+        TxConnection::Postgres(self)
+    }
+}
+
+#[cfg(feature = "sqlite")]
+impl InboxConnection for diesel::SqliteConnection {
+    fn claim(
+        &mut self,
+        group: &str,
+        entries: &[InboxEntry],
+    ) -> diesel::QueryResult<HashSet<String>> {
+        inbox::claim_sqlite(self, group, entries)
+    }
+    fn lend(&mut self) -> TxConnection<'_> {
+        TxConnection::Sqlite(self)
+    }
+}
+
+/// Handles the messages of the partitions given to one worker.
+pub(crate) struct Dispatcher {
+    route: Arc<ConsumerRoute>,
+    handler: Box<dyn DynConsumer>,
+    dead_letters: Arc<DeadLetters>,
+    pool: Option<DbPool>,
+    conn: Option<DbConnection>,
+    stop: Arc<AtomicBool>,
+    stats: Arc<Stats>,
+}
+
+impl Dispatcher {
+    pub(crate) fn new(
+        route: Arc<ConsumerRoute>,
+        handler: Box<dyn DynConsumer>,
+        dead_letters: Arc<DeadLetters>,
+        pool: Option<DbPool>,
+        stop: Arc<AtomicBool>,
+        stats: Arc<Stats>,
+    ) -> Dispatcher {
+        Dispatcher {
+            route,
+            handler,
+            dead_letters,
+            pool,
+            conn: None,
+            stop,
+            stats,
+        }
+    }
+
+    /// Handles `batch` in order, calling `done` for each finished message. `Err(Stopped)` when
+    /// a stop came while a message was unfinished (it and the rest are not `done`).
+    pub(crate) fn handle<R: Record>(
+        &mut self,
+        batch: &[R],
+        done: &mut dyn FnMut(&R),
+    ) -> Result<(), Stopped> {
+        if self.route.inbox {
+            self.inbox_batch(batch, done)
+        } else {
+            for m in batch {
+                self.one(m, None)?;
+                done(m);
+            }
+            Ok(())
+        }
+    }
+
+    /// Sleeps `d` unless a stop comes first (then `false`).
+    fn pause(&self, d: Duration) -> bool {
+        let until = std::time::Instant::now() + d;
+        loop {
+            if self.stop.load(Ordering::Relaxed) {
+                return false;
+            }
+            let now = std::time::Instant::now();
+            if now >= until {
+                return true;
+            }
+            std::thread::sleep((until - now).min(Duration::from_millis(50)));
+        }
+    }
+
+    /// One message, alone, through every attempt it needs. `first` is the failure of an attempt
+    /// already made (in a batch).
+    fn one<R: Record>(&mut self, m: &R, first: Option<Failure>) -> Result<(), Stopped> {
+        let mut attempt = 1;
+        let mut failure = first;
+        loop {
+            let f = match failure.take() {
+                Some(f) => f,
+                None => match self.attempt(m, attempt) {
+                    Ok(()) => return Ok(()),
+                    Err(f) => f,
+                },
+            };
+            match self.after_failure(m, attempt, f)? {
+                Next::Retry => attempt += 1,
+                Next::Again => {}
+                Next::Finished => return Ok(()),
+            }
+        }
+    }
+
+    /// Calls the handler once (in an inbox transaction when the route has one).
+    fn attempt<R: Record>(&mut self, m: &R, attempt: u32) -> Result<(), Failure> {
+        if !self.route.inbox {
+            let meta = m.meta(&self.route.name, attempt);
+            let r = call(
+                &mut *self.handler,
+                &meta,
+                m.payload_bytes(),
+                self.route.dump,
+                &mut Ctx::none(),
+            );
+            if r.is_ok() {
+                self.stats.processed.fetch_add(1, Ordering::Relaxed);
+            }
+            return r;
+        }
+        match self.inbox_tx(std::slice::from_ref(m), attempt) {
+            Ok(()) => Ok(()),
+            Err(TxError::Db(e)) => Err(Failure::Db(e.into())),
+            Err(TxError::Failed(_, f)) => Err(f),
+        }
+    }
+
+    /// Decides what follows failed attempt `attempt`, waiting out the backoff.
+    fn after_failure<R: Record>(
+        &mut self,
+        m: &R,
+        attempt: u32,
+        f: Failure,
+    ) -> Result<Next, Stopped> {
+        let meta = m.meta(&self.route.name, attempt);
+        let (error, after) = match f {
+            Failure::Db(e) => {
+                self.conn = None;
+                tracing::warn!(
+                    route = %self.route.name, topic = meta.topic, partition = meta.partition, offset = meta.offset,
+                    "inbox database failed, trying again: {e}"
+                );
+                let wait = Duration::from_millis(self.route.retry.max_backoff_ms.min(2_000));
+                return if self.pause(wait) {
+                    Ok(Next::Again)
+                } else {
+                    Err(Stopped)
+                };
+            }
+            Failure::Undecodable(e) => {
+                return self.dead_letter(m, attempt, &format!("undecodable: {e}"));
+            }
+            Failure::Handler(e, Action::GiveUp) => {
+                return self.dead_letter(m, attempt, &format!("gave up: {e}"));
+            }
+            Failure::Handler(e, Action::Retry(after)) => (e, after),
+        };
+        let max = self.route.retry.max_attempts;
+        if attempt >= max {
+            return self.dead_letter(
+                m,
+                attempt,
+                &format!("failed {attempt} time(s), last: {error}"),
+            );
+        }
+        let wait =
+            after.unwrap_or_else(|| Duration::from_millis(self.route.retry.backoff_ms(attempt)));
+        tracing::warn!(
+            route = %self.route.name, topic = meta.topic, partition = meta.partition, offset = meta.offset,
+            "attempt {attempt}/{max} failed, next in {} ms: {error}", wait.as_millis()
+        );
+        self.stats.retries.fetch_add(1, Ordering::Relaxed);
+        if self.pause(wait) {
+            Ok(Next::Retry)
+        } else {
+            Err(Stopped)
+        }
+    }
+
+    /// Publishes `m` to the dead-letter topic, trying until the broker takes it or a stop comes.
+    fn dead_letter<R: Record>(
+        &mut self,
+        m: &R,
+        attempts: u32,
+        error: &str,
+    ) -> Result<Next, Stopped> {
+        let meta = m.meta(&self.route.name, attempts);
+        let mut wait = Duration::from_millis(100);
+        loop {
+            match self
+                .dead_letters
+                .publish(&meta, m.payload_bytes(), error, attempts)
+            {
+                Ok(topic) => {
+                    tracing::error!(
+                        route = %self.route.name, topic = meta.topic, partition = meta.partition, offset = meta.offset,
+                        "sent to dead-letter topic {topic} after {attempts} attempt(s): {error}"
+                    );
+                    self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    return Ok(Next::Finished);
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        route = %self.route.name, topic = meta.topic, partition = meta.partition, offset = meta.offset,
+                        "cannot dead-letter yet, trying again in {} ms: {e}", wait.as_millis()
+                    );
+                    if !self.pause(wait) {
+                        return Err(Stopped);
+                    }
+                    wait = (wait * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
+    /// The batch in inbox transactions: all of it in one when every message succeeds; else the
+    /// part before the failing message in one, the failing one alone (retries, dead letter),
+    /// and the rest again as a batch.
+    fn inbox_batch<R: Record>(
+        &mut self,
+        batch: &[R],
+        done: &mut dyn FnMut(&R),
+    ) -> Result<(), Stopped> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        loop {
+            match self.inbox_tx(batch, 1) {
+                Ok(()) => {
+                    for m in batch {
+                        done(m);
+                    }
+                    return Ok(());
+                }
+                Err(TxError::Db(e)) => {
+                    // No attempt is lost: let `one` wait and retry the first message, then go on.
+                    self.conn = None;
+                    let f = Failure::Db(e.into());
+                    match self.after_failure(&batch[0], 1, f)? {
+                        Next::Again | Next::Retry => continue,
+                        Next::Finished => unreachable!("a database failure never dead-letters"),
+                    }
+                }
+                Err(TxError::Failed(k, f)) => {
+                    self.inbox_batch(&batch[..k], done)?;
+                    self.one(&batch[k], Some(f))?;
+                    done(&batch[k]);
+                    return self.inbox_batch(&batch[k + 1..], done);
+                }
+            }
+        }
+    }
+
+    /// One transaction: records `batch` in the inbox, then hands every message that was not
+    /// there yet to the handler with the transaction's connection. Commits only if all succeed.
+    fn inbox_tx<R: Record>(&mut self, batch: &[R], attempt: u32) -> Result<(), TxError> {
+        if self.conn.is_none() {
+            let pool = self.pool.as_ref().expect("an inbox route has a pool");
+            self.conn = Some(pool.get().map_err(|e| TxError::Db(to_diesel(e)))?);
+        }
+        let conn = self.conn.as_mut().expect("just set");
+        let route = &*self.route;
+        let handler = &mut *self.handler;
+        let entries: Vec<InboxEntry> = batch
+            .iter()
+            .map(|m| {
+                let meta = m.meta(&route.name, attempt);
+                InboxEntry {
+                    key: match meta.message_id() {
+                        Some(id) => id.to_string(),
+                        None => format!("{}/{}/{}", meta.topic, meta.partition, meta.offset),
+                    },
+                    topic: meta.topic.to_string(),
+                    partition: meta.partition,
+                    offset: meta.offset,
+                }
+            })
+            .collect();
+        let (handled, skipped) = crate::db::each_backend!(conn, c => {
+            let c: &mut _ = &mut **c;
+            run_inbox_tx(c, route, handler, batch, &entries, attempt)?
+        });
+        self.stats.processed.fetch_add(handled, Ordering::Relaxed);
+        self.stats.duplicates.fetch_add(skipped, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+fn to_diesel(e: DbError) -> diesel::result::Error {
+    match e {
+        DbError::Query(q) => q,
+        other => diesel::result::Error::DatabaseError(
+            diesel::result::DatabaseErrorKind::ClosedConnection,
+            Box::new(other.to_string()),
+        ),
+    }
+}
+
+/// The inbox transaction on a concrete connection; returns (handled, skipped as duplicates).
+fn run_inbox_tx<C: InboxConnection, R: Record>(
+    c: &mut C,
+    route: &ConsumerRoute,
+    handler: &mut dyn DynConsumer,
+    batch: &[R],
+    entries: &[InboxEntry],
+    attempt: u32,
+) -> Result<(u64, u64), TxError> {
+    c.transaction::<_, TxError, _>(|c| {
+        let mut new = c.claim(&route.group, entries)?;
+        let (mut handled, mut skipped) = (0, 0);
+        for (i, (m, entry)) in batch.iter().zip(entries).enumerate() {
+            // A key seen twice in one batch (the relay sent a row twice) is handled once.
+            if !new.remove(&entry.key) {
+                skipped += 1;
+                continue;
+            }
+            let meta = m.meta(&route.name, attempt);
+            let mut ctx = Ctx { tx: Some(c.lend()) };
+            call(handler, &meta, m.payload_bytes(), route.dump, &mut ctx)
+                .map_err(|f| TxError::Failed(i, f))?;
+            handled += 1;
+        }
+        Ok((handled, skipped))
+    })
+}
+
+/// Calls the handler, turning a panic into a retriable failure.
+fn call(
+    handler: &mut dyn DynConsumer,
+    meta: &Meta<'_>,
+    payload: Option<&[u8]>,
+    dump: crate::config::Dump,
+    ctx: &mut Ctx<'_>,
+) -> Result<(), Failure> {
+    match catch_unwind(AssertUnwindSafe(|| handler.call(meta, payload, dump, ctx))) {
+        Ok(r) => r.map_err(Failure::from),
+        Err(p) => Err(Failure::Handler(
+            format!("handler panicked: {}", crate::relay::panic_message(&p)),
+            Action::Retry(None),
+        )),
+    }
+}

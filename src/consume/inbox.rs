@@ -1,0 +1,121 @@
+//! `devour_inbox`: the messages a consumer group has processed, recorded in the handler's own
+//! transaction. The SQL of each backend sits side by side.
+
+use std::collections::HashSet;
+
+use diesel::prelude::*;
+use diesel::sql_types::{Array, BigInt, Integer, Text};
+
+/// One message to record.
+#[derive(Debug, Clone)]
+pub(crate) struct InboxEntry {
+    /// `message-id` header, else `TOPIC/PARTITION/OFFSET`.
+    pub key: String,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+#[derive(QueryableByName)]
+struct Key {
+    #[diesel(sql_type = Text)]
+    message_key: String,
+}
+
+/// Records `entries` for `group` where not already there; returns the keys that were new.
+#[cfg(feature = "postgres")]
+pub(crate) fn claim_postgres(
+    c: &mut diesel::PgConnection,
+    group: &str,
+    entries: &[InboxEntry],
+) -> QueryResult<HashSet<String>> {
+    let keys: Vec<&str> = entries.iter().map(|e| e.key.as_str()).collect();
+    let topics: Vec<&str> = entries.iter().map(|e| e.topic.as_str()).collect();
+    let partitions: Vec<i32> = entries.iter().map(|e| e.partition).collect();
+    let offsets: Vec<i64> = entries.iter().map(|e| e.offset).collect();
+    let rows: Vec<Key> = diesel::sql_query(
+        "INSERT INTO devour_inbox (consumer_group, message_key, topic, kafka_partition, kafka_offset) \
+         SELECT $1, k, t, p, o FROM unnest($2::text[], $3::text[], $4::int[], $5::bigint[]) AS m(k, t, p, o) \
+         ON CONFLICT (consumer_group, message_key) DO NOTHING RETURNING message_key",
+    )
+    .bind::<Text, _>(group)
+    .bind::<Array<Text>, _>(&keys)
+    .bind::<Array<Text>, _>(&topics)
+    .bind::<Array<Integer>, _>(&partitions)
+    .bind::<Array<BigInt>, _>(&offsets)
+    .load(c)?;
+    Ok(rows.into_iter().map(|r| r.message_key).collect())
+}
+
+/// Records `entries` for `group` where not already there; returns the keys that were new.
+#[cfg(feature = "sqlite")]
+pub(crate) fn claim_sqlite(
+    c: &mut diesel::SqliteConnection,
+    group: &str,
+    entries: &[InboxEntry],
+) -> QueryResult<HashSet<String>> {
+    let list: Vec<(&str, &str, i32, i64)> = entries
+        .iter()
+        .map(|e| (e.key.as_str(), e.topic.as_str(), e.partition, e.offset))
+        .collect();
+    let json = serde_json::to_string(&list).expect("strings and numbers serialize");
+    // `WHERE true` keeps SQLite from reading ON CONFLICT as a join constraint.
+    let rows: Vec<Key> = diesel::sql_query(
+        "INSERT INTO devour_inbox (consumer_group, message_key, topic, kafka_partition, kafka_offset) \
+         SELECT ?1, json_extract(value, '$[0]'), json_extract(value, '$[1]'), \
+                json_extract(value, '$[2]'), json_extract(value, '$[3]') \
+         FROM json_each(?2) WHERE true \
+         ON CONFLICT (consumer_group, message_key) DO NOTHING RETURNING message_key",
+    )
+    .bind::<Text, _>(group)
+    .bind::<Text, _>(json)
+    .load(c)?;
+    Ok(rows.into_iter().map(|r| r.message_key).collect())
+}
+
+/// Deletes `group`'s inbox rows older than `hours`; returns how many.
+pub(crate) fn cleanup(
+    conn: &mut crate::db::DbConnection,
+    group: &str,
+    hours: u64,
+) -> Result<usize, crate::db::DbError> {
+    let hours = i64::try_from(hours).unwrap_or(i64::MAX / 3_600_000);
+    Ok(crate::db::each_backend!(conn, c => Cleanup::cleanup(&mut **c, group, hours)?))
+}
+
+trait Cleanup {
+    fn cleanup(&mut self, group: &str, hours: i64) -> QueryResult<usize>;
+}
+
+#[cfg(feature = "postgres")]
+impl Cleanup for diesel::PgConnection {
+    fn cleanup(&mut self, group: &str, hours: i64) -> QueryResult<usize> {
+        diesel::sql_query(
+            "DELETE FROM devour_inbox WHERE consumer_group = $1 \
+             AND processed_at < now() - make_interval(hours => $2::int)",
+        )
+        .bind::<Text, _>(group)
+        .bind::<BigInt, _>(hours.min(i64::from(i32::MAX)))
+        .execute(self)
+    }
+}
+
+#[cfg(feature = "sqlite")]
+impl Cleanup for diesel::SqliteConnection {
+    fn cleanup(&mut self, group: &str, hours: i64) -> QueryResult<usize> {
+        diesel::sql_query(
+            "DELETE FROM devour_inbox WHERE consumer_group = ?1 \
+             AND processed_at < strftime('%Y-%m-%d %H:%M:%f', 'now', '-' || ?2 || ' hours')",
+        )
+        .bind::<Text, _>(group)
+        .bind::<BigInt, _>(hours)
+        .execute(self)
+    }
+}
+
+/// Fails with a hint when `devour_inbox` does not exist (migrations not applied).
+pub(crate) fn check_table(conn: &mut crate::db::DbConnection) -> Result<(), crate::db::DbError> {
+    let q = "SELECT 1 FROM devour_inbox WHERE 1 = 0";
+    crate::db::each_backend!(conn, c => diesel::sql_query(q).execute(&mut **c).map(|_| ())?);
+    Ok(())
+}

@@ -1,0 +1,130 @@
+//! `devour consume NAME`: reads the topics of consumer route NAME (`[consumers.NAME]` in
+//! devour.toml) and hands every message to the route's handler (the seed's
+//! `DevourConsumer.digest`).
+//!
+//! At least once: a message's offset is stored (and later committed) only after its handler
+//! returned `Ok`, or after it went to the dead-letter topic. A failing message is retried with
+//! exponential backoff; after `retry.max_attempts`, or at once for
+//! [`DigestError::give_up`] and payloads that do not decode, it is published to the
+//! dead-letter topic with headers saying where it came from and why, and the consumer goes on.
+//! With `inbox = true`, the handler's database writes and a record of the message commit in one
+//! transaction, and a redelivered message found in the inbox is skipped: its effects happen
+//! once.
+//!
+//! ```no_run
+//! use std::sync::{atomic::AtomicBool, Arc};
+//! use devour::consume::{self, Registry, RunOptions};
+//!
+//! let config = devour::Config::load()?;
+//! let stop = Arc::new(AtomicBool::new(false)); // set it to stop
+//! let report = consume::run(&config, "audit", &Registry::new(), RunOptions::default(), stop)?;
+//! println!("{} message(s)", report.processed);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod builtin;
+mod dead_letter;
+mod dispatch;
+mod handler;
+mod inbox;
+mod runner;
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use builtin::{Exec, Print, EXEC_GIVE_UP_STATUS};
+pub use dead_letter::{
+    HEADER_DLQ_ATTEMPTS, HEADER_DLQ_ERROR, HEADER_DLQ_FAILED_AT, HEADER_DLQ_GROUP,
+    HEADER_DLQ_OFFSET, HEADER_DLQ_PARTITION, HEADER_DLQ_ROUTE, HEADER_DLQ_TOPIC,
+};
+pub use handler::{Consumer, Ctx, DigestError, Meta, Payload, Registry, TxConnection};
+
+use crate::config::Config;
+use crate::db::DbError;
+
+/// Why `devour consume` could not run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConsumeError {
+    /// No route of that name.
+    #[error("no consumer route `{name}` in the configuration ({})", known_routes(.known))]
+    UnknownRoute {
+        /// The name asked for.
+        name: String,
+        /// The configured routes.
+        known: Vec<String>,
+    },
+    /// The route's handler is not registered, refuses the route, or does not take its `dump`.
+    #[error("{0}")]
+    Handler(String),
+    /// The inbox table is missing.
+    #[error("{0}")]
+    Inbox(String),
+    /// The database failed.
+    #[error("{0}")]
+    Db(#[from] DbError),
+    /// A Kafka client could not be created or configured.
+    #[error("kafka: {0}")]
+    Kafka(String),
+}
+
+fn known_routes(known: &[String]) -> String {
+    if known.is_empty() {
+        "none is configured: add a `[consumers.NAME]` table with `topic` and `handler` to devour.toml".into()
+    } else {
+        format!("configured: {}", known.join(", "))
+    }
+}
+
+impl ConsumeError {
+    /// Whether the error is about usage or configuration (exit code 2) rather than a runtime
+    /// failure.
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            ConsumeError::UnknownRoute { .. } | ConsumeError::Handler(_) | ConsumeError::Inbox(_)
+        )
+    }
+}
+
+/// How a run ends.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct RunOptions {
+    /// Stop once every assigned partition has been read to its end and handled
+    /// (`devour consume NAME --drain`), instead of running until stopped.
+    pub drain: bool,
+}
+
+/// What a run did.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ConsumeReport {
+    /// Messages the handler finished (`Ok`).
+    pub processed: u64,
+    /// Messages sent to the dead-letter topic.
+    pub dead_lettered: u64,
+    /// Messages skipped because the inbox had them already.
+    pub duplicates: u64,
+    /// Failed attempts that were retried.
+    pub retries: u64,
+    /// Time from start to stop.
+    pub elapsed: Duration,
+    /// Time from the first message received to the last one finished.
+    pub busy: Duration,
+}
+
+/// Runs consumer route `name` of `config` with the handlers of `registry` until `stop` is set
+/// (or, with [`RunOptions::drain`], until the assigned partitions are read to their end). On
+/// stop: no more fetching, the message in hand is finished, offsets are committed, the consumer
+/// leaves its group.
+pub fn run(
+    config: &Config,
+    name: &str,
+    registry: &Registry,
+    options: RunOptions,
+    stop: Arc<AtomicBool>,
+) -> Result<ConsumeReport, ConsumeError> {
+    runner::run(config, name, registry, options, stop)
+}

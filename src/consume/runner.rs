@@ -1,0 +1,577 @@
+//! The consumer loop of one route: polling, handing messages to the dispatcher (inline, or to
+//! one worker thread per slice of partitions), storing offsets of finished messages, committing
+//! on revoke and on stop, and noticing when a drain is complete.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::message::OwnedMessage;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::{ClientContext, Message};
+
+use super::dead_letter::DeadLetters;
+use super::dispatch::{Dispatcher, Stats};
+use super::handler::Registry;
+use super::{ConsumeError, ConsumeReport, RunOptions};
+use crate::config::{Config, ConsumerRoute, ConsumerType};
+use crate::db::DbPool;
+
+/// How long one poll waits for a message.
+const POLL: Duration = Duration::from_millis(100);
+/// How often finished messages' offsets are handed to librdkafka (which commits them every
+/// `auto.commit.interval.ms`).
+const STORE_EVERY: Duration = Duration::from_millis(200);
+/// How often an idle drain asks the broker whether it is at the end.
+const DRAIN_CHECK_EVERY: Duration = Duration::from_millis(500);
+/// How often old inbox rows are deleted.
+const INBOX_CLEANUP_EVERY: Duration = Duration::from_secs(3600);
+
+/// Next offsets to store, per partition: finished messages' offsets + 1.
+#[derive(Default)]
+struct Offsets {
+    next: Vec<(String, i32, i64)>,
+}
+
+impl Offsets {
+    fn mark(&mut self, topic: &str, partition: i32, offset: i64) {
+        match self
+            .next
+            .iter_mut()
+            .find(|(t, p, _)| *p == partition && t == topic)
+        {
+            Some(e) => e.2 = e.2.max(offset + 1),
+            None => self.next.push((topic.to_string(), partition, offset + 1)),
+        }
+    }
+
+    fn take(&mut self) -> Option<TopicPartitionList> {
+        if self.next.is_empty() {
+            return None;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (t, p, o) in self.next.drain(..) {
+            let _ = tpl.add_partition_offset(&t, p, Offset::Offset(o));
+        }
+        Some(tpl)
+    }
+}
+
+/// What the poll thread, the workers and the rebalance callback share.
+#[derive(Default)]
+struct Shared {
+    offsets: Mutex<Offsets>,
+    /// Messages handed to workers and not yet finished or dropped.
+    in_flight: Mutex<usize>,
+    settled: Condvar,
+}
+
+impl Shared {
+    fn finished(&self, n: usize) {
+        let mut f = self.in_flight.lock().expect("in-flight lock");
+        *f -= n;
+        if *f == 0 {
+            self.settled.notify_all();
+        }
+    }
+
+    fn wait_settled(&self) {
+        let mut f = self.in_flight.lock().expect("in-flight lock");
+        while *f > 0 {
+            f = self.settled.wait(f).expect("in-flight lock");
+        }
+    }
+
+    /// Hands the finished messages' offsets to librdkafka.
+    fn store<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>) {
+        let tpl = self.offsets.lock().expect("offsets lock").take();
+        if let Some(tpl) = tpl {
+            if let Err(e) = consumer.store_offsets(&tpl) {
+                // A partition revoked meanwhile: its next owner redelivers (at least once).
+                tracing::debug!("storing offsets: {e}");
+            }
+        }
+    }
+}
+
+struct RunnerContext {
+    shared: Arc<Shared>,
+    route: String,
+}
+
+impl ClientContext for RunnerContext {}
+
+impl ConsumerContext for RunnerContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            // Finish what is in hand, store and commit its offsets, then let the partitions go.
+            self.shared.wait_settled();
+            self.shared.store(consumer);
+            match consumer.commit_consumer_state(CommitMode::Sync) {
+                Ok(())
+                | Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
+                Err(e) => tracing::warn!(route = %self.route, "commit before revoke: {e}"),
+            }
+            tracing::info!(route = %self.route, "partitions revoked: {}", describe(tpl));
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                tracing::info!(route = %self.route, "partitions assigned: {}", describe(tpl))
+            }
+            Rebalance::Error(e) => tracing::warn!(route = %self.route, "rebalance failed: {e}"),
+            Rebalance::Revoke(_) => {}
+        }
+    }
+}
+
+fn describe(tpl: &TopicPartitionList) -> String {
+    let mut parts: Vec<String> = tpl
+        .elements()
+        .iter()
+        .map(|e| format!("{}[{}]", e.topic(), e.partition()))
+        .collect();
+    if parts.is_empty() {
+        parts.push("none".into());
+    }
+    parts.join(", ")
+}
+
+/// Runs route `name` until `stop` is set (or, with `options.drain`, until every assigned
+/// partition has been read to its end).
+pub(crate) fn run(
+    config: &Config,
+    name: &str,
+    registry: &Registry,
+    options: RunOptions,
+    stop: Arc<AtomicBool>,
+) -> Result<ConsumeReport, ConsumeError> {
+    let route = config
+        .consumers
+        .get(name)
+        .ok_or_else(|| ConsumeError::UnknownRoute {
+            name: name.to_string(),
+            known: config.consumers.keys().cloned().collect(),
+        })?;
+    let route = Arc::new(route.clone());
+    let mut handlers = Vec::with_capacity(route.concurrency);
+    for _ in 0..route.concurrency {
+        handlers.push(
+            registry
+                .instantiate(&route)
+                .map_err(ConsumeError::Handler)?,
+        );
+    }
+    let pool = if route.inbox {
+        let pool = DbPool::connect(&config.database)?;
+        let mut conn = pool.get()?;
+        super::inbox::check_table(&mut conn).map_err(|e| ConsumeError::Inbox(format!(
+            "`consumers.{name}.inbox` needs the table devour_inbox ({e}); run `devour migrate` or start with --migrate"
+        )))?;
+        let removed = super::inbox::cleanup(&mut conn, &route.group, route.inbox_retention_hours)?;
+        tracing::debug!(route = name, "inbox cleanup removed {removed} row(s)");
+        Some(pool)
+    } else {
+        None
+    };
+    let dead_letters = Arc::new(DeadLetters::new(config, &route)?);
+    let shared = Arc::new(Shared::default());
+    let consumer = create_consumer(config, &route, options.drain, shared.clone())?;
+    let stats = Arc::new(Stats::default());
+    tracing::info!(
+        route = name,
+        "consuming {} as group {} ({}), handler {}, dump {}, concurrency {}{}",
+        route.topics.join(", "),
+        route.group,
+        match route.consumer_type {
+            ConsumerType::Balanced => "balanced",
+            ConsumerType::Simple => "simple",
+        },
+        route.handler,
+        route.dump.as_str(),
+        route.concurrency,
+        if route.inbox { ", inbox" } else { "" }
+    );
+    let started = Instant::now();
+    let mut clock = Clock {
+        first: None,
+        last: None,
+    };
+    match route.consumer_type {
+        ConsumerType::Balanced => {
+            let topics: Vec<&str> = route.topics.iter().map(String::as_str).collect();
+            consumer
+                .subscribe(&topics)
+                .map_err(|e| ConsumeError::Kafka(format!("subscribing to {topics:?}: {e}")))?;
+        }
+        ConsumerType::Simple => {
+            if !assign_all(&consumer, &route, &stop)? {
+                return Ok(report(&stats, started, &clock));
+            }
+        }
+    }
+    let mut dispatchers: Vec<Dispatcher> = handlers
+        .into_iter()
+        .map(|h| {
+            Dispatcher::new(
+                route.clone(),
+                h,
+                dead_letters.clone(),
+                pool.clone(),
+                stop.clone(),
+                stats.clone(),
+            )
+        })
+        .collect();
+    let mut loop_state = LoopState {
+        consumer: &consumer,
+        route: &route,
+        shared: &shared,
+        stop: &stop,
+        drain: options.drain,
+        last_store: Instant::now(),
+        last_drain_check: Instant::now(),
+        last_cleanup: Instant::now(),
+        pool: pool.as_ref(),
+        clock: &mut clock,
+    };
+    if dispatchers.len() == 1 {
+        loop_state.inline(&mut dispatchers[0]);
+    } else {
+        loop_state.with_workers(dispatchers);
+    }
+    // Stopping: everything finished is stored and committed before the consumer leaves.
+    shared.store(&consumer);
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(()) | Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
+        Err(e) => tracing::warn!(route = name, "final commit: {e}"),
+    }
+    drop(consumer);
+    Ok(report(&stats, started, &clock))
+}
+
+struct Clock {
+    first: Option<Instant>,
+    last: Option<Instant>,
+}
+
+fn report(stats: &Stats, started: Instant, clock: &Clock) -> ConsumeReport {
+    ConsumeReport {
+        processed: stats.processed.load(Ordering::Relaxed),
+        dead_lettered: stats.dead_lettered.load(Ordering::Relaxed),
+        duplicates: stats.duplicates.load(Ordering::Relaxed),
+        retries: stats.retries.load(Ordering::Relaxed),
+        elapsed: started.elapsed(),
+        busy: match (clock.first, clock.last) {
+            (Some(a), Some(b)) => b.duration_since(a),
+            _ => Duration::ZERO,
+        },
+    }
+}
+
+fn create_consumer(
+    config: &Config,
+    route: &ConsumerRoute,
+    drain: bool,
+    shared: Arc<Shared>,
+) -> Result<BaseConsumer<RunnerContext>, ConsumeError> {
+    let mut c = rdkafka::ClientConfig::new();
+    for (k, v) in config.kafka.consumer_properties() {
+        c.set(k, v);
+    }
+    c.set("group.id", &route.group)
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", route.start_from.as_str())
+        .set("enable.partition.eof", "false");
+    if drain {
+        // A drain is short-lived: commit often so that what it did is recorded even if killed.
+        c.set("auto.commit.interval.ms", "1000");
+    }
+    for (k, v) in &route.properties {
+        c.set(k, v);
+    }
+    c.create_with_context(RunnerContext {
+        shared,
+        route: route.name.clone(),
+    })
+    .map_err(|e| ConsumeError::Kafka(format!("creating the consumer: {e}")))
+}
+
+/// `consumer_type = "simple"`: assigns every partition of the route's topics, resuming from the
+/// group's committed offsets. Waits for topics that do not exist yet; `false` if stopped first.
+fn assign_all(
+    consumer: &BaseConsumer<RunnerContext>,
+    route: &ConsumerRoute,
+    stop: &AtomicBool,
+) -> Result<bool, ConsumeError> {
+    let mut tpl = TopicPartitionList::new();
+    for topic in &route.topics {
+        let mut warned = false;
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(false);
+            }
+            let partitions = consumer
+                .fetch_metadata(Some(topic), Duration::from_secs(10))
+                .ok()
+                .and_then(|m| {
+                    m.topics()
+                        .iter()
+                        .find(|t| t.name() == topic && t.error().is_none())
+                        .map(|t| t.partitions().len())
+                })
+                .unwrap_or(0);
+            if partitions > 0 {
+                for p in 0..partitions as i32 {
+                    let _ = tpl.add_partition_offset(topic, p, Offset::Stored);
+                }
+                break;
+            }
+            if !warned {
+                tracing::warn!(route = %route.name, "topic {topic} does not exist (yet); waiting for it");
+                warned = true;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+    consumer
+        .assign(&tpl)
+        .map_err(|e| ConsumeError::Kafka(format!("assigning {}: {e}", describe(&tpl))))?;
+    tracing::info!(route = %route.name, "partitions assigned: {}", describe(&tpl));
+    Ok(true)
+}
+
+struct LoopState<'a> {
+    consumer: &'a BaseConsumer<RunnerContext>,
+    route: &'a ConsumerRoute,
+    shared: &'a Arc<Shared>,
+    stop: &'a Arc<AtomicBool>,
+    drain: bool,
+    last_store: Instant,
+    last_drain_check: Instant,
+    last_cleanup: Instant,
+    pool: Option<&'a DbPool>,
+    clock: &'a mut Clock,
+}
+
+impl LoopState<'_> {
+    /// `concurrency = 1`: messages are handled on the polling thread, in poll order.
+    fn inline(&mut self, dispatcher: &mut Dispatcher) {
+        let batch_max = if self.route.inbox {
+            self.route.inbox_batch
+        } else {
+            1
+        };
+        let mut batch = Vec::with_capacity(batch_max);
+        while !self.stop.load(Ordering::Relaxed) {
+            match self.consumer.poll(POLL) {
+                None => {
+                    if self.idle() {
+                        break;
+                    }
+                    continue;
+                }
+                Some(Err(e)) => {
+                    log_poll_error(self.route, &e);
+                    continue;
+                }
+                Some(Ok(m)) => batch.push(m),
+            }
+            self.clock.first.get_or_insert_with(Instant::now);
+            while batch.len() < batch_max {
+                match self.consumer.poll(Duration::ZERO) {
+                    Some(Ok(m)) => batch.push(m),
+                    Some(Err(e)) => {
+                        log_poll_error(self.route, &e);
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            let shared = self.shared;
+            let handled = dispatcher.handle(&batch, &mut |m| {
+                shared.offsets.lock().expect("offsets lock").mark(
+                    m.topic(),
+                    m.partition(),
+                    m.offset(),
+                )
+            });
+            batch.clear();
+            self.clock.last = Some(Instant::now());
+            if handled.is_err() {
+                break;
+            }
+            if self.last_store.elapsed() >= STORE_EVERY {
+                self.shared.store(self.consumer);
+                self.last_store = Instant::now();
+            }
+        }
+    }
+
+    /// `concurrency > 1`: one worker thread per dispatcher; a partition always goes to the same
+    /// worker, so its messages stay in order.
+    fn with_workers(&mut self, dispatchers: Vec<Dispatcher>) {
+        let n = dispatchers.len();
+        let mut senders = Vec::with_capacity(n);
+        let mut workers = Vec::with_capacity(n);
+        let batch_max = if self.route.inbox {
+            self.route.inbox_batch
+        } else {
+            1
+        };
+        let last_done = Arc::new(Mutex::new(None::<Instant>));
+        for (i, mut d) in dispatchers.into_iter().enumerate() {
+            let (tx, rx) = crossbeam_channel::bounded::<OwnedMessage>(256);
+            senders.push(tx);
+            let shared = self.shared.clone();
+            let stop = self.stop.clone();
+            let last_done = last_done.clone();
+            let name = format!("devour-consume-{i}");
+            workers.push(
+                std::thread::Builder::new()
+                    .name(name)
+                    .spawn(move || {
+                        let mut batch = Vec::with_capacity(batch_max);
+                        while let Ok(m) = rx.recv() {
+                            batch.push(m);
+                            while batch.len() < batch_max {
+                                match rx.try_recv() {
+                                    Ok(m) => batch.push(m),
+                                    Err(_) => break,
+                                }
+                            }
+                            let n = batch.len();
+                            if !stop.load(Ordering::Relaxed) {
+                                let _ = d.handle(&batch, &mut |m| {
+                                    shared.offsets.lock().expect("offsets lock").mark(
+                                        m.topic(),
+                                        m.partition(),
+                                        m.offset(),
+                                    )
+                                });
+                                *last_done.lock().expect("clock lock") = Some(Instant::now());
+                            }
+                            batch.clear();
+                            shared.finished(n);
+                        }
+                    })
+                    .expect("spawning a consumer worker"),
+            );
+        }
+        while !self.stop.load(Ordering::Relaxed) {
+            let m = match self.consumer.poll(POLL) {
+                None => {
+                    if self.idle() {
+                        break;
+                    }
+                    continue;
+                }
+                Some(Err(e)) => {
+                    log_poll_error(self.route, &e);
+                    continue;
+                }
+                Some(Ok(m)) => m,
+            };
+            self.clock.first.get_or_insert_with(Instant::now);
+            let worker = worker_for(m.topic(), m.partition(), n);
+            *self.shared.in_flight.lock().expect("in-flight lock") += 1;
+            if senders[worker].send(m.detach()).is_err() {
+                self.shared.finished(1);
+                break;
+            }
+            if self.last_store.elapsed() >= STORE_EVERY {
+                self.shared.store(self.consumer);
+                self.last_store = Instant::now();
+            }
+        }
+        drop(senders);
+        for w in workers {
+            let _ = w.join();
+        }
+        self.clock.last = *last_done.lock().expect("clock lock");
+    }
+
+    /// Called when a poll found nothing: stores offsets, cleans the inbox now and then, and in
+    /// a drain, says whether the end is reached.
+    fn idle(&mut self) -> bool {
+        self.shared.store(self.consumer);
+        self.last_store = Instant::now();
+        if let Some(pool) = self.pool {
+            if self.last_cleanup.elapsed() >= INBOX_CLEANUP_EVERY {
+                self.last_cleanup = Instant::now();
+                match pool.get().and_then(|mut c| {
+                    super::inbox::cleanup(
+                        &mut c,
+                        &self.route.group,
+                        self.route.inbox_retention_hours,
+                    )
+                }) {
+                    Ok(n) => {
+                        tracing::info!(route = %self.route.name, "inbox cleanup removed {n} row(s)")
+                    }
+                    Err(e) => tracing::warn!(route = %self.route.name, "inbox cleanup: {e}"),
+                }
+            }
+        }
+        if !self.drain || self.last_drain_check.elapsed() < DRAIN_CHECK_EVERY {
+            return false;
+        }
+        self.last_drain_check = Instant::now();
+        if *self.shared.in_flight.lock().expect("in-flight lock") > 0 {
+            return false;
+        }
+        at_end(self.consumer, self.route).unwrap_or(false)
+    }
+}
+
+/// Whether every assigned partition has been read to its high watermark.
+fn at_end(consumer: &BaseConsumer<RunnerContext>, route: &ConsumerRoute) -> Option<bool> {
+    let assignment = consumer.assignment().ok()?;
+    if assignment.count() == 0 {
+        return Some(false);
+    }
+    let position = consumer.position().ok()?;
+    let committed = consumer
+        .committed_offsets(assignment.clone(), Duration::from_secs(5))
+        .ok()?;
+    for e in assignment.elements() {
+        let (low, high) = consumer
+            .fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(5))
+            .ok()?;
+        let offset_of = |tpl: &TopicPartitionList| match tpl
+            .find_partition(e.topic(), e.partition())
+            .map(|p| p.offset())
+        {
+            Some(Offset::Offset(n)) => Some(n),
+            _ => None,
+        };
+        let next = offset_of(&position)
+            .or_else(|| offset_of(&committed))
+            .unwrap_or(match route.start_from {
+                crate::config::StartFrom::Earliest => low,
+                crate::config::StartFrom::Latest => high,
+            });
+        if next < high {
+            return Some(false);
+        }
+    }
+    Some(true)
+}
+
+fn worker_for(topic: &str, partition: i32, n: usize) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    topic.hash(&mut h);
+    partition.hash(&mut h);
+    (h.finish() % n as u64) as usize
+}
+
+fn log_poll_error(route: &ConsumerRoute, e: &KafkaError) {
+    // librdkafka retries on its own; these are worth a line, not an exit.
+    tracing::warn!(route = %route.name, "consumer: {e}");
+}
