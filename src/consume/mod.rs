@@ -97,6 +97,13 @@ pub struct RunOptions {
     pub drain: bool,
 }
 
+impl RunOptions {
+    /// Options of a drain ([`RunOptions::drain`] set).
+    pub fn drain() -> RunOptions {
+        RunOptions { drain: true }
+    }
+}
+
 /// What a run did.
 #[derive(Debug, Clone)]
 #[non_exhaustive]

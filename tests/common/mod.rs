@@ -15,6 +15,8 @@ use diesel::prelude::*;
 use serde::Serialize;
 use serde_json::Value;
 
+pub mod consume;
+
 /// PostgreSQL server URL for tests (any database; tests create their own).
 pub fn pg_admin_url() -> String {
     std::env::var("DEVOUR_TEST_PG_URL")
@@ -428,7 +430,7 @@ fn reader(topic: &str) -> rdkafka::consumer::BaseConsumer {
     consumer
 }
 
-fn received(m: &rdkafka::message::BorrowedMessage<'_>) -> Received {
+pub fn received_of(m: &rdkafka::message::BorrowedMessage<'_>) -> Received {
     use rdkafka::message::{Headers, Message};
     Received {
         partition: m.partition(),
@@ -465,7 +467,7 @@ pub fn consume(topic: &str, n: usize, timeout: Duration) -> Vec<Received> {
         match consumer.poll(Duration::from_millis(200)) {
             None => {}
             Some(Err(e)) => panic!("consumer error on {topic}: {e}"),
-            Some(Ok(m)) => out.push(received(&m)),
+            Some(Ok(m)) => out.push(received_of(&m)),
         }
     }
     out
@@ -577,7 +579,7 @@ pub fn consume_seqs(topic: &str, distinct: usize, timeout: Duration) -> Vec<Rece
             seen.len()
         );
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
-            let r = received(&m);
+            let r = received_of(&m);
             let v: serde_json::Value =
                 serde_json::from_slice(r.payload.as_deref().unwrap_or(b"{}")).unwrap_or_default();
             seen.insert(v["seq"].as_i64().unwrap_or(-1));

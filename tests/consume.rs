@@ -1,0 +1,620 @@
+//! `devour consume` in process, against the real broker and databases: outbox → relay → consume
+//! end to end, offsets committed only after success, retries, dead letters, undecodable
+//! payloads, panics, simple consumers, concurrency, and the inbox's exactly-once effects.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::consume::{
+    accept, committed, config, drain, offsets_reader, produce, produce_seqs, read_all, recording,
+    rewind, Out, Seen,
+};
+use common::{create_topic, Backend, TestDb};
+use devour::consume::DigestError;
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+
+const T: Duration = Duration::from_secs(60);
+
+fn route(name: &str, topic: &str, extra: &str) -> String {
+    format!(
+        "[consumers.{name}]\ntopic = \"{topic}\"\nhandler = \"record\"\ngroup = \"{}\"\n{extra}\n",
+        common::unique(name)
+    )
+}
+
+/// Per partition, offsets strictly increase in the order the handler saw them (first attempts).
+fn assert_partition_order(calls: &[Seen]) {
+    let mut last: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    for c in calls.iter().filter(|c| c.attempt == 1) {
+        if let Some(prev) = last.insert((c.topic.clone(), c.partition), c.offset) {
+            assert!(
+                prev < c.offset,
+                "partition {}: offset {} handled after {prev}",
+                c.partition,
+                c.offset
+            );
+        }
+    }
+}
+
+fn end_to_end(backend: Backend) {
+    let db = TestDb::new(backend, "consume_e2e");
+    let topic = create_topic("consume-e2e", 4);
+    let cfg = config(&db, &route("e2e", &topic, ""));
+    match backend {
+        Backend::Postgres => common::insert_rows(
+            &mut PgConnection::establish(&db.url).unwrap(),
+            &topic,
+            0,
+            2000,
+            50,
+        ),
+        Backend::Sqlite => common::insert_rows(
+            &mut SqliteConnection::establish(db.diesel_url()).unwrap(),
+            &topic,
+            0,
+            2000,
+            50,
+        ),
+    }
+    let relay = devour::relay::run(
+        &cfg,
+        devour::relay::RunOptions {
+            mode: devour::relay::Mode::Drain,
+            progress: false,
+        },
+        Arc::new(AtomicBool::new(false)),
+    )
+    .expect("relay drain");
+    assert_eq!(relay.delivered, 2000);
+
+    let (registry, calls) = recording(accept());
+    let report = drain(&cfg, "e2e", &registry, T);
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(report.processed, 2000, "{report:?}");
+    let seqs: BTreeSet<i64> = calls.iter().map(Seen::seq).collect();
+    assert_eq!(
+        seqs,
+        (0..2000).collect::<BTreeSet<_>>(),
+        "every outbox row reached the handler"
+    );
+    assert_eq!(calls.len(), 2000, "each message once");
+    assert_partition_order(&calls);
+    // Per key, seqs in commit order; and the devour headers reached the handler.
+    let mut per_key: BTreeMap<String, i64> = BTreeMap::new();
+    for c in &calls {
+        let key = c.key.clone().expect("outbox rows have keys");
+        if let Some(prev) = per_key.insert(key.clone(), c.seq()) {
+            assert!(prev < c.seq(), "key {key}: seq {} after {prev}", c.seq());
+        }
+        assert_eq!(c.event.as_deref(), Some("create"));
+        assert!(c.message_id.is_some(), "message-id header missing: {c:?}");
+    }
+    // The offsets are committed: a second run of the route finds nothing new.
+    let (registry, again) = recording(accept());
+    let report = drain(&cfg, "e2e", &registry, T);
+    assert_eq!((report.processed, again.lock().unwrap().len()), (0, 0));
+}
+
+#[test]
+fn outbox_to_relay_to_consume_postgres() {
+    end_to_end(Backend::Postgres);
+}
+
+#[test]
+fn outbox_to_relay_to_consume_sqlite() {
+    end_to_end(Backend::Sqlite);
+}
+
+#[test]
+fn a_handler_failing_three_times_then_succeeding_commits_only_after() {
+    let db = TestDb::new(Backend::Sqlite, "consume_retry");
+    let topic = create_topic("consume-retry", 1);
+    produce_seqs(&topic, 10, 1);
+    let name = "retry";
+    let r = route(
+        name,
+        &topic,
+        "retry = { max_attempts = 5, initial_backoff_ms = 300, max_backoff_ms = 300 }\n\
+         properties = { \"auto.commit.interval.ms\" = 100 }",
+    );
+    let cfg = config(&db, &r);
+    let group = cfg.consumers[name].group.clone();
+    let succeeded = Arc::new(AtomicBool::new(false));
+    let s = succeeded.clone();
+    let behaviour: common::consume::Behaviour = Arc::new(move |seen, _| {
+        if seen.seq() == 4 {
+            if seen.attempt <= 3 {
+                return Err(DigestError::retry(format!(
+                    "attempt {} fails",
+                    seen.attempt
+                )));
+            }
+            s.store(true, Ordering::SeqCst);
+        }
+        Ok(())
+    });
+    let (registry, calls) = recording(behaviour);
+    // Watch the group's committed offset while message 4 is failing.
+    let watching = Arc::new(AtomicBool::new(true));
+    let (w, s2, g, t) = (
+        watching.clone(),
+        succeeded.clone(),
+        group.clone(),
+        topic.clone(),
+    );
+    let watcher = std::thread::spawn(move || {
+        let reader = offsets_reader(&g);
+        let mut seen_while_failing = Vec::new();
+        while w.load(Ordering::SeqCst) {
+            if !s2.load(Ordering::SeqCst) {
+                seen_while_failing.push(committed(&reader, &t, 1)[0]);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        seen_while_failing
+    });
+    let report = drain(&cfg, name, &registry, T);
+    watching.store(false, Ordering::SeqCst);
+    let while_failing = watcher.join().unwrap();
+    let calls = calls.lock().unwrap().clone();
+    let attempts: Vec<u32> = calls
+        .iter()
+        .filter(|c| c.seq() == 4)
+        .map(|c| c.attempt)
+        .collect();
+    assert_eq!(
+        attempts,
+        vec![1, 2, 3, 4],
+        "message 4 is tried until it succeeds"
+    );
+    assert_eq!(
+        (report.processed, report.retries, report.dead_lettered),
+        (10, 3, 0),
+        "{report:?}"
+    );
+    // Offsets are per-partition watermarks: while offset 4 was failing, nothing at or past it
+    // may be committed (committed offset = next to read, so at most 4).
+    assert!(
+        !while_failing.is_empty(),
+        "the watcher sampled nothing during the failures"
+    );
+    let max = *while_failing.iter().max().unwrap();
+    assert!(
+        max <= 4,
+        "committed {max} while offset 4 had not succeeded: {while_failing:?}"
+    );
+    // The messages after 4 waited for it (order within the partition).
+    assert_partition_order(&calls);
+    let order: Vec<i64> = calls
+        .iter()
+        .filter(|c| c.attempt == 1)
+        .map(Seen::seq)
+        .collect();
+    assert_eq!(order, (0..10).collect::<Vec<_>>());
+    assert_eq!(
+        committed(&offsets_reader(&group), &topic, 1),
+        vec![10],
+        "all committed after success"
+    );
+}
+
+#[test]
+fn permanent_errors_and_exhausted_retries_go_to_the_dead_letter_topic_and_the_consumer_goes_on() {
+    let db = TestDb::new(Backend::Sqlite, "consume_dlq");
+    let topic = create_topic("consume-dlq", 2);
+    let dlq = format!("{topic}.dlq");
+    produce(
+        &topic,
+        &[
+            Out::seq("a", 0),
+            Out {
+                key: Some("b"),
+                payload: Some(br#"{"seq": 1, "fatal": true}"#.to_vec()),
+                headers: vec![("trace", "t-1")],
+            },
+            Out::seq("a", 2),
+            Out::seq("c", 3),
+            Out::seq("a", 4),
+        ],
+    );
+    let name = "dlq";
+    let cfg = config(
+        &db,
+        &route(
+            name,
+            &topic,
+            "retry = { max_attempts = 2, initial_backoff_ms = 10 }",
+        ),
+    );
+    let behaviour: common::consume::Behaviour = Arc::new(|seen, _| match seen.seq() {
+        1 => Err(DigestError::give_up("this order can never be billed")),
+        3 => Err(DigestError::retry("downstream says no")),
+        _ => Ok(()),
+    });
+    let (registry, calls) = recording(behaviour);
+    let report = drain(&cfg, name, &registry, T);
+    assert_eq!(
+        (report.processed, report.dead_lettered),
+        (3, 2),
+        "{report:?}"
+    );
+    let calls = calls.lock().unwrap().clone();
+    let tries = |s: i64| calls.iter().filter(|c| c.seq() == s).count();
+    assert_eq!(
+        (tries(1), tries(3)),
+        (1, 2),
+        "give_up is not retried; retry stops at max_attempts"
+    );
+    let dead = read_all(&dlq, Duration::from_secs(30));
+    assert_eq!(dead.len(), 2, "dead letters: {dead:?}");
+    let group = cfg.consumers[name].group.clone();
+    for d in &dead {
+        let h: BTreeMap<&str, &str> = d
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let payload: serde_json::Value =
+            serde_json::from_slice(d.payload.as_deref().unwrap()).unwrap();
+        let seq = payload["seq"].as_i64().unwrap();
+        let original = calls.iter().find(|c| c.seq() == seq).unwrap();
+        assert_eq!(h["devour-dlq-topic"], topic);
+        assert_eq!(h["devour-dlq-partition"], original.partition.to_string());
+        assert_eq!(h["devour-dlq-offset"], original.offset.to_string());
+        assert_eq!(h["devour-dlq-group"], group);
+        assert_eq!(h["devour-dlq-route"], name);
+        assert_eq!(d.key.as_deref(), original.key.as_deref(), "the key is kept");
+        assert!(h["devour-dlq-failed-at-ms"].parse::<i64>().is_ok());
+        match seq {
+            1 => {
+                assert_eq!(h["devour-dlq-attempts"], "1");
+                assert!(
+                    h["devour-dlq-error"].contains("can never be billed"),
+                    "{h:?}"
+                );
+                assert_eq!(h["trace"], "t-1", "original headers are kept");
+            }
+            3 => {
+                assert_eq!(h["devour-dlq-attempts"], "2");
+                assert!(
+                    h["devour-dlq-error"].contains("downstream says no"),
+                    "{h:?}"
+                );
+            }
+            other => panic!("seq {other} should not be dead-lettered"),
+        }
+    }
+    // Committed offset = next to read; -1 for a partition that had no messages.
+    let committed: i64 = committed(&offsets_reader(&group), &topic, 2)
+        .iter()
+        .map(|o| o.max(&0))
+        .sum();
+    assert_eq!(committed, 5, "all 5 committed, the dead-lettered ones too");
+}
+
+#[test]
+fn undecodable_payloads_go_to_the_dead_letter_topic() {
+    let db = TestDb::new(Backend::Sqlite, "consume_undecodable");
+    let topic = create_topic("consume-undecodable", 1);
+    let dlq = create_topic("consume-undecodable-dlq", 1);
+    produce(
+        &topic,
+        &[
+            Out::seq("a", 0),
+            Out {
+                key: Some("a"),
+                payload: Some(b"not json {".to_vec()),
+                headers: vec![],
+            },
+            Out::seq("a", 2),
+            Out {
+                key: Some("a"),
+                payload: Some(br#"{"seq": "three"}"#.to_vec()),
+                headers: vec![],
+            },
+        ],
+    );
+    #[derive(serde::Deserialize)]
+    struct Typed {
+        seq: i64,
+    }
+    struct TypedHandler(Arc<std::sync::Mutex<Vec<i64>>>);
+    impl devour::consume::Consumer for TypedHandler {
+        type Message = Typed;
+        fn digest(
+            &mut self,
+            _: &devour::consume::Meta<'_>,
+            m: devour::consume::Payload<'_, Typed>,
+            _: &mut devour::consume::Ctx<'_>,
+        ) -> Result<(), DigestError> {
+            self.0.lock().unwrap().push(m.into_obj().unwrap().seq);
+            Ok(())
+        }
+    }
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut registry = devour::consume::Registry::new();
+    let s = seen.clone();
+    registry.register("typed", move || TypedHandler(s.clone()));
+    let cfg = config(
+        &db,
+        &format!(
+            "[consumers.typed]\ntopic = \"{topic}\"\nhandler = \"typed\"\ndump = \"obj\"\ndead_letter_topic = \"{dlq}\"\ngroup = \"{}\"\n",
+            common::unique("typed")
+        ),
+    );
+    let report = drain(&cfg, "typed", &registry, T);
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![0, 2],
+        "only decodable messages reach the handler"
+    );
+    assert_eq!((report.processed, report.dead_lettered), (2, 2));
+    let dead = read_all(&dlq, Duration::from_secs(30));
+    let errors: Vec<String> = dead
+        .iter()
+        .map(|d| {
+            d.headers
+                .iter()
+                .find(|(k, _)| k == "devour-dlq-error")
+                .unwrap()
+                .1
+                .clone()
+        })
+        .collect();
+    assert_eq!(dead.len(), 2, "{errors:?}");
+    assert!(
+        errors.iter().all(|e| e.starts_with("undecodable")),
+        "{errors:?}"
+    );
+    assert_eq!(
+        dead[0].payload.as_deref(),
+        Some(&b"not json {"[..]),
+        "the payload is kept as it was"
+    );
+}
+
+#[test]
+fn a_panicking_handler_is_retried_not_fatal() {
+    let db = TestDb::new(Backend::Sqlite, "consume_panic");
+    let topic = create_topic("consume-panic", 1);
+    produce_seqs(&topic, 3, 1);
+    let cfg = config(
+        &db,
+        &route("panic", &topic, "retry = { initial_backoff_ms = 10 }"),
+    );
+    let behaviour: common::consume::Behaviour = Arc::new(|seen, _| {
+        if seen.seq() == 1 && seen.attempt == 1 {
+            panic!("handler bug on seq 1");
+        }
+        Ok(())
+    });
+    let (registry, calls) = recording(behaviour);
+    let report = drain(&cfg, "panic", &registry, T);
+    assert_eq!(
+        (report.processed, report.retries, report.dead_lettered),
+        (3, 1, 0),
+        "{report:?}"
+    );
+    let order: Vec<(i64, u32)> = calls
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|c| (c.seq(), c.attempt))
+        .collect();
+    assert_eq!(order, vec![(0, 1), (1, 1), (1, 2), (2, 1)]);
+}
+
+#[test]
+fn simple_consumers_each_read_every_partition() {
+    let db = TestDb::new(Backend::Sqlite, "consume_simple");
+    let topic = create_topic("consume-simple", 3);
+    produce_seqs(&topic, 300, 30);
+    let cfg = config(&db, &route("simple", &topic, "consumer_type = \"simple\""));
+    // Two consumers of one simple route at once: no group sharing, each reads all 3 partitions.
+    let runs: Vec<_> = (0..2)
+        .map(|_| {
+            let cfg = cfg.clone();
+            std::thread::spawn(move || {
+                let (registry, calls) = recording(accept());
+                drain(&cfg, "simple", &registry, T);
+                let calls = calls.lock().unwrap().clone();
+                calls
+            })
+        })
+        .collect();
+    for run in runs {
+        let calls = run.join().unwrap();
+        let partitions: BTreeSet<i32> = calls.iter().map(|c| c.partition).collect();
+        assert_eq!(partitions, BTreeSet::from([0, 1, 2]));
+        let seqs: BTreeSet<i64> = calls.iter().map(Seen::seq).collect();
+        assert_eq!(seqs.len(), 300, "a simple consumer reads every message");
+        assert_partition_order(&calls);
+    }
+}
+
+#[test]
+fn concurrency_handles_partitions_in_parallel_and_keeps_their_order() {
+    let db = TestDb::new(Backend::Sqlite, "consume_concurrency");
+    let topic = create_topic("consume-concurrency", 8);
+    produce_seqs(&topic, 800, 64);
+    let cfg = config(&db, &route("par", &topic, "concurrency = 4"));
+    let busy = Arc::new(AtomicU32::new(0));
+    let peak = Arc::new(AtomicU32::new(0));
+    let (b, p) = (busy.clone(), peak.clone());
+    let behaviour: common::consume::Behaviour = Arc::new(move |_, _| {
+        let now = b.fetch_add(1, Ordering::SeqCst) + 1;
+        p.fetch_max(now, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(2));
+        b.fetch_sub(1, Ordering::SeqCst);
+        Ok(())
+    });
+    let (registry, calls) = recording(behaviour);
+    let report = drain(&cfg, "par", &registry, T);
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(report.processed, 800);
+    assert_eq!(
+        calls.iter().map(Seen::seq).collect::<BTreeSet<_>>().len(),
+        800
+    );
+    assert_partition_order(&calls);
+    assert!(
+        peak.load(Ordering::SeqCst) > 1,
+        "handlers never ran in parallel"
+    );
+}
+
+// --- inbox ---------------------------------------------------------------------------------
+
+const EFFECTS: &str = "CREATE TABLE effects (seq BIGINT NOT NULL, note TEXT NOT NULL)";
+
+/// Inserts the message's effect through the inbox transaction.
+fn write_effect(seen: &Seen, ctx: &mut devour::consume::Ctx<'_>) -> Result<(), DigestError> {
+    let sql = format!(
+        "INSERT INTO effects (seq, note) VALUES ({}, 'attempt {}')",
+        seen.seq(),
+        seen.attempt
+    );
+    if let Some(c) = ctx.postgres() {
+        c.batch_execute(&sql)?;
+    } else if let Some(c) = ctx.sqlite() {
+        c.batch_execute(&sql)?;
+    } else {
+        return Err(DigestError::give_up("no inbox transaction"));
+    }
+    Ok(())
+}
+
+fn effects(db: &TestDb) -> BTreeMap<i64, i64> {
+    #[derive(QueryableByName)]
+    struct E {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        seq: i64,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let q = "SELECT seq, CAST(count(*) AS BIGINT) AS n FROM effects GROUP BY seq";
+    let rows: Vec<E> = match db.backend {
+        Backend::Postgres => diesel::sql_query(q)
+            .load(&mut PgConnection::establish(&db.url).unwrap())
+            .unwrap(),
+        Backend::Sqlite => diesel::sql_query(q)
+            .load(&mut SqliteConnection::establish(db.diesel_url()).unwrap())
+            .unwrap(),
+    };
+    rows.into_iter().map(|e| (e.seq, e.n)).collect()
+}
+
+fn exec(db: &TestDb, sql: &str) {
+    match db.backend {
+        Backend::Postgres => PgConnection::establish(&db.url)
+            .unwrap()
+            .batch_execute(sql)
+            .unwrap(),
+        Backend::Sqlite => SqliteConnection::establish(db.diesel_url())
+            .unwrap()
+            .batch_execute(sql)
+            .unwrap(),
+    }
+}
+
+fn inbox_exactly_once(backend: Backend) {
+    let db = TestDb::new(backend, "consume_inbox");
+    exec(&db, EFFECTS);
+    let topic = create_topic("consume-inbox", 3);
+    // 300 messages with message ids; then 20 of them again, as a relay that crashed after the
+    // broker's ack but before removing the rows would send them (same message-id, new offsets).
+    let ids: Vec<String> = (0..300).map(|i| format!("mid-{i}")).collect();
+    let keys: Vec<String> = (0..30).map(|k| format!("k{k}")).collect();
+    let msg = |i: usize| Out {
+        headers: vec![("message-id", ids[i].as_str())],
+        ..Out::seq(&keys[i % 30], i as i64)
+    };
+    produce(&topic, &(0..300).map(msg).collect::<Vec<_>>());
+    produce(&topic, &(100..120).map(msg).collect::<Vec<_>>());
+    let name = "inbox";
+    let cfg = config(
+        &db,
+        &route(
+            name,
+            &topic,
+            "inbox = true\ninbox_batch = 64\nretry = { initial_backoff_ms = 10 }",
+        ),
+    );
+    // Seq 150's first attempt fails after writing its effect: that write must roll back.
+    let behaviour: common::consume::Behaviour = Arc::new(|seen, ctx| {
+        write_effect(seen, ctx)?;
+        if seen.seq() == 150 && seen.attempt == 1 {
+            return Err(DigestError::retry("fails once after writing"));
+        }
+        Ok(())
+    });
+    let (registry, _) = recording(behaviour.clone());
+    let report = drain(&cfg, name, &registry, T);
+    assert_eq!(
+        (report.processed, report.duplicates),
+        (300, 20),
+        "{report:?}"
+    );
+    let e = effects(&db);
+    assert_eq!(e.len(), 300, "every message has its effect");
+    let twice: Vec<_> = e.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(twice.is_empty(), "effects not exactly once: {twice:?}");
+
+    // The whole topic again (offsets rewound, as after a crash before any commit).
+    rewind(&cfg.consumers[name].group, &topic, 3);
+    let (registry, calls) = recording(behaviour);
+    let report = drain(&cfg, name, &registry, T);
+    assert_eq!(
+        (report.processed, report.duplicates),
+        (0, 320),
+        "{report:?}"
+    );
+    assert!(
+        calls.lock().unwrap().is_empty(),
+        "the handler saw redeliveries"
+    );
+    assert_eq!(effects(&db), e, "redelivery changed the effects");
+}
+
+#[test]
+fn inbox_gives_exactly_once_effects_postgres() {
+    inbox_exactly_once(Backend::Postgres);
+}
+
+#[test]
+fn inbox_gives_exactly_once_effects_sqlite() {
+    inbox_exactly_once(Backend::Sqlite);
+}
+
+#[test]
+fn inbox_without_migrations_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("empty.db").display());
+    let cfg = devour::Config::from_toml_str(
+        &format!(
+            "[database]\nurl = \"{url}\"\n[kafka]\nhosts = \"{}\"\n[consumers.x]\ntopic = \"t\"\nhandler = \"print\"\ninbox = true\n",
+            common::kafka_hosts()
+        ),
+        devour::config::Origin::Defaults,
+        &Default::default(),
+    )
+    .unwrap();
+    let t = Instant::now();
+    let err = devour::consume::run(
+        &cfg,
+        "x",
+        &devour::consume::Registry::new(),
+        devour::consume::RunOptions::drain(),
+        Arc::new(AtomicBool::new(false)),
+    )
+    .unwrap_err();
+    assert!(err.is_usage(), "{err}");
+    assert!(err.to_string().contains("devour migrate"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(10));
+}
