@@ -1,0 +1,268 @@
+//! The shipped `devour consume` binary: its built-in `print` and `exec` handlers, a clean stop
+//! on SIGTERM with offsets committed, and exit code 2 with a clear message for a bad route,
+//! handler or `dump`.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::consume::{committed, offsets_reader, produce, read_all, Out};
+use common::create_topic;
+
+fn devour(dir: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_devour"));
+    cmd.args(args)
+        .current_dir(dir)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DEVOUR_CONFIG", dir.join("devour.toml"))
+        .env("RUST_LOG", "info");
+    cmd
+}
+
+fn run(dir: &Path, args: &[&str]) -> (i32, String, String) {
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = devour(dir, args).output().unwrap();
+    (
+        status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&stdout).into_owned(),
+        String::from_utf8_lossy(&stderr).into_owned(),
+    )
+}
+
+fn setup(routes: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("devour.toml"),
+        format!(
+            "[database]\nurl = \"sqlite://{}\"\n[kafka]\nhosts = \"{}\"\n{routes}",
+            dir.path().join("app.db").display(),
+            common::kafka_hosts()
+        ),
+    )
+    .unwrap();
+    dir
+}
+
+#[test]
+fn bad_route_handler_or_dump_exits_2_with_a_clear_message() {
+    let cases: &[(&str, &[&str], &str)] = &[
+        (
+            "[consumers.a]\ntopic = \"t\"\nhandler = \"print\"\n[consumers.b]\ntopic = \"t\"\nhandler = \"print\"\n",
+            &["consume", "nope"],
+            "no consumer route `nope` in the configuration (configured: a, b)",
+        ),
+        (
+            "[kafka.properties]\n",
+            &["consume", "nope"],
+            "none is configured: add a `[consumers.NAME]` table",
+        ),
+        (
+            "[consumers.a]\ntopic = \"t\"\nhandler = \"billing\"\n",
+            &["consume", "a"],
+            "`consumers.a.handler`: no handler named `billing` (registered: exec, print)",
+        ),
+        (
+            "[consumers.a]\ntopic = \"t\"\nhandler = \"print\"\ndump = \"yaml\"\n",
+            &["consume", "a"],
+            "`consumers.a.dump`: `yaml` is not one of \"raw\", \"json\", \"obj\"",
+        ),
+        (
+            "[consumers.a]\ntopic = \"t\"\nhandler = \"exec\"\ndump = \"obj\"\ncommand = [\"true\"]\n",
+            &["consume", "a"],
+            "`consumers.a.dump`: handler `exec` does not take dump = \"obj\" (it takes: raw, json)",
+        ),
+        (
+            "[consumers.a]\ntopic = \"t\"\nhandler = \"exec\"\n",
+            &["consume", "a"],
+            "`consumers.a.command`: missing",
+        ),
+        (
+            "[consumers.a]\nhandler = \"print\"\n",
+            &["consume", "a"],
+            "`consumers.a.topic`: missing",
+        ),
+        (
+            "[consumers.a]\ntopic = \"bad topic\"\nhandler = \"print\"\n",
+            &["consume", "a"],
+            "`consumers.a.topic`",
+        ),
+        (
+            "[consumers.a]\ntopic = \"t\"\nhandler = \"print\"\nconsumer_tpye = \"simple\"\n",
+            &["consume", "a"],
+            "`consumers.a.consumer_tpye`: unknown key; did you mean `consumer_type`?",
+        ),
+        (
+            "[consumers.a]\ntopic = \"t\"\nhandler = \"print\"\n[consumers.a.properties]\n\"group.id\" = \"x\"\n",
+            &["consume", "a"],
+            "`consumers.a.properties.group.id`: cannot be set here: set the route's `group` instead",
+        ),
+        (
+            "[consumers.a]\ntopic = \"t\"\nhandler = \"print\"\nretry = { max_attempts = 20, max_backoff_ms = 60000 }\n",
+            &["consume", "a"],
+            "`consumers.a.retry.max_backoff_ms`",
+        ),
+        (
+            "[consumers.a]\ntopic = \"t\"\ndead_letter_topic = \"t\"\nhandler = \"print\"\n",
+            &["consume", "a"],
+            "dead letters would come back",
+        ),
+        (
+            "[consumers.a]\ntopic = \"t\"\nhandler = \"print\"\nconcurrency = 0\n",
+            &["consume", "a"],
+            "`consumers.a.concurrency`: must be greater than zero",
+        ),
+    ];
+    for (routes, args, expected) in cases {
+        let dir = setup(routes);
+        let t = Instant::now();
+        let (code, _, stderr) = run(dir.path(), args);
+        assert_eq!(code, 2, "{routes}\n{args:?} → {stderr}");
+        assert!(
+            stderr.contains(expected),
+            "{routes}\nexpected `{expected}` in:\n{stderr}"
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "a bad route fails at start"
+        );
+    }
+}
+
+#[test]
+fn print_writes_one_json_line_per_message() {
+    let topic = create_topic("consume-print", 1);
+    produce(
+        &topic,
+        &[
+            Out {
+                headers: vec![("event", "update"), ("message-id", "m-1")],
+                ..Out::seq("acct-1", 0)
+            },
+            Out {
+                key: None,
+                payload: Some(b"plain text".to_vec()),
+                headers: vec![],
+            },
+        ],
+    );
+    let dir = setup(&format!(
+        "[consumers.show]\ntopic = \"{topic}\"\nhandler = \"print\"\ndump = \"raw\"\n"
+    ));
+    let (code, stdout, stderr) = run(dir.path(), &["consume", "show", "--drain"]);
+    assert_eq!(code, 0, "{stderr}");
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert_eq!(lines[0]["topic"], topic.as_str());
+    assert_eq!(lines[0]["partition"], 0);
+    assert_eq!(lines[0]["offset"], 0);
+    assert_eq!(lines[0]["key"], "acct-1");
+    assert_eq!(lines[0]["event"], "update");
+    assert_eq!(lines[0]["headers"]["message-id"], "m-1");
+    assert_eq!(
+        lines[0]["message"], r#"{"seq":0,"key":"acct-1"}"#,
+        "raw: the payload as text"
+    );
+    assert!(lines[0]["timestamp_ms"].as_i64().unwrap() > 0);
+    assert_eq!(lines[1]["key"], serde_json::Value::Null);
+    assert_eq!(lines[1]["message"], "plain text");
+    assert!(stderr.contains("2 processed, 0 dead-lettered"), "{stderr}");
+}
+
+#[test]
+fn exec_runs_the_command_per_message_and_exit_65_dead_letters() {
+    let topic = create_topic("consume-exec", 1);
+    produce(
+        &topic,
+        &[
+            Out {
+                headers: vec![("event", "create"), ("message-id", "m-0")],
+                ..Out::seq("a", 0)
+            },
+            Out::seq("poison", 1),
+            Out::seq("b", 2),
+        ],
+    );
+    let dir = setup(&format!(
+        "[consumers.run]\ntopic = \"{topic}\"\nhandler = \"exec\"\n\
+         command = [\"sh\", \"-c\", \"printf '%s|%s|%s|%s|%s|%s|' \\\"$DEVOUR_TOPIC\\\" \\\"$DEVOUR_OFFSET\\\" \\\"$DEVOUR_KEY\\\" \\\"$DEVOUR_EVENT\\\" \\\"$DEVOUR_MESSAGE_ID\\\" \\\"$DEVOUR_ROUTE\\\" >> out.txt; cat >> out.txt; echo >> out.txt; [ \\\"$DEVOUR_KEY\\\" != poison ] || exit 65\"]\n"
+    ));
+    let (code, _, stderr) = run(dir.path(), &["consume", "run", "--drain"]);
+    assert_eq!(code, 0, "{stderr}");
+    let out = std::fs::read_to_string(dir.path().join("out.txt")).unwrap();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines,
+        vec![
+            format!("{topic}|0|a|create|m-0|run|{{\"seq\":0,\"key\":\"a\"}}"),
+            format!("{topic}|1|poison|||run|{{\"seq\":1,\"key\":\"poison\"}}"),
+            format!("{topic}|2|b|||run|{{\"seq\":2,\"key\":\"b\"}}"),
+        ],
+        "one run per message, payload on stdin, metadata in the environment"
+    );
+    assert!(stderr.contains("2 processed, 1 dead-lettered"), "{stderr}");
+    let dead = read_all(&format!("{topic}.dlq"), Duration::from_secs(30));
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].key.as_deref(), Some("poison"));
+    let attempts = dead[0]
+        .headers
+        .iter()
+        .find(|(k, _)| k == "devour-dlq-attempts")
+        .unwrap();
+    assert_eq!(attempts.1, "1", "exit 65 gives up at once");
+}
+
+#[test]
+fn sigterm_finishes_the_message_in_hand_commits_and_exits_0() {
+    let topic = create_topic("consume-sigterm", 1);
+    common::consume::produce_seqs(&topic, 200, 5);
+    let group = common::unique("sigterm");
+    let dir = setup(&format!(
+        "[consumers.slow]\ntopic = \"{topic}\"\ngroup = \"{group}\"\nhandler = \"exec\"\n\
+         command = [\"sh\", \"-c\", \"sleep 0.05; cat >> out.txt; echo >> out.txt\"]\n"
+    ));
+    let mut child = devour(dir.path(), &["consume", "slow"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = dir.path().join("out.txt");
+    let count = || {
+        std::fs::read_to_string(&out)
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while count() < 20 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = Command::new("kill").arg(child.id().to_string()).status(); // SIGTERM
+    let t = Instant::now();
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(status.success(), "exit 0 on SIGTERM: {status:?}\n{stderr}");
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "stopped in {:?}",
+        t.elapsed()
+    );
+    let done = count();
+    assert!(
+        (20..200).contains(&done),
+        "stopped mid-stream: {done} handled"
+    );
+    assert_eq!(
+        committed(&offsets_reader(&group), &topic, 1),
+        vec![done as i64],
+        "the committed offset is exactly what was handled\n{stderr}"
+    );
+}
