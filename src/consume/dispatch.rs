@@ -1,9 +1,8 @@
 //! One message (or, with the inbox, one batch) through the handler: decoding, retries with
-//! backoff, the dead-letter topic, and the inbox transaction. The runner calls `done` for a
-//! message only once it is finished (handled, skipped as a duplicate, or dead-lettered): that is
-//! what lets it store the message's offset.
+//! backoff, the dead-letter topic, and the inbox transaction. `Dispatcher::handle` says how many
+//! messages of a batch are finished (handled, skipped as a duplicate, or dead-lettered): only
+//! their offsets may be stored.
 
-use std::collections::HashSet;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -15,7 +14,7 @@ use rdkafka::Message;
 
 use super::dead_letter::DeadLetters;
 use super::handler::{Action, CallError, Ctx, DynConsumer, HeadersRef, Meta, TxConnection};
-use super::inbox::{self, InboxEntry};
+use super::inbox::{self, Claimed, InboxEntry};
 use crate::config::ConsumerRoute;
 use crate::db::{DbConnection, DbError, DbPool};
 
@@ -46,10 +45,7 @@ fn meta_of<'a, M: Message>(
 
 impl Record for BorrowedMessage<'_> {
     fn meta<'a>(&'a self, route: &'a str, attempt: u32) -> Meta<'a> {
-        let h = self
-            .headers()
-            .map_or(HeadersRef::None, HeadersRef::Borrowed);
-        meta_of(self, route, attempt, h)
+        meta_of(self, route, attempt, HeadersRef::Borrowed(self))
     }
     fn payload_bytes(&self) -> Option<&[u8]> {
         self.payload()
@@ -58,8 +54,7 @@ impl Record for BorrowedMessage<'_> {
 
 impl Record for OwnedMessage {
     fn meta<'a>(&'a self, route: &'a str, attempt: u32) -> Meta<'a> {
-        let h = self.headers().map_or(HeadersRef::None, HeadersRef::Owned);
-        meta_of(self, route, attempt, h)
+        meta_of(self, route, attempt, HeadersRef::Owned(self.headers()))
     }
     fn payload_bytes(&self) -> Option<&[u8]> {
         self.payload()
@@ -108,6 +103,8 @@ enum Next {
 /// A transaction's end other than commit.
 enum TxError {
     Db(diesel::result::Error),
+    /// Some messages were in the inbox already: do it again, asking which.
+    Duplicates,
     /// Message `usize` of the batch failed; nothing of the batch was committed.
     Failed(usize, Failure),
 }
@@ -123,8 +120,9 @@ trait InboxConnection: Connection {
     fn claim(
         &mut self,
         group: &str,
-        entries: &[InboxEntry],
-    ) -> diesel::QueryResult<HashSet<String>>;
+        entries: &[InboxEntry<'_>],
+        keys: bool,
+    ) -> diesel::QueryResult<Claimed>;
     fn lend(&mut self) -> TxConnection<'_>;
 }
 
@@ -133,9 +131,10 @@ impl InboxConnection for diesel::PgConnection {
     fn claim(
         &mut self,
         group: &str,
-        entries: &[InboxEntry],
-    ) -> diesel::QueryResult<HashSet<String>> {
-        inbox::claim_postgres(self, group, entries)
+        entries: &[InboxEntry<'_>],
+        keys: bool,
+    ) -> diesel::QueryResult<Claimed> {
+        inbox::claim_postgres(self, group, entries, keys)
     }
     fn lend(&mut self) -> TxConnection<'_> {
         TxConnection::Postgres(self)
@@ -147,9 +146,10 @@ impl InboxConnection for diesel::SqliteConnection {
     fn claim(
         &mut self,
         group: &str,
-        entries: &[InboxEntry],
-    ) -> diesel::QueryResult<HashSet<String>> {
-        inbox::claim_sqlite(self, group, entries)
+        entries: &[InboxEntry<'_>],
+        keys: bool,
+    ) -> diesel::QueryResult<Claimed> {
+        inbox::claim_sqlite(self, group, entries, keys)
     }
     fn lend(&mut self) -> TxConnection<'_> {
         TxConnection::Sqlite(self)
@@ -187,22 +187,20 @@ impl Dispatcher {
         }
     }
 
-    /// Handles `batch` in order, calling `done` for each finished message. `Err(Stopped)` when
-    /// a stop came while a message was unfinished (it and the rest are not `done`).
-    pub(crate) fn handle<R: Record>(
-        &mut self,
-        batch: &[R],
-        done: &mut dyn FnMut(&R),
-    ) -> Result<(), Stopped> {
-        if self.route.inbox {
-            self.inbox_batch(batch, done)
+    /// Handles `batch` in order; returns how many of its first messages are finished: all of
+    /// them, unless a stop came while one was unfinished.
+    pub(crate) fn handle<R: Record>(&mut self, batch: &[R]) -> usize {
+        let mut finished = 0;
+        let _ = if self.route.inbox {
+            self.inbox_batch(batch, &mut finished)
         } else {
-            for m in batch {
+            batch.iter().try_for_each(|m| {
                 self.one(m, None)?;
-                done(m);
-            }
-            Ok(())
-        }
+                finished += 1;
+                Ok(())
+            })
+        };
+        finished
     }
 
     /// Sleeps `d` unless a stop comes first (then `false`).
@@ -261,6 +259,7 @@ impl Dispatcher {
             Ok(()) => Ok(()),
             Err(TxError::Db(e)) => Err(Failure::Db(e.into())),
             Err(TxError::Failed(_, f)) => Err(f),
+            Err(TxError::Duplicates) => unreachable!("inbox_tx asks again"),
         }
     }
 
@@ -355,20 +354,14 @@ impl Dispatcher {
     /// The batch in inbox transactions: all of it in one when every message succeeds; else the
     /// part before the failing message in one, the failing one alone (retries, dead letter),
     /// and the rest again as a batch.
-    fn inbox_batch<R: Record>(
-        &mut self,
-        batch: &[R],
-        done: &mut dyn FnMut(&R),
-    ) -> Result<(), Stopped> {
+    fn inbox_batch<R: Record>(&mut self, batch: &[R], finished: &mut usize) -> Result<(), Stopped> {
         if batch.is_empty() {
             return Ok(());
         }
         loop {
             match self.inbox_tx(batch, 1) {
                 Ok(()) => {
-                    for m in batch {
-                        done(m);
-                    }
+                    *finished += batch.len();
                     return Ok(());
                 }
                 Err(TxError::Db(e)) => {
@@ -380,11 +373,12 @@ impl Dispatcher {
                         Next::Finished => unreachable!("a database failure never dead-letters"),
                     }
                 }
+                Err(TxError::Duplicates) => unreachable!("inbox_tx asks again"),
                 Err(TxError::Failed(k, f)) => {
-                    self.inbox_batch(&batch[..k], done)?;
+                    self.inbox_batch(&batch[..k], finished)?;
                     self.one(&batch[k], Some(f))?;
-                    done(&batch[k]);
-                    return self.inbox_batch(&batch[k + 1..], done);
+                    *finished += 1;
+                    return self.inbox_batch(&batch[k + 1..], finished);
                 }
             }
         }
@@ -400,16 +394,16 @@ impl Dispatcher {
         let conn = self.conn.as_mut().expect("just set");
         let route = &*self.route;
         let handler = &mut *self.handler;
-        let entries: Vec<InboxEntry> = batch
+        let entries: Vec<InboxEntry<'_>> = batch
             .iter()
             .map(|m| {
                 let meta = m.meta(&route.name, attempt);
                 InboxEntry {
                     key: match meta.message_id() {
-                        Some(id) => id.to_string(),
-                        None => format!("{}/{}/{}", meta.topic, meta.partition, meta.offset),
+                        Some(id) => id.into(),
+                        None => format!("{}/{}/{}", meta.topic, meta.partition, meta.offset).into(),
                     },
-                    topic: meta.topic.to_string(),
+                    topic: meta.topic,
                     partition: meta.partition,
                     offset: meta.offset,
                 }
@@ -417,7 +411,10 @@ impl Dispatcher {
             .collect();
         let (handled, skipped) = crate::db::each_backend!(conn, c => {
             let c: &mut _ = &mut **c;
-            run_inbox_tx(c, route, handler, batch, &entries, attempt)?
+            match run_inbox_tx(c, route, handler, batch, &entries, attempt, false) {
+                Err(TxError::Duplicates) => run_inbox_tx(c, route, handler, batch, &entries, attempt, true)?,
+                other => other?,
+            }
         });
         self.stats.processed.fetch_add(handled, Ordering::Relaxed);
         self.stats.duplicates.fetch_add(skipped, Ordering::Relaxed);
@@ -436,22 +433,31 @@ fn to_diesel(e: DbError) -> diesel::result::Error {
 }
 
 /// The inbox transaction on a concrete connection; returns (handled, skipped as duplicates).
+/// Without `ask_keys`, it only counts the new entries and gives up with `Duplicates` unless all
+/// were new; with it, it learns which were new and skips the others.
 fn run_inbox_tx<C: InboxConnection, R: Record>(
     c: &mut C,
     route: &ConsumerRoute,
     handler: &mut dyn DynConsumer,
     batch: &[R],
-    entries: &[InboxEntry],
+    entries: &[InboxEntry<'_>],
     attempt: u32,
+    ask_keys: bool,
 ) -> Result<(u64, u64), TxError> {
     c.transaction::<_, TxError, _>(|c| {
-        let mut new = c.claim(&route.group, entries)?;
+        let mut new = match c.claim(&route.group, entries, ask_keys)? {
+            Claimed::Count(n) if n == entries.len() => None,
+            Claimed::Count(_) => return Err(TxError::Duplicates),
+            Claimed::Keys(keys) => Some(keys),
+        };
         let (mut handled, mut skipped) = (0, 0);
         for (i, (m, entry)) in batch.iter().zip(entries).enumerate() {
             // A key seen twice in one batch (the relay sent a row twice) is handled once.
-            if !new.remove(&entry.key) {
-                skipped += 1;
-                continue;
+            if let Some(new) = &mut new {
+                if !new.remove(entry.key.as_ref()) {
+                    skipped += 1;
+                    continue;
+                }
             }
             let meta = m.meta(&route.name, attempt);
             let mut ctx = Ctx { tx: Some(c.lend()) };

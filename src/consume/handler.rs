@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
-use rdkafka::message::{BorrowedHeaders, Headers, OwnedHeaders};
+use rdkafka::message::{BorrowedHeaders, BorrowedMessage, Headers, Message, OwnedHeaders};
 use serde::de::DeserializeOwned;
 
 use crate::config::{ConsumerRoute, Dump};
@@ -84,9 +84,10 @@ pub struct Meta<'a> {
 /// The headers of a borrowed or an owned message.
 #[derive(Clone, Copy)]
 pub(crate) enum HeadersRef<'a> {
-    None,
-    Borrowed(&'a BorrowedHeaders),
-    Owned(&'a OwnedHeaders),
+    /// Parsed on first use (librdkafka parses a message's headers lazily; most handlers that
+    /// never look at them should not pay for it).
+    Borrowed(&'a BorrowedMessage<'a>),
+    Owned(Option<&'a OwnedHeaders>),
 }
 
 impl fmt::Debug for HeadersRef<'_> {
@@ -98,19 +99,21 @@ impl fmt::Debug for HeadersRef<'_> {
 }
 
 impl<'a> HeadersRef<'a> {
+    fn borrowed(m: &'a BorrowedMessage<'a>) -> Option<&'a BorrowedHeaders> {
+        m.headers()
+    }
+
     fn get(&self, idx: usize) -> Option<(&'a str, Option<&'a [u8]>)> {
         match *self {
-            HeadersRef::None => None,
-            HeadersRef::Borrowed(h) => h.try_get(idx).map(|h| (h.key, h.value)),
-            HeadersRef::Owned(h) => h.try_get(idx).map(|h| (h.key, h.value)),
+            HeadersRef::Borrowed(m) => Self::borrowed(m)?.try_get(idx).map(|h| (h.key, h.value)),
+            HeadersRef::Owned(h) => h?.try_get(idx).map(|h| (h.key, h.value)),
         }
     }
 
     fn count(&self) -> usize {
-        match self {
-            HeadersRef::None => 0,
-            HeadersRef::Borrowed(h) => h.count(),
-            HeadersRef::Owned(h) => h.count(),
+        match *self {
+            HeadersRef::Borrowed(m) => Self::borrowed(m).map_or(0, |h| h.count()),
+            HeadersRef::Owned(h) => h.map_or(0, |h| h.count()),
         }
     }
 }

@@ -8,12 +8,20 @@ use diesel::sql_types::{Array, BigInt, Integer, Text};
 
 /// One message to record.
 #[derive(Debug, Clone)]
-pub(crate) struct InboxEntry {
+pub(crate) struct InboxEntry<'a> {
     /// `message-id` header, else `TOPIC/PARTITION/OFFSET`.
-    pub key: String,
-    pub topic: String,
+    pub key: std::borrow::Cow<'a, str>,
+    pub topic: &'a str,
     pub partition: i32,
     pub offset: i64,
+}
+
+/// What a claim reports.
+pub(crate) enum Claimed {
+    /// How many entries were new (the fast form: no list).
+    Count(usize),
+    /// The keys that were new.
+    Keys(HashSet<String>),
 }
 
 #[derive(QueryableByName)]
@@ -22,55 +30,72 @@ struct Key {
     message_key: String,
 }
 
-/// Records `entries` for `group` where not already there; returns the keys that were new.
+/// Records `entries` for `group` where not already there. With `keys`, says which were new;
+/// without, only how many (cheaper: when all were new, nothing else is needed).
 #[cfg(feature = "postgres")]
 pub(crate) fn claim_postgres(
     c: &mut diesel::PgConnection,
     group: &str,
-    entries: &[InboxEntry],
-) -> QueryResult<HashSet<String>> {
-    let keys: Vec<&str> = entries.iter().map(|e| e.key.as_str()).collect();
-    let topics: Vec<&str> = entries.iter().map(|e| e.topic.as_str()).collect();
+    entries: &[InboxEntry<'_>],
+    keys: bool,
+) -> QueryResult<Claimed> {
+    let names: Vec<&str> = entries.iter().map(|e| e.key.as_ref()).collect();
+    let topics: Vec<&str> = entries.iter().map(|e| e.topic).collect();
     let partitions: Vec<i32> = entries.iter().map(|e| e.partition).collect();
     let offsets: Vec<i64> = entries.iter().map(|e| e.offset).collect();
-    let rows: Vec<Key> = diesel::sql_query(
-        "INSERT INTO devour_inbox (consumer_group, message_key, topic, kafka_partition, kafka_offset) \
+    let insert = "INSERT INTO devour_inbox (consumer_group, message_key, topic, kafka_partition, kafka_offset) \
          SELECT $1, k, t, p, o FROM unnest($2::text[], $3::text[], $4::int[], $5::bigint[]) AS m(k, t, p, o) \
-         ON CONFLICT (consumer_group, message_key) DO NOTHING RETURNING message_key",
-    )
-    .bind::<Text, _>(group)
-    .bind::<Array<Text>, _>(&keys)
-    .bind::<Array<Text>, _>(&topics)
-    .bind::<Array<Integer>, _>(&partitions)
-    .bind::<Array<BigInt>, _>(&offsets)
-    .load(c)?;
-    Ok(rows.into_iter().map(|r| r.message_key).collect())
+         ON CONFLICT (consumer_group, message_key) DO NOTHING";
+    let q = |sql: String| {
+        diesel::sql_query(sql)
+            .bind::<Text, _>(group)
+            .bind::<Array<Text>, _>(&names)
+            .bind::<Array<Text>, _>(&topics)
+            .bind::<Array<Integer>, _>(&partitions)
+            .bind::<Array<BigInt>, _>(&offsets)
+    };
+    if keys {
+        let rows: Vec<Key> = q(format!("{insert} RETURNING message_key")).load(c)?;
+        Ok(Claimed::Keys(
+            rows.into_iter().map(|r| r.message_key).collect(),
+        ))
+    } else {
+        Ok(Claimed::Count(q(insert.to_string()).execute(c)?))
+    }
 }
 
-/// Records `entries` for `group` where not already there; returns the keys that were new.
+/// [`claim_postgres`] on SQLite.
 #[cfg(feature = "sqlite")]
 pub(crate) fn claim_sqlite(
     c: &mut diesel::SqliteConnection,
     group: &str,
-    entries: &[InboxEntry],
-) -> QueryResult<HashSet<String>> {
+    entries: &[InboxEntry<'_>],
+    keys: bool,
+) -> QueryResult<Claimed> {
     let list: Vec<(&str, &str, i32, i64)> = entries
         .iter()
-        .map(|e| (e.key.as_str(), e.topic.as_str(), e.partition, e.offset))
+        .map(|e| (e.key.as_ref(), e.topic, e.partition, e.offset))
         .collect();
     let json = serde_json::to_string(&list).expect("strings and numbers serialize");
     // `WHERE true` keeps SQLite from reading ON CONFLICT as a join constraint.
-    let rows: Vec<Key> = diesel::sql_query(
-        "INSERT INTO devour_inbox (consumer_group, message_key, topic, kafka_partition, kafka_offset) \
+    let insert = "INSERT INTO devour_inbox (consumer_group, message_key, topic, kafka_partition, kafka_offset) \
          SELECT ?1, json_extract(value, '$[0]'), json_extract(value, '$[1]'), \
                 json_extract(value, '$[2]'), json_extract(value, '$[3]') \
          FROM json_each(?2) WHERE true \
-         ON CONFLICT (consumer_group, message_key) DO NOTHING RETURNING message_key",
-    )
-    .bind::<Text, _>(group)
-    .bind::<Text, _>(json)
-    .load(c)?;
-    Ok(rows.into_iter().map(|r| r.message_key).collect())
+         ON CONFLICT (consumer_group, message_key) DO NOTHING";
+    let q = |sql: String| {
+        diesel::sql_query(sql)
+            .bind::<Text, _>(group)
+            .bind::<Text, _>(json.clone())
+    };
+    if keys {
+        let rows: Vec<Key> = q(format!("{insert} RETURNING message_key")).load(c)?;
+        Ok(Claimed::Keys(
+            rows.into_iter().map(|r| r.message_key).collect(),
+        ))
+    } else {
+        Ok(Claimed::Count(q(insert.to_string()).execute(c)?))
+    }
 }
 
 /// Deletes `group`'s inbox rows older than `hours`; returns how many.

@@ -19,6 +19,8 @@ use super::{ConsumeError, ConsumeReport, RunOptions};
 use crate::config::{Config, ConsumerRoute, ConsumerType};
 use crate::db::DbPool;
 
+/// Most messages handled per batch without an inbox (what librdkafka has fetched already).
+const BATCH: usize = 64;
 /// How long one poll waits for a message.
 const POLL: Duration = Duration::from_millis(100);
 /// How often finished messages' offsets are handed to librdkafka (which commits them every
@@ -74,6 +76,17 @@ impl Shared {
         *f -= n;
         if *f == 0 {
             self.settled.notify_all();
+        }
+    }
+
+    /// Records `finished` messages (in order) as done: their offsets + 1 are the next to store.
+    fn mark<M: Message>(&self, finished: &[M]) {
+        if finished.is_empty() {
+            return;
+        }
+        let mut offsets = self.offsets.lock().expect("offsets lock");
+        for m in finished {
+            offsets.mark(m.topic(), m.partition(), m.offset());
         }
     }
 
@@ -360,13 +373,10 @@ struct LoopState<'a> {
 }
 
 impl LoopState<'_> {
-    /// `concurrency = 1`: messages are handled on the polling thread, in poll order.
+    /// `concurrency = 1`: messages are handled on the polling thread, in poll order, in batches
+    /// of what librdkafka has fetched already (at most `BATCH`, or `inbox_batch` with an inbox).
     fn inline(&mut self, dispatcher: &mut Dispatcher) {
-        let batch_max = if self.route.inbox {
-            self.route.inbox_batch
-        } else {
-            1
-        };
+        let batch_max = self.batch_max();
         let mut batch = Vec::with_capacity(batch_max);
         while !self.stop.load(Ordering::Relaxed) {
             match self.consumer.poll(POLL) {
@@ -393,23 +403,27 @@ impl LoopState<'_> {
                     None => break,
                 }
             }
-            let shared = self.shared;
-            let handled = dispatcher.handle(&batch, &mut |m| {
-                shared.offsets.lock().expect("offsets lock").mark(
-                    m.topic(),
-                    m.partition(),
-                    m.offset(),
-                )
-            });
+            let finished = dispatcher.handle(&batch);
+            self.shared.mark(&batch[..finished]);
+            let stopped = finished < batch.len();
             batch.clear();
-            self.clock.last = Some(Instant::now());
-            if handled.is_err() {
+            let now = Instant::now();
+            self.clock.last = Some(now);
+            if stopped {
                 break;
             }
-            if self.last_store.elapsed() >= STORE_EVERY {
+            if now.duration_since(self.last_store) >= STORE_EVERY {
                 self.shared.store(self.consumer);
-                self.last_store = Instant::now();
+                self.last_store = now;
             }
+        }
+    }
+
+    fn batch_max(&self) -> usize {
+        if self.route.inbox {
+            self.route.inbox_batch
+        } else {
+            BATCH
         }
     }
 
@@ -419,11 +433,7 @@ impl LoopState<'_> {
         let n = dispatchers.len();
         let mut senders = Vec::with_capacity(n);
         let mut workers = Vec::with_capacity(n);
-        let batch_max = if self.route.inbox {
-            self.route.inbox_batch
-        } else {
-            1
-        };
+        let batch_max = self.batch_max();
         let last_done = Arc::new(Mutex::new(None::<Instant>));
         for (i, mut d) in dispatchers.into_iter().enumerate() {
             let (tx, rx) = crossbeam_channel::bounded::<OwnedMessage>(256);
@@ -447,13 +457,8 @@ impl LoopState<'_> {
                             }
                             let n = batch.len();
                             if !stop.load(Ordering::Relaxed) {
-                                let _ = d.handle(&batch, &mut |m| {
-                                    shared.offsets.lock().expect("offsets lock").mark(
-                                        m.topic(),
-                                        m.partition(),
-                                        m.offset(),
-                                    )
-                                });
+                                let finished = d.handle(&batch);
+                                shared.mark(&batch[..finished]);
                                 *last_done.lock().expect("clock lock") = Some(Instant::now());
                             }
                             batch.clear();
