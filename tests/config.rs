@@ -380,6 +380,24 @@ fn repository_devour_toml_is_valid_and_documents_every_key() {
         "max_message_bytes",
         "[kafka.properties]",
         "[kafka.ssl_config]",
+        "topic",
+        "group",
+        "handler",
+        "consumer_type",
+        "dump",
+        "start_from",
+        "concurrency",
+        "dead_letter_topic",
+        "inbox",
+        "inbox_retention_hours",
+        "inbox_batch",
+        "command",
+        "exec_timeout_ms",
+        "max_attempts",
+        "initial_backoff_ms",
+        "max_backoff_ms",
+        ".retry]",
+        ".properties]",
     ] {
         assert!(text.contains(key), "devour.toml does not document `{key}`");
     }
@@ -512,4 +530,74 @@ fn relay_keys_from_the_environment() {
         devour::config::DeadLetterPolicy::BlockKey
     );
     assert_eq!(c.relay.batch_size, 50);
+}
+
+// --- [consumers.NAME] ---------------------------------------------------------------------
+
+#[test]
+fn a_route_gets_documented_defaults() {
+    let c = Config::from_toml_str(
+        &format!("{OK}[consumers.audit]\ntopic = \"orders\"\n"),
+        devour::config::Origin::Defaults,
+        &Default::default(),
+    )
+    .unwrap();
+    let r = &c.consumers["audit"];
+    assert_eq!(r.topics, vec!["orders"]);
+    assert_eq!((r.group.as_str(), r.handler.as_str()), ("audit", "audit"));
+    assert_eq!(r.consumer_type, devour::config::ConsumerType::Balanced);
+    assert_eq!(r.dump, devour::config::Dump::Json);
+    assert_eq!(r.start_from, devour::config::StartFrom::Earliest);
+    assert_eq!((r.concurrency, r.inbox, r.inbox_batch), (1, false, 1000));
+    assert_eq!(r.retry, devour::config::RetryPolicy::default());
+    assert_eq!(r.dead_letter_topic_for("orders"), "orders.dlq");
+    assert_eq!(
+        (1..=5).map(|a| r.retry.backoff_ms(a)).collect::<Vec<_>>(),
+        vec![200, 400, 800, 1600, 3200]
+    );
+}
+
+#[test]
+fn bad_routes_name_the_key() {
+    let cases: &[(&str, &str, &[&str])] = &[
+        ("[consumers.a]\ntopics = []\n", "consumers.a.topics", &["is empty"]),
+        ("[consumers.a]\ntopic = \"t\"\ntopics = [\"u\"]\n", "consumers.a.topics", &["not both"]),
+        ("[consumers.a]\ntopics = [\"t\", \"t\"]\n", "consumers.a.topics", &["listed twice"]),
+        ("[consumers.a]\ntopic = \"t\"\nconsumer_type = \"shared\"\n", "consumers.a.consumer_type", &["not one of \"balanced\", \"simple\""]),
+        ("[consumers.a]\ntopic = \"t\"\nstart_from = \"begin\"\n", "consumers.a.start_from", &["not one of"]),
+        ("[consumers.a]\ntopic = \"t\"\nconcurrency = 65\n", "consumers.a.concurrency", &["at most 64"]),
+        ("[consumers.a]\ntopic = \"t\"\nretry = { max_attempts = 0 }\n", "consumers.a.retry.max_attempts", &["greater than zero"]),
+        ("[consumers.a]\ntopic = \"t\"\nretry = { initial_backoff_ms = 500, max_backoff_ms = 100 }\n", "consumers.a.retry.max_backoff_ms", &["less than retry.initial_backoff_ms"]),
+        ("[consumers.a]\ntopic = \"t\"\nretry = { max_attempt = 3 }\n", "consumers.a.retry.max_attempt", &["did you mean `max_attempts`?"]),
+        ("[consumers.a]\ntopic = \"t\"\ninbox = \"yes\"\n", "consumers.a.inbox", &["expected a boolean"]),
+        ("[consumers.a]\ntopic = \"t\"\ninbox_batch = 20000\n", "consumers.a.inbox_batch", &["at most 10000"]),
+        ("[consumers.a]\ntopic = \"t\"\ncommand = [\"x\"]\n", "consumers.a.command", &["only used by `handler = \"exec\"`"]),
+        ("[consumers.a]\ntopic = \"t\"\nhandler = \"exec\"\ncommand = [\"\"]\n", "consumers.a.command", &["missing"]),
+        ("[consumers.a]\ntopic = \"t\"\n[consumers.a.properties]\n\"auto.offset.reset\" = \"latest\"\n", "consumers.a.properties.auto.offset.reset", &["`start_from`"]),
+        ("[consumers.a]\ntopic = \"t\"\n[consumers.a.properties]\n\"enable.auto.offset.store\" = true\n", "consumers.a.properties.enable.auto.offset.store", &["only after the handler succeeded"]),
+        ("[consumers]\na = 1\n", "consumers.a", &["a route is a table"]),
+        ("[consumers.\"a b\"]\ntopic = \"t\"\n", "consumers.a b", &["ASCII letters"]),
+    ];
+    for (route, key, reason) in cases {
+        assert_names(&format!("{OK}{route}"), &[], Some(key), reason);
+    }
+}
+
+#[test]
+fn config_check_shows_routes_with_secrets_masked() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        "devour.toml",
+        format!("{OK}[consumers.a]\ntopic = \"t\"\nhandler = \"print\"\n[consumers.a.properties]\n\"sasl.password\" = \"hunter2\"\n").as_bytes(),
+    );
+    let c = Config::load_file(&path, []).unwrap();
+    let text = c.to_redacted_toml();
+    assert!(text.contains("[consumers.a]"), "{text}");
+    assert!(text.contains("dead_letter_topic = \"t.dlq\""), "{text}");
+    assert!(!text.contains("hunter2"), "{text}");
+    // What it prints loads again, to the same routes.
+    let again = Config::from_toml_str(&text, devour::config::Origin::Defaults, &Default::default())
+        .unwrap();
+    assert_eq!(again.consumers["a"].topics, c.consumers["a"].topics);
 }
