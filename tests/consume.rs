@@ -618,3 +618,51 @@ fn inbox_without_migrations_is_a_clear_error() {
     assert!(err.to_string().contains("devour migrate"), "{err}");
     assert!(t.elapsed() < Duration::from_secs(10));
 }
+
+#[test]
+fn old_inbox_rows_are_cleaned_at_start() {
+    let db = TestDb::new(Backend::Sqlite, "consume_inbox_cleanup");
+    let topic = create_topic("consume-inbox-cleanup", 1);
+    produce_seqs(&topic, 5, 1);
+    let cfg = config(
+        &db,
+        &route("clean", &topic, "inbox = true\ninbox_retention_hours = 24"),
+    );
+    let group = cfg.consumers["clean"].group.clone();
+    exec(
+        &db,
+        &format!(
+            "INSERT INTO devour_inbox (consumer_group, message_key, topic, kafka_partition, kafka_offset, processed_at) VALUES \
+             ('{group}', 'old', 't', 0, 0, strftime('%Y-%m-%d %H:%M:%f', 'now', '-25 hours')), \
+             ('{group}', 'recent', 't', 0, 1, strftime('%Y-%m-%d %H:%M:%f', 'now', '-23 hours')), \
+             ('other-group', 'old', 't', 0, 0, strftime('%Y-%m-%d %H:%M:%f', 'now', '-25 hours'))"
+        ),
+    );
+    let (registry, _) = recording(accept());
+    let report = drain(&cfg, "clean", &registry, T);
+    assert_eq!(report.processed, 5);
+    #[derive(QueryableByName, Debug, PartialEq)]
+    struct K {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        consumer_group: String,
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        message_key: String,
+    }
+    let keys: Vec<K> = diesel::sql_query(
+        "SELECT consumer_group, message_key FROM devour_inbox WHERE message_key IN ('old', 'recent') ORDER BY 1, 2",
+    )
+    .load(&mut SqliteConnection::establish(db.diesel_url()).unwrap())
+    .unwrap();
+    let keys: Vec<(String, String)> = keys
+        .into_iter()
+        .map(|k| (k.consumer_group, k.message_key))
+        .collect();
+    assert_eq!(
+        keys,
+        vec![
+            (group, "recent".to_string()),
+            ("other-group".to_string(), "old".to_string())
+        ],
+        "only this group's rows older than inbox_retention_hours are deleted"
+    );
+}
