@@ -28,6 +28,8 @@ const POLL: Duration = Duration::from_millis(100);
 const STORE_EVERY: Duration = Duration::from_millis(200);
 /// How often an idle drain asks the broker whether it is at the end.
 const DRAIN_CHECK_EVERY: Duration = Duration::from_millis(500);
+/// How long a drain waits for partitions before it decides there is nothing to drain.
+const NOTHING_ASSIGNED: Duration = Duration::from_secs(15);
 /// How often old inbox rows are deleted.
 const INBOX_CLEANUP_EVERY: Duration = Duration::from_secs(3600);
 
@@ -249,6 +251,7 @@ pub(crate) fn run(
         last_store: Instant::now(),
         last_drain_check: Instant::now(),
         last_cleanup: Instant::now(),
+        started,
         pool: pool.as_ref(),
         clock: &mut clock,
     };
@@ -368,6 +371,7 @@ struct LoopState<'a> {
     last_store: Instant,
     last_drain_check: Instant,
     last_cleanup: Instant,
+    started: Instant,
     pool: Option<&'a DbPool>,
     clock: &'a mut Clock,
 }
@@ -530,14 +534,28 @@ impl LoopState<'_> {
         if *self.shared.in_flight.lock().expect("in-flight lock") > 0 {
             return false;
         }
-        at_end(self.consumer, self.route).unwrap_or(false)
+        at_end(self.consumer, self.route, self.started.elapsed()).unwrap_or(false)
     }
 }
 
 /// Whether every assigned partition has been read to its high watermark.
-fn at_end(consumer: &BaseConsumer<RunnerContext>, route: &ConsumerRoute) -> Option<bool> {
+fn at_end(
+    consumer: &BaseConsumer<RunnerContext>,
+    route: &ConsumerRoute,
+    running: Duration,
+) -> Option<bool> {
     let assignment = consumer.assignment().ok()?;
     if assignment.count() == 0 {
+        // The group gave this member nothing (other members hold every partition, or the topics
+        // do not exist): after a while there is nothing to drain.
+        if running >= NOTHING_ASSIGNED {
+            tracing::warn!(
+                route = %route.name,
+                "no partition assigned after {} s: nothing to drain",
+                running.as_secs()
+            );
+            return Some(true);
+        }
         return Some(false);
     }
     let position = consumer.position().ok()?;
@@ -576,7 +594,23 @@ fn worker_for(topic: &str, partition: i32, n: usize) -> usize {
     (h.finish() % n as u64) as usize
 }
 
+/// Logs a consumer error: librdkafka retries on its own, so these are worth a line, not an
+/// exit; the same error again within a minute is counted, not repeated.
 fn log_poll_error(route: &ConsumerRoute, e: &KafkaError) {
-    // librdkafka retries on its own; these are worth a line, not an exit.
-    tracing::warn!(route = %route.name, "consumer: {e}");
+    static LAST: Mutex<Option<(String, Instant, u64)>> = Mutex::new(None);
+    let text = e.to_string();
+    let mut last = LAST.lock().expect("log lock");
+    match &mut *last {
+        Some((t, at, repeats)) if *t == text && at.elapsed() < Duration::from_secs(60) => {
+            *repeats += 1;
+        }
+        _ => {
+            let repeats = last.as_ref().map_or(0, |l| l.2);
+            if repeats > 0 {
+                tracing::warn!(route = %route.name, "consumer: previous error repeated {repeats} time(s)");
+            }
+            tracing::warn!(route = %route.name, "consumer: {text}");
+            *last = Some((text, Instant::now(), 0));
+        }
+    }
 }
