@@ -394,12 +394,18 @@ impl Store {
                          INSERT INTO devour_outbox_delivered ({COLUMNS}) SELECT {COLUMNS} FROM moved"
                     ),
                 };
-                Ok(diesel::sql_query(sql)
-                    .bind::<diesel::sql_types::Array<BigInt>, _>(ids)
-                    .bind::<Text, _>(relay)
-                    .bind::<diesel::sql_types::Array<Integer>, _>(&shards)
-                    .bind::<diesel::sql_types::Array<BigInt>, _>(&epochs)
-                    .execute(c)?)
+                c.transaction(|c| {
+                    // A removal lost in a server crash only brings delivered rows back, to be
+                    // delivered again (at least once): it need not wait for its WAL to reach
+                    // the disk. Visibility does not wait: the next read no longer sees the rows.
+                    diesel::sql_query("SET LOCAL synchronous_commit = off").execute(c)?;
+                    Ok(diesel::sql_query(sql)
+                        .bind::<diesel::sql_types::Array<BigInt>, _>(ids)
+                        .bind::<Text, _>(relay)
+                        .bind::<diesel::sql_types::Array<Integer>, _>(&shards)
+                        .bind::<diesel::sql_types::Array<BigInt>, _>(&epochs)
+                        .execute(c)?)
+                })
             }
             #[cfg(feature = "sqlite")]
             Store::Sqlite(c) => c.immediate_transaction(|c| {
