@@ -4,6 +4,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -52,9 +53,15 @@ enum Command {
     ///
     /// Example: DEVOUR_DATABASE_URL=postgres://app:pw@127.0.0.1/app devour migrate
     Migrate(MigrateArgs),
-    /// Look at the outbox table.
+    /// Look at the outbox table and its dead letters; retry, discard or enqueue messages.
     #[command(subcommand)]
     Outbox(OutboxCommand),
+    /// Is everything flowing? Outbox backlog per topic and shard, age of the oldest row, dead
+    /// letters, relays and their shards, each consumer route's lag. Exit 1 when a part could
+    /// not be read (database or broker unreachable).
+    ///
+    /// Example: devour status --json | jq .outbox.oldest_age_s
+    Status(StatusArgs),
     /// Run consumer route NAME (`[consumers.NAME]` in devour.toml): hand every message of its
     /// topics to its handler; commit offsets only after the handler succeeded. Stops cleanly on
     /// SIGINT/SIGTERM (a second signal exits at once).
@@ -98,29 +105,120 @@ struct MigrateArgs {
     config: ConfigOpts,
 }
 
+#[derive(Debug, Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    config: ConfigOpts,
+    /// Print one JSON object instead of tables.
+    #[arg(long)]
+    json: bool,
+    /// How long to wait for each answer of the broker, in ms.
+    #[arg(long, default_value_t = 5000, value_name = "MS")]
+    timeout_ms: u64,
+}
+
 #[derive(Debug, Subcommand)]
 enum OutboxCommand {
     /// List the oldest undelivered rows.
     ///
     /// Example: devour outbox pending --limit 20
     Pending(PendingArgs),
-    /// Put a dead letter back into the outbox, in its original place: it is delivered before
-    /// the later rows of its key.
+    /// List dead letters (rows the broker refused for good), oldest first.
     ///
-    /// Example: devour outbox retry 4711
+    /// Example: devour outbox list --key customer-42
+    List(ListArgs),
+    /// Show one dead letter in full: error, attempts, headers and payload.
+    ///
+    /// Example: devour outbox show 4711
+    Show(ShowArgs),
+    /// Put dead letters back into the outbox, each in its original place: it is delivered
+    /// before the later rows of its key.
+    ///
+    /// Example: devour outbox retry 4711 | devour outbox retry --key customer-42 | devour outbox retry --all
     Retry(DeadLetterArgs),
-    /// Delete a dead letter for good (the later rows of its key are then delivered).
+    /// Delete dead letters for good (the later rows of their keys are then delivered).
     ///
-    /// Example: devour outbox discard 4711
+    /// Example: devour outbox discard 4711 | devour outbox discard --key customer-42 | devour outbox discard --all
     Discard(DeadLetterArgs),
+    /// Enqueue a message from the shell: the payload is read from stdin, the relay delivers it.
+    ///
+    /// Example: echo '{"id": 42}' | devour outbox put --topic orders --key 42 --event create
+    Put(PutArgs),
 }
 
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["id", "key", "all"])))]
 struct DeadLetterArgs {
     #[command(flatten)]
     config: ConfigOpts,
     /// The dead letter's id (its original outbox id).
+    id: Option<i64>,
+    /// Every dead letter of this key.
+    #[arg(long)]
+    key: Option<String>,
+    /// Every dead letter.
+    #[arg(long)]
+    all: bool,
+}
+
+impl DeadLetterArgs {
+    fn which(&self) -> crate::db::DeadLetters {
+        match (&self.id, &self.key) {
+            (Some(id), _) => crate::db::DeadLetters::Id(*id),
+            (None, Some(k)) => crate::db::DeadLetters::Key(k.clone()),
+            (None, None) => crate::db::DeadLetters::All,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+struct ListArgs {
+    #[command(flatten)]
+    config: ConfigOpts,
+    /// Only the dead letters of this key.
+    #[arg(long)]
+    key: Option<String>,
+    /// How many to show.
+    #[arg(long, default_value_t = 50)]
+    limit: i64,
+    /// Print one JSON object per dead letter instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct ShowArgs {
+    #[command(flatten)]
+    config: ConfigOpts,
+    /// The dead letter's id.
     id: i64,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct PutArgs {
+    #[command(flatten)]
+    config: ConfigOpts,
+    /// The topic.
+    #[arg(long)]
+    topic: String,
+    /// The key (messages of one key are delivered in order).
+    #[arg(long)]
+    key: Option<String>,
+    /// The `event` header.
+    #[arg(long)]
+    event: Option<String>,
+    /// A header NAME=VALUE (repeatable).
+    #[arg(long = "header", value_name = "NAME=VALUE")]
+    headers: Vec<String>,
+    /// The payload's content type.
+    #[arg(long, default_value = crate::outbox::CONTENT_TYPE_JSON)]
+    content_type: String,
+    /// Send a tombstone (no payload) instead of reading stdin.
+    #[arg(long)]
+    tombstone: bool,
 }
 
 #[derive(Debug, Args)]
@@ -147,6 +245,8 @@ enum Failure {
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
     Relay(#[from] crate::relay::RelayError),
     #[error("{0}")]
     Consume(#[from] crate::consume::ConsumeError),
@@ -155,7 +255,7 @@ enum Failure {
 impl Failure {
     fn exit_code(&self) -> u8 {
         match self {
-            Failure::Config(_) => EXIT_USAGE,
+            Failure::Config(_) | Failure::Usage(_) => EXIT_USAGE,
             Failure::Relay(crate::relay::RelayError::Config(_)) => EXIT_USAGE,
             Failure::Consume(e) if e.is_usage() => EXIT_USAGE,
             Failure::Db(_)
@@ -202,6 +302,18 @@ fn init_logging() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+/// `NotFound` when an operation on dead letters found none.
+fn found(n: usize, which: &crate::db::DeadLetters) -> Result<(), Failure> {
+    if n > 0 {
+        return Ok(());
+    }
+    Err(Failure::NotFound(match which {
+        crate::db::DeadLetters::Id(id) => format!("no dead letter with id {id}"),
+        crate::db::DeadLetters::Key(k) => format!("no dead letter with key `{k}`"),
+        crate::db::DeadLetters::All => "there are no dead letters".into(),
+    }))
 }
 
 /// A flag set by the first SIGINT or SIGTERM; a second one exits the process with 130.
@@ -277,26 +389,145 @@ fn run(cli: Cli, registry: &crate::consume::Registry) -> Result<(), Failure> {
         Command::Outbox(OutboxCommand::Retry(args)) => {
             let config = args.config.load()?;
             let pool = DbPool::connect(&config.database)?;
-            if !pool.get()?.retry_dead_letter(args.id)? {
-                return Err(Failure::NotFound(format!(
-                    "no dead letter with id {}",
-                    args.id
-                )));
-            }
-            println!("dead letter {} is back in the outbox", args.id);
+            let n = pool.get()?.retry_dead_letters(&args.which())?;
+            found(n, &args.which())?;
+            println!("{n} dead letter(s) back in the outbox");
             Ok(())
         }
         Command::Outbox(OutboxCommand::Discard(args)) => {
             let config = args.config.load()?;
             let pool = DbPool::connect(&config.database)?;
-            if !pool.get()?.discard_dead_letter(args.id)? {
+            let n = pool.get()?.discard_dead_letters(&args.which())?;
+            found(n, &args.which())?;
+            println!("{n} dead letter(s) discarded");
+            Ok(())
+        }
+        Command::Outbox(OutboxCommand::List(args)) => {
+            let config = args.config.load()?;
+            let pool = DbPool::connect(&config.database)?;
+            let which = match args.key {
+                Some(k) => crate::db::DeadLetters::Key(k),
+                None => crate::db::DeadLetters::All,
+            };
+            let rows = pool.get()?.list_dead_letters(&which, args.limit)?;
+            let mut out = std::io::stdout().lock();
+            if args.json {
+                for r in &rows {
+                    writeln!(out, "{}", serde_json::to_string(r).expect("rows serialize"))?;
+                }
+            } else {
+                writeln!(
+                    out,
+                    "{:>8}  {:<24} {:<16} {:>8} {:>7}  {:<26} error",
+                    "id", "topic", "key", "attempts", "bytes", "failed_at"
+                )?;
+                for r in &rows {
+                    writeln!(
+                        out,
+                        "{:>8}  {:<24} {:<16} {:>8} {:>7}  {:<26} {}",
+                        r.id,
+                        r.topic,
+                        r.partition_key.as_deref().unwrap_or("-"),
+                        r.attempts,
+                        r.payload_bytes,
+                        r.failed_at,
+                        r.error.chars().take(100).collect::<String>()
+                    )?;
+                }
+                writeln!(out, "({} dead letter(s) shown)", rows.len())?;
+            }
+            Ok(())
+        }
+        Command::Outbox(OutboxCommand::Show(args)) => {
+            let config = args.config.load()?;
+            let pool = DbPool::connect(&config.database)?;
+            let Some(d) = pool.get()?.show_dead_letter(args.id)? else {
                 return Err(Failure::NotFound(format!(
                     "no dead letter with id {}",
                     args.id
                 )));
+            };
+            let mut out = std::io::stdout().lock();
+            if args.json {
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::to_string_pretty(&d).expect("serializes")
+                )?;
+            } else {
+                writeln!(out, "id:          {}", d.id)?;
+                writeln!(out, "topic:       {}", d.topic)?;
+                writeln!(
+                    out,
+                    "key:         {}",
+                    d.partition_key.as_deref().unwrap_or("-")
+                )?;
+                writeln!(out, "event:       {}", d.event.as_deref().unwrap_or("-"))?;
+                writeln!(out, "message-id:  {}", d.message_id)?;
+                writeln!(out, "attempts:    {}", d.attempts)?;
+                writeln!(out, "created_at:  {}", d.created_at)?;
+                writeln!(out, "failed_at:   {}", d.failed_at)?;
+                writeln!(out, "error:       {}", d.error)?;
+                writeln!(out, "headers:     {}", d.headers.as_deref().unwrap_or("{}"))?;
+                writeln!(out, "payload ({} bytes):", d.payload_bytes)?;
+                writeln!(out, "{}", d.payload.as_deref().unwrap_or(""))?;
             }
-            println!("dead letter {} discarded", args.id);
             Ok(())
+        }
+        Command::Outbox(OutboxCommand::Put(args)) => {
+            let config = args.config.load()?;
+            let payload = if args.tombstone {
+                None
+            } else {
+                let mut buf = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut buf)?;
+                Some(buf)
+            };
+            let mut m = crate::outbox::OutboxMessage::new(args.topic, payload);
+            m.key = args.key;
+            m.event = args.event;
+            m.content_type = args.content_type;
+            for h in &args.headers {
+                let Some((k, v)) = h.split_once('=') else {
+                    return Err(Failure::Usage(format!(
+                        "--header `{h}`: expected NAME=VALUE"
+                    )));
+                };
+                m.headers.insert(k.to_string(), v.to_string());
+            }
+            let pool = DbPool::connect(&config.database)?;
+            let mut conn = pool.get()?;
+            let max = config.outbox.max_message_bytes;
+            let ids = crate::db::each_backend!(&mut conn, c => crate::outbox::write_messages(&mut **c, std::slice::from_ref(&m), max))
+                .map_err(|e| match e {
+                    crate::ProduceError::Database(d) => Failure::Db(d.into()),
+                    other => Failure::Usage(other.to_string()),
+                })?;
+            println!(
+                "outbox row {} (message-id {}) to {}",
+                ids[0], m.message_id, m.topic
+            );
+            Ok(())
+        }
+        Command::Status(args) => {
+            let config = args.config.load()?;
+            let status = crate::status::gather(&config, Duration::from_millis(args.timeout_ms))?;
+            let mut out = std::io::stdout().lock();
+            if args.json {
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::to_string_pretty(&status).expect("serializes")
+                )?;
+            } else {
+                write!(out, "{}", crate::status::render(&status))?;
+            }
+            let problems = status.problems();
+            if problems.is_empty() {
+                Ok(())
+            } else {
+                Err(Failure::NotFound(problems.join("; ")))
+            }
         }
         Command::Outbox(OutboxCommand::Pending(args)) => {
             let config = args.config.load()?;

@@ -8,6 +8,7 @@ pub mod consume;
 pub mod db;
 pub mod outbox;
 pub mod relay;
+pub mod status;
 
 pub use config::{Config, ConfigError};
 pub use db::{run_migrations, DbConnection, DbError, DbPool};

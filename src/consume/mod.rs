@@ -27,6 +27,7 @@ mod dead_letter;
 mod dispatch;
 mod handler;
 mod inbox;
+pub mod lag;
 mod runner;
 
 use std::sync::atomic::AtomicBool;

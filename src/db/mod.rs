@@ -10,6 +10,9 @@ use diesel::r2d2::{ConnectionManager, Pool, PooledConnection};
 
 use crate::config::{DatabaseConfig, DatabaseUrl};
 
+mod admin;
+pub use admin::{DeadLetter, DeadLetters, RelayState, ShardBacklog, TopicBacklog};
+
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "sqlite")]
@@ -311,47 +314,16 @@ impl DbConnection {
             })
             .collect())
     }
-}
 
-impl DbConnection {
-    /// Puts dead letter `id` back into the outbox under its original id, so it is delivered
-    /// before the later rows of its key; returns whether there was such a dead letter.
+    /// Puts dead letter `id` back into the outbox in its original place; returns whether there
+    /// was one.
     pub fn retry_dead_letter(&mut self, id: i64) -> Result<bool, DbError> {
-        use diesel::prelude::*;
-        const COLUMNS: &str =
-            "id, topic, partition_key, kafka_partition, payload, headers, event, \
-             message_id, content_type, shard, created_at, attempts";
-        let n = match self {
-            #[cfg(feature = "postgres")]
-            DbConnection::Postgres(c) => diesel::sql_query(format!(
-                "WITH d AS (DELETE FROM devour_dead_letters WHERE id = $1 RETURNING *) \
-                 INSERT INTO devour_outbox ({COLUMNS}) OVERRIDING SYSTEM VALUE SELECT {COLUMNS} FROM d"
-            ))
-            .bind::<diesel::sql_types::BigInt, _>(id)
-            .execute(&mut **c)?,
-            #[cfg(feature = "sqlite")]
-            DbConnection::Sqlite(c) => c.immediate_transaction(|c| {
-                let n = diesel::sql_query(format!(
-                    "INSERT INTO devour_outbox ({COLUMNS}) SELECT {COLUMNS} FROM devour_dead_letters WHERE id = ?1"
-                ))
-                .bind::<diesel::sql_types::BigInt, _>(id)
-                .execute(c)?;
-                diesel::sql_query("DELETE FROM devour_dead_letters WHERE id = ?1")
-                    .bind::<diesel::sql_types::BigInt, _>(id)
-                    .execute(c)?;
-                Ok::<_, diesel::result::Error>(n)
-            })?,
-        };
-        Ok(n == 1)
+        Ok(self.retry_dead_letters(&DeadLetters::Id(id))? == 1)
     }
 
     /// Deletes dead letter `id` for good; returns whether there was one.
     pub fn discard_dead_letter(&mut self, id: i64) -> Result<bool, DbError> {
-        use diesel::prelude::*;
-        let q = diesel::sql_query("DELETE FROM devour_dead_letters WHERE id = $1")
-            .bind::<diesel::sql_types::BigInt, _>(id);
-        let n = each_backend!(self, c => q.execute(&mut **c)?);
-        Ok(n == 1)
+        Ok(self.discard_dead_letters(&DeadLetters::Id(id))? == 1)
     }
 }
 

@@ -1,0 +1,339 @@
+//! What operators ask of the database: the outbox backlog, dead letters (list, show, retry,
+//! discard by id, key or all), relays and their leases. The SQL of each backend sits side by
+//! side where it differs.
+
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Double, Integer, Nullable, Text};
+
+use super::{each_backend, DbConnection, DbError};
+
+/// Undelivered rows of one topic.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, QueryableByName)]
+pub struct TopicBacklog {
+    /// Topic.
+    #[diesel(sql_type = Text)]
+    pub topic: String,
+    /// Rows.
+    #[diesel(sql_type = BigInt)]
+    pub rows: i64,
+    /// Age of the oldest row, in seconds.
+    #[diesel(sql_type = Double)]
+    pub oldest_age_s: f64,
+}
+
+/// Undelivered rows of one shard.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, QueryableByName)]
+pub struct ShardBacklog {
+    /// Shard (0–255).
+    #[diesel(sql_type = Integer)]
+    pub shard: i32,
+    /// Rows.
+    #[diesel(sql_type = BigInt)]
+    pub rows: i64,
+    /// Age of the oldest row, in seconds.
+    #[diesel(sql_type = Double)]
+    pub oldest_age_s: f64,
+}
+
+/// A relay that heartbeats, with the shards it holds.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, QueryableByName)]
+pub struct RelayState {
+    /// The relay's id.
+    #[diesel(sql_type = Text)]
+    pub relay_id: String,
+    /// Seconds since its last heartbeat.
+    #[diesel(sql_type = Double)]
+    pub heartbeat_age_s: f64,
+    /// Shards it holds under an unexpired lease.
+    #[diesel(sql_type = BigInt)]
+    pub shards: i64,
+}
+
+/// A dead letter: a row the broker refused for good.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, QueryableByName)]
+pub struct DeadLetter {
+    /// Its original outbox id (`devour outbox retry ID` puts it back in that place).
+    #[diesel(sql_type = BigInt)]
+    pub id: i64,
+    /// Topic.
+    #[diesel(sql_type = Text)]
+    pub topic: String,
+    /// Key.
+    #[diesel(sql_type = Nullable<Text>)]
+    pub partition_key: Option<String>,
+    /// Event.
+    #[diesel(sql_type = Nullable<Text>)]
+    pub event: Option<String>,
+    /// The `message-id` header.
+    #[diesel(sql_type = Text)]
+    pub message_id: String,
+    /// Delivery attempts.
+    #[diesel(sql_type = Integer)]
+    pub attempts: i32,
+    /// Why the broker refused it.
+    #[diesel(sql_type = Text)]
+    pub error: String,
+    /// When it was written to the outbox (database time, text).
+    #[diesel(sql_type = Text)]
+    pub created_at: String,
+    /// When it was dead-lettered (database time, text).
+    #[diesel(sql_type = Text)]
+    pub failed_at: String,
+    /// Payload size in bytes.
+    #[diesel(sql_type = BigInt)]
+    pub payload_bytes: i64,
+    /// The payload as text (UTF-8, lossy), for `show`.
+    #[diesel(sql_type = Nullable<Text>)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payload: Option<String>,
+    /// The extra headers (a JSON object), for `show`.
+    #[diesel(sql_type = Nullable<Text>)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub headers: Option<String>,
+}
+
+/// Which dead letters an operation applies to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeadLetters {
+    /// The one with this id.
+    Id(i64),
+    /// Every one of this key.
+    Key(String),
+    /// All of them.
+    All,
+}
+
+impl DeadLetters {
+    /// `WHERE` condition on `devour_dead_letters` (bound as parameter 1 where it needs one).
+    fn condition(&self, placeholder: &str) -> String {
+        match self {
+            DeadLetters::Id(_) => format!("id = {placeholder}"),
+            DeadLetters::Key(_) => format!("partition_key = {placeholder}"),
+            DeadLetters::All => "true".into(),
+        }
+    }
+
+    fn id(&self) -> i64 {
+        match self {
+            DeadLetters::Id(id) => *id,
+            _ => 0,
+        }
+    }
+
+    fn key(&self) -> &str {
+        match self {
+            DeadLetters::Key(k) => k,
+            _ => "",
+        }
+    }
+}
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+const OUTBOX_COLUMNS: &str = "id, topic, partition_key, kafka_partition, payload, headers, event, \
+     message_id, content_type, shard, created_at, attempts";
+
+/// `age(column)` in seconds, per backend.
+fn age_pg(column: &str) -> String {
+    format!("CAST(EXTRACT(EPOCH FROM (now() - {column})) AS DOUBLE PRECISION)")
+}
+
+fn age_sqlite(column: &str) -> String {
+    format!("CAST((julianday('now') - julianday({column})) * 86400.0 AS REAL)")
+}
+
+impl DbConnection {
+    fn age(&self, column: &str) -> String {
+        match self {
+            #[cfg(feature = "postgres")]
+            DbConnection::Postgres(_) => age_pg(column),
+            #[cfg(feature = "sqlite")]
+            DbConnection::Sqlite(_) => age_sqlite(column),
+        }
+    }
+
+    /// Undelivered rows per topic, biggest first.
+    pub fn backlog_by_topic(&mut self) -> Result<Vec<TopicBacklog>, DbError> {
+        let q = format!(
+            "SELECT topic, CAST(count(*) AS BIGINT) AS rows, {} AS oldest_age_s \
+             FROM devour_outbox GROUP BY topic ORDER BY 2 DESC, 1",
+            self.age("min(created_at)")
+        );
+        Ok(each_backend!(self, c => diesel::sql_query(&q).load(&mut **c)?))
+    }
+
+    /// Undelivered rows per shard (shards without rows left out).
+    pub fn backlog_by_shard(&mut self) -> Result<Vec<ShardBacklog>, DbError> {
+        let q = format!(
+            "SELECT shard, CAST(count(*) AS BIGINT) AS rows, {} AS oldest_age_s \
+             FROM devour_outbox GROUP BY shard ORDER BY shard",
+            self.age("min(created_at)")
+        );
+        Ok(each_backend!(self, c => diesel::sql_query(&q).load(&mut **c)?))
+    }
+
+    /// Dead letters per topic (as [`TopicBacklog`]: rows and the oldest's age since it failed).
+    pub fn dead_letters_by_topic(&mut self) -> Result<Vec<TopicBacklog>, DbError> {
+        let q = format!(
+            "SELECT topic, CAST(count(*) AS BIGINT) AS rows, {} AS oldest_age_s \
+             FROM devour_dead_letters GROUP BY topic ORDER BY 2 DESC, 1",
+            self.age("min(failed_at)")
+        );
+        Ok(each_backend!(self, c => diesel::sql_query(&q).load(&mut **c)?))
+    }
+
+    /// Relays that heartbeat, with the shards each holds now.
+    pub fn relays(&mut self) -> Result<Vec<RelayState>, DbError> {
+        let (age, now) = match self {
+            #[cfg(feature = "postgres")]
+            DbConnection::Postgres(_) => (age_pg("r.heartbeat_at"), "now()".to_string()),
+            #[cfg(feature = "sqlite")]
+            // SQLite keeps relay times (`heartbeat_at`, `expires_at`) in Unix milliseconds.
+            DbConnection::Sqlite(_) => {
+                let now_ms = "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)";
+                (
+                    format!("CAST(({now_ms} - r.heartbeat_at) / 1000.0 AS REAL)"),
+                    now_ms.to_string(),
+                )
+            }
+        };
+        let q = format!(
+            "SELECT r.relay_id, {age} AS heartbeat_age_s, \
+               (SELECT CAST(count(*) AS BIGINT) FROM devour_relay_leases l \
+                 WHERE l.owner = r.relay_id AND l.expires_at > {now}) AS shards \
+             FROM devour_relays r ORDER BY r.relay_id"
+        );
+        Ok(each_backend!(self, c => diesel::sql_query(&q).load(&mut **c)?))
+    }
+
+    /// Dead letters, oldest first, at most `limit`.
+    pub fn list_dead_letters(
+        &mut self,
+        which: &DeadLetters,
+        limit: i64,
+    ) -> Result<Vec<DeadLetter>, DbError> {
+        self.dead_letters(which, limit, false)
+    }
+
+    /// One dead letter with its payload and headers.
+    pub fn show_dead_letter(&mut self, id: i64) -> Result<Option<DeadLetter>, DbError> {
+        Ok(self.dead_letters(&DeadLetters::Id(id), 1, true)?.pop())
+    }
+
+    fn dead_letters(
+        &mut self,
+        which: &DeadLetters,
+        limit: i64,
+        full: bool,
+    ) -> Result<Vec<DeadLetter>, DbError> {
+        let extra = if full {
+            "CAST(payload AS TEXT) AS payload, headers"
+        } else {
+            "CAST(NULL AS TEXT) AS payload, CAST(NULL AS TEXT) AS headers"
+        };
+        let (payload_text, len) = match self {
+            #[cfg(feature = "postgres")]
+            DbConnection::Postgres(_) => (
+                "convert_from(payload, 'UTF8') AS payload, headers",
+                "octet_length(payload)",
+            ),
+            #[cfg(feature = "sqlite")]
+            DbConnection::Sqlite(_) => (
+                "CAST(payload AS TEXT) AS payload, headers",
+                "length(payload)",
+            ),
+        };
+        let extra = if full { payload_text } else { extra };
+        let placeholder = match self {
+            #[cfg(feature = "postgres")]
+            DbConnection::Postgres(_) => "$1",
+            #[cfg(feature = "sqlite")]
+            DbConnection::Sqlite(_) => "?1",
+        };
+        let q = format!(
+            "SELECT id, topic, partition_key, event, message_id, attempts, error, \
+               CAST(created_at AS TEXT) AS created_at, CAST(failed_at AS TEXT) AS failed_at, \
+               CAST(COALESCE({len}, 0) AS BIGINT) AS payload_bytes, {extra} \
+             FROM devour_dead_letters WHERE {} ORDER BY id LIMIT {limit}",
+            which.condition(placeholder)
+        );
+        let rows = each_backend!(self, c => match which {
+            DeadLetters::Id(_) => diesel::sql_query(&q).bind::<BigInt, _>(which.id()).load(&mut **c)?,
+            DeadLetters::Key(_) => diesel::sql_query(&q).bind::<Text, _>(which.key()).load(&mut **c)?,
+            DeadLetters::All => diesel::sql_query(&q).load(&mut **c)?,
+        });
+        Ok(rows)
+    }
+
+    /// Puts dead letters back into the outbox under their original ids (so each is delivered
+    /// before the later rows of its key). Returns how many.
+    pub fn retry_dead_letters(&mut self, which: &DeadLetters) -> Result<usize, DbError> {
+        let n = match self {
+            #[cfg(feature = "postgres")]
+            DbConnection::Postgres(c) => {
+                let q = format!(
+                    "WITH d AS (DELETE FROM devour_dead_letters WHERE {} RETURNING *) \
+                     INSERT INTO devour_outbox ({OUTBOX_COLUMNS}) OVERRIDING SYSTEM VALUE \
+                     SELECT {OUTBOX_COLUMNS} FROM d",
+                    which.condition("$1")
+                );
+                bind_which!(&q, which, &mut **c)?
+            }
+            #[cfg(feature = "sqlite")]
+            DbConnection::Sqlite(c) => c.immediate_transaction(|c| {
+                let cond = which.condition("?1");
+                let insert = format!(
+                    "INSERT INTO devour_outbox ({OUTBOX_COLUMNS}) \
+                     SELECT {OUTBOX_COLUMNS} FROM devour_dead_letters WHERE {cond}"
+                );
+                let n = bind_which!(&insert, which, c)?;
+                let delete = format!("DELETE FROM devour_dead_letters WHERE {cond}");
+                bind_which!(&delete, which, c)?;
+                Ok::<_, diesel::result::Error>(n)
+            })?,
+        };
+        if n > 0 {
+            crate::relay::notify_local();
+        }
+        Ok(n)
+    }
+
+    /// Deletes dead letters for good (the later rows of their keys are then delivered).
+    /// Returns how many.
+    pub fn discard_dead_letters(&mut self, which: &DeadLetters) -> Result<usize, DbError> {
+        let placeholder = match self {
+            #[cfg(feature = "postgres")]
+            DbConnection::Postgres(_) => "$1",
+            #[cfg(feature = "sqlite")]
+            DbConnection::Sqlite(_) => "?1",
+        };
+        let q = format!(
+            "DELETE FROM devour_dead_letters WHERE {}",
+            which.condition(placeholder)
+        );
+        Ok(each_backend!(self, c => bind_which!(&q, which, &mut **c)?))
+    }
+
+    /// Dead letters in all.
+    pub fn count_dead_letters(&mut self) -> Result<i64, DbError> {
+        let q = "SELECT CAST(count(*) AS BIGINT) AS n FROM devour_dead_letters";
+        let rows: Vec<Count> = each_backend!(self, c => diesel::sql_query(q).load(&mut **c)?);
+        Ok(rows.first().map_or(0, |r| r.n))
+    }
+}
+
+/// Executes `$q` on `$c` with `$which`'s parameter bound (if it has one).
+macro_rules! bind_which {
+    ($q:expr, $which:expr, $c:expr) => {
+        match $which {
+            DeadLetters::Id(id) => diesel::sql_query($q).bind::<BigInt, _>(*id).execute($c),
+            DeadLetters::Key(k) => diesel::sql_query($q).bind::<Text, _>(k.clone()).execute($c),
+            DeadLetters::All => diesel::sql_query($q).execute($c),
+        }
+    };
+}
+use bind_which;

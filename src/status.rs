@@ -1,0 +1,228 @@
+//! `devour status`: is everything flowing? The outbox backlog per topic and shard and the age
+//! of its oldest row, dead letters, relays and the shards they hold, and each consumer route's
+//! lag. Gathered from the database and the broker; rendered as a table or as JSON.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::consume::lag::{route_lag, PartitionLag};
+use crate::db::{DbError, DbPool, RelayState, ShardBacklog, TopicBacklog};
+
+/// Everything `devour status` shows.
+#[derive(Debug, Clone, serde::Serialize)]
+#[non_exhaustive]
+pub struct Status {
+    /// Undelivered rows.
+    pub outbox: Backlog,
+    /// Rows per shard (shards with rows only).
+    pub shards: Vec<ShardBacklog>,
+    /// Dead letters.
+    pub dead_letters: Backlog,
+    /// Relays that heartbeat, with the shards they hold.
+    pub relays: Vec<RelayState>,
+    /// Shards held by no relay under an unexpired lease.
+    pub unheld_shards: i64,
+    /// Each consumer route's lag.
+    pub consumers: Vec<RouteStatus>,
+}
+
+/// Rows in all, the oldest's age, and per topic.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Backlog {
+    /// Rows.
+    pub rows: i64,
+    /// Age of the oldest row in seconds (`null` when there is none).
+    pub oldest_age_s: Option<f64>,
+    /// Per topic, biggest first.
+    pub topics: Vec<TopicBacklog>,
+}
+
+impl Backlog {
+    fn of(topics: Vec<TopicBacklog>) -> Backlog {
+        Backlog {
+            rows: topics.iter().map(|t| t.rows).sum(),
+            oldest_age_s: topics.iter().map(|t| t.oldest_age_s).reduce(f64::max),
+            topics,
+        }
+    }
+}
+
+/// One consumer route's lag.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RouteStatus {
+    /// Route name.
+    pub route: String,
+    /// Consumer group.
+    pub group: String,
+    /// Messages not yet finished by the group, over all partitions (`null` if unknown).
+    pub lag: Option<i64>,
+    /// Per partition.
+    pub partitions: Vec<PartitionLag>,
+    /// Why the lag is unknown (broker unreachable, …).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Status {
+    /// Whether something could not be found out (a route's lag).
+    pub fn problems(&self) -> Vec<String> {
+        self.consumers
+            .iter()
+            .filter_map(|c| {
+                c.error
+                    .as_ref()
+                    .map(|e| format!("consumer route {}: {e}", c.route))
+            })
+            .collect()
+    }
+}
+
+/// Gathers the status. The database must answer; a broker that does not is reported per route.
+pub fn gather(config: &Config, timeout: Duration) -> Result<Status, DbError> {
+    let pool = DbPool::connect(&config.database)?;
+    let mut conn = pool.get()?;
+    let outbox = Backlog::of(conn.backlog_by_topic()?);
+    let shards = conn.backlog_by_shard()?;
+    let dead_letters = Backlog::of(conn.dead_letters_by_topic()?);
+    let relays = conn.relays()?;
+    let held: i64 = relays.iter().map(|r| r.shards).sum();
+    let consumers = config
+        .consumers
+        .values()
+        .map(|route| match route_lag(config, route, timeout) {
+            Ok(partitions) => RouteStatus {
+                route: route.name.clone(),
+                group: route.group.clone(),
+                lag: Some(partitions.iter().map(|p| p.lag).sum()),
+                partitions,
+                error: None,
+            },
+            Err(e) => RouteStatus {
+                route: route.name.clone(),
+                group: route.group.clone(),
+                lag: None,
+                partitions: Vec::new(),
+                error: Some(e),
+            },
+        })
+        .collect();
+    Ok(Status {
+        outbox,
+        shards,
+        dead_letters,
+        relays,
+        unheld_shards: i64::from(crate::outbox::SHARDS) - held,
+        consumers,
+    })
+}
+
+/// Seconds as a short human duration.
+fn age(s: Option<f64>) -> String {
+    match s {
+        None => "-".into(),
+        Some(s) if s < 60.0 => format!("{s:.1} s"),
+        Some(s) if s < 3600.0 => format!("{:.1} min", s / 60.0),
+        Some(s) if s < 86400.0 => format!("{:.1} h", s / 3600.0),
+        Some(s) => format!("{:.1} d", s / 86400.0),
+    }
+}
+
+/// The status as the table `devour status` prints.
+pub fn render(s: &Status) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "outbox: {} undelivered row(s), oldest {}",
+        s.outbox.rows,
+        age(s.outbox.oldest_age_s)
+    );
+    if !s.outbox.topics.is_empty() {
+        let _ = writeln!(o, "  {:<32} {:>10}  {:>10}", "topic", "rows", "oldest");
+        for t in &s.outbox.topics {
+            let _ = writeln!(
+                o,
+                "  {:<32} {:>10}  {:>10}",
+                t.topic,
+                t.rows,
+                age(Some(t.oldest_age_s))
+            );
+        }
+        let mut busiest = s.shards.clone();
+        busiest.sort_by(|a, b| b.rows.cmp(&a.rows).then(a.shard.cmp(&b.shard)));
+        let top: Vec<String> = busiest
+            .iter()
+            .take(5)
+            .map(|b| {
+                format!(
+                    "{} ({} rows, oldest {})",
+                    b.shard,
+                    b.rows,
+                    age(Some(b.oldest_age_s))
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            o,
+            "  shards with rows: {} of {}; busiest: {}",
+            s.shards.len(),
+            crate::outbox::SHARDS,
+            top.join(", ")
+        );
+    }
+    let _ = writeln!(
+        o,
+        "dead letters: {}{}",
+        s.dead_letters.rows,
+        if s.dead_letters.rows > 0 {
+            format!(
+                ", oldest failed {} ago (devour outbox list)",
+                age(s.dead_letters.oldest_age_s)
+            )
+        } else {
+            String::new()
+        }
+    );
+    for t in &s.dead_letters.topics {
+        let _ = writeln!(o, "  {:<32} {:>10}", t.topic, t.rows);
+    }
+    let _ = writeln!(
+        o,
+        "relays: {} heartbeating; shards held: {} of {}",
+        s.relays.len(),
+        i64::from(crate::outbox::SHARDS) - s.unheld_shards,
+        crate::outbox::SHARDS
+    );
+    for r in &s.relays {
+        let _ = writeln!(
+            o,
+            "  {:<40} {:>4} shard(s)  heartbeat {} ago",
+            r.relay_id,
+            r.shards,
+            age(Some(r.heartbeat_age_s))
+        );
+    }
+    if s.consumers.is_empty() {
+        let _ = writeln!(o, "consumers: no route configured");
+    } else {
+        let _ = writeln!(o, "consumers:");
+        let _ = writeln!(
+            o,
+            "  {:<24} {:<24} {:>10}  partitions",
+            "route", "group", "lag"
+        );
+        for c in &s.consumers {
+            let lag = match (c.lag, &c.error) {
+                (Some(l), _) => l.to_string(),
+                (None, Some(_)) => "?".into(),
+                (None, None) => "-".into(),
+            };
+            let detail = match &c.error {
+                Some(e) => format!("error: {e}"),
+                None => c.partitions.len().to_string(),
+            };
+            let _ = writeln!(o, "  {:<24} {:<24} {:>10}  {detail}", c.route, c.group, lag);
+        }
+    }
+    o
+}

@@ -1,0 +1,381 @@
+//! The operator's commands against real PostgreSQL and Kafka: `devour status` (backlog, dead
+//! letters, relays, consumer lag), `devour outbox list|show|retry|discard` by id, key and all,
+//! and `devour outbox put`.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::consume::{produce_seqs, read_all};
+use common::{create_topic, Backend, TestConn, TestDb};
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use serde_json::Value;
+
+fn devour(dir: &Path, db: &TestDb, args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_devour"));
+    cmd.args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DEVOUR_CONFIG", dir.join("devour.toml"))
+        .env("DEVOUR_DATABASE_URL", &db.url)
+        .env("DEVOUR_KAFKA_HOSTS", common::kafka_hosts())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    {
+        use std::io::Write;
+        let mut i = child.stdin.take().unwrap();
+        if let Some(s) = stdin {
+            i.write_all(s.as_bytes()).unwrap();
+        }
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json(dir: &Path, db: &TestDb, args: &[&str]) -> Value {
+    let (code, out, err) = devour(dir, db, args, None);
+    assert_eq!(code, 0, "{args:?}: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?} printed no JSON ({e}): {out}"))
+}
+
+fn setup(routes: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("devour.toml"),
+        format!("[kafka]\nhosts = \"x:1\"\n{routes}"),
+    )
+    .unwrap();
+    dir
+}
+
+/// Inserts dead letters (id, key) straight into `devour_dead_letters`.
+fn dead_letters(c: &mut PgConnection, topic: &str, rows: &[(i64, &str)]) {
+    for (id, key) in rows {
+        c.batch_execute(&format!(
+            "INSERT INTO devour_dead_letters (id, topic, partition_key, payload, headers, event, message_id, \
+             content_type, shard, created_at, attempts, error) VALUES ({id}, '{topic}', '{key}', \
+             convert_to('{{\"n\": {id}}}', 'UTF8'), '{{\"trace\": \"t{id}\"}}', 'create', 'mid-{id}', 'application/json', \
+             {}, now(), 3, 'Broker: Message size too large')",
+            devour::outbox::shard_for_key(key)
+        ))
+        .unwrap();
+    }
+}
+
+#[test]
+fn status_counts_backlog_dead_letters_and_consumer_lag() {
+    let db = TestDb::new(Backend::Postgres, "ops_status");
+    let mut c = PgConnection::establish(&db.url).unwrap();
+    common::insert_rows(&mut c, "status-a", 0, 30, 7);
+    common::insert_rows(&mut c, "status-b", 30, 20, 5);
+    dead_letters(&mut c, "status-a", &[(1_000_001, "k1")]);
+    let topic = create_topic("ops-lag", 2);
+    produce_seqs(&topic, 10, 4);
+    let group = common::unique("lag");
+    let dir = setup(&format!(
+        "[consumers.lagging]\ntopic = \"{topic}\"\ngroup = \"{group}\"\nhandler = \"print\"\n"
+    ));
+    // The group handles the 10 messages, then 5 more arrive: lag 5.
+    let (code, _, err) = devour(dir.path(), &db, &["consume", "lagging", "--drain"], None);
+    assert_eq!(code, 0, "{err}");
+    produce_seqs(&topic, 5, 4);
+
+    let s = json(dir.path(), &db, &["status", "--json"]);
+    assert_eq!(s["outbox"]["rows"], 50, "{s:#}");
+    let topics: Vec<(String, i64)> = s["outbox"]["topics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["topic"].as_str().unwrap().to_string(),
+                t["rows"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        topics,
+        vec![("status-a".into(), 30), ("status-b".into(), 20)]
+    );
+    let shard_rows: i64 = s["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["rows"].as_i64().unwrap())
+        .sum();
+    assert_eq!(shard_rows, 50, "shards add up to the backlog");
+    assert!(s["outbox"]["oldest_age_s"].as_f64().unwrap() >= 0.0);
+    assert_eq!(s["dead_letters"]["rows"], 1);
+    assert_eq!(s["unheld_shards"], 256, "no relay runs");
+    let route = &s["consumers"][0];
+    assert_eq!(
+        (route["route"].as_str(), route["group"].as_str()),
+        (Some("lagging"), Some(group.as_str()))
+    );
+    assert_eq!(route["lag"], 5, "{route:#}");
+
+    // The table says the same.
+    let (code, table, err) = devour(dir.path(), &db, &["status"], None);
+    assert_eq!(code, 0, "{err}");
+    assert!(table.contains("outbox: 50 undelivered row(s)"), "{table}");
+    assert!(table.contains("dead letters: 1"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("lagging") && l.contains(" 5 ")),
+        "{table}"
+    );
+}
+
+#[test]
+fn status_shows_relays_and_their_shards_then_an_empty_outbox() {
+    let db = TestDb::new(Backend::Postgres, "ops_relays");
+    let topic = create_topic("ops-relays", 3);
+    let mut c = PgConnection::establish(&db.url).unwrap();
+    common::insert_rows(&mut c, &topic, 0, 200, 20);
+    let dir = setup("");
+    let mut relay = Command::new(env!("CARGO_BIN_EXE_devour-relay"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DEVOUR_CONFIG", dir.path().join("devour.toml"))
+        .env("DEVOUR_DATABASE_URL", &db.url)
+        .env("DEVOUR_KAFKA_HOSTS", common::kafka_hosts())
+        .env("DEVOUR_RELAY_RELAY_ID", "ops-relay-1")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let s = loop {
+        let s = json(dir.path(), &db, &["status", "--json"]);
+        if s["outbox"]["rows"] == 0 && s["unheld_shards"] == 0 {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "relay did not drain and hold every shard: {s:#}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let _ = Command::new("kill").arg(relay.id().to_string()).status();
+    relay.wait().unwrap();
+    assert_eq!(s["relays"][0]["relay_id"], "ops-relay-1");
+    assert_eq!(s["relays"][0]["shards"], 256);
+    assert!(s["relays"][0]["heartbeat_age_s"].as_f64().unwrap() < 10.0);
+    assert_eq!(c.count("devour_outbox"), 0);
+}
+
+#[test]
+fn dead_letters_list_show_retry_and_discard_by_id_key_and_all() {
+    let db = TestDb::new(Backend::Postgres, "ops_dead");
+    let mut c = PgConnection::establish(&db.url).unwrap();
+    dead_letters(
+        &mut c,
+        "orders",
+        &[(11, "k1"), (12, "k2"), (13, "k1"), (14, "k3")],
+    );
+    let dir = setup("");
+    let d = dir.path();
+    let (code, out, err) = devour(d, &db, &["outbox", "list", "--json"], None);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), 4, "{out}");
+    let (_, out, _) = devour(d, &db, &["outbox", "list", "--key", "k1", "--json"], None);
+    let ids: Vec<i64> = out
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["id"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(ids, vec![11, 13]);
+    let (code, out, _) = devour(d, &db, &["outbox", "list"], None);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("Broker: Message size too large") && out.contains("(4 dead letter(s) shown)"),
+        "{out}"
+    );
+
+    let (code, out, err) = devour(d, &db, &["outbox", "show", "12"], None);
+    assert_eq!(code, 0, "{err}");
+    for want in [
+        "key:         k2",
+        "attempts:    3",
+        "message-id:  mid-12",
+        "{\"n\": 12}",
+        "\"trace\": \"t12\"",
+    ] {
+        assert!(out.contains(want), "`{want}` not in:\n{out}");
+    }
+    let (code, _, err) = devour(d, &db, &["outbox", "show", "99"], None);
+    assert_eq!(
+        (code, err.contains("no dead letter with id 99")),
+        (1, true),
+        "{err}"
+    );
+
+    // Retry by key: both rows of k1 are back in the outbox under their ids.
+    let (code, out, err) = devour(d, &db, &["outbox", "retry", "--key", "k1"], None);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("2 dead letter(s) back in the outbox"), "{out}");
+    #[derive(QueryableByName)]
+    struct Id {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        id: i64,
+    }
+    let back: Vec<i64> = diesel::sql_query("SELECT id FROM devour_outbox ORDER BY id")
+        .load::<Id>(&mut c)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(back, vec![11, 13]);
+    // Retry by id, discard all.
+    assert_eq!(devour(d, &db, &["outbox", "retry", "12"], None).0, 0);
+    let (code, out, _) = devour(d, &db, &["outbox", "discard", "--all"], None);
+    assert_eq!((code, out.trim()), (0, "1 dead letter(s) discarded"));
+    assert_eq!(c.count("devour_dead_letters"), 0);
+    let (code, _, err) = devour(d, &db, &["outbox", "discard", "--all"], None);
+    assert_eq!(
+        (code, err.contains("there are no dead letters")),
+        (1, true),
+        "{err}"
+    );
+    let (code, _, err) = devour(d, &db, &["outbox", "retry"], None);
+    assert_eq!(code, 2, "retry needs an id, --key or --all: {err}");
+}
+
+#[test]
+fn put_enqueues_a_message_that_the_relay_delivers() {
+    let db = TestDb::new(Backend::Postgres, "ops_put");
+    let topic = create_topic("ops-put", 1);
+    let dir = setup("");
+    let d = dir.path();
+    let (code, out, err) = devour(
+        d,
+        &db,
+        &[
+            "outbox",
+            "put",
+            "--topic",
+            &topic,
+            "--key",
+            "42",
+            "--event",
+            "create",
+            "--header",
+            "trace=abc",
+        ],
+        Some("{\"id\": 42}"),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("outbox row "), "{out}");
+    let (code, _, err) = devour(
+        d,
+        &db,
+        &["outbox", "put", "--topic", "bad topic", "--tombstone"],
+        None,
+    );
+    assert_eq!(code, 2, "an invalid topic is bad input: {err}");
+    assert!(err.contains("invalid topic name"), "{err}");
+    let (code, _, err) = devour(
+        d,
+        &db,
+        &["outbox", "put", "--topic", &topic, "--header", "novalue"],
+        Some("x"),
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("expected NAME=VALUE"), "{err}");
+
+    let status = Command::new(env!("CARGO_BIN_EXE_devour-relay"))
+        .arg("--drain")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DEVOUR_CONFIG", d.join("devour.toml"))
+        .env("DEVOUR_DATABASE_URL", &db.url)
+        .env("DEVOUR_KAFKA_HOSTS", common::kafka_hosts())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let got = read_all(&topic, Duration::from_secs(30));
+    assert_eq!(got.len(), 1, "only the valid put is delivered: {got:?}");
+    assert_eq!(got[0].key.as_deref(), Some("42"));
+    assert_eq!(got[0].payload.as_deref(), Some(&b"{\"id\": 42}"[..]));
+    let h: std::collections::BTreeMap<_, _> = got[0].headers.iter().cloned().collect();
+    assert_eq!(h.get("event").map(String::as_str), Some("create"));
+    assert_eq!(h.get("trace").map(String::as_str), Some("abc"));
+    assert!(h.contains_key("message-id"));
+}
+
+#[test]
+fn status_and_dead_letters_on_sqlite() {
+    let db = TestDb::new(Backend::Sqlite, "ops_sqlite");
+    let topic = create_topic("ops-sqlite", 1);
+    let mut c = SqliteConnection::establish(db.diesel_url()).unwrap();
+    common::insert_rows(&mut c, &topic, 0, 12, 3);
+    c.batch_execute(&format!(
+        "INSERT INTO devour_dead_letters (id, topic, partition_key, payload, headers, event, message_id, \
+         content_type, shard, created_at, attempts, error) VALUES (77, '{topic}', 'k9', CAST('{{\"n\": 77}}' AS BLOB), \
+         '{{}}', 'create', 'mid-77', 'application/json', 0, strftime('%Y-%m-%d %H:%M:%f', 'now'), 1, 'refused')"
+    ))
+    .unwrap();
+    let dir = setup("");
+    let d = dir.path();
+    let s = json(d, &db, &["status", "--json"]);
+    assert_eq!(
+        (
+            s["outbox"]["rows"].as_i64(),
+            s["dead_letters"]["rows"].as_i64()
+        ),
+        (Some(12), Some(1)),
+        "{s:#}"
+    );
+    let age = s["outbox"]["oldest_age_s"].as_f64().unwrap();
+    assert!((0.0..60.0).contains(&age), "oldest row age {age} s");
+    let (code, out, err) = devour(d, &db, &["outbox", "show", "77"], None);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("{\"n\": 77}") && out.contains("payload (9 bytes)"),
+        "{out}"
+    );
+    // A relay drains and holds every shard, and says so.
+    let mut relay = Command::new(env!("CARGO_BIN_EXE_devour-relay"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DEVOUR_CONFIG", d.join("devour.toml"))
+        .env("DEVOUR_DATABASE_URL", &db.url)
+        .env("DEVOUR_KAFKA_HOSTS", common::kafka_hosts())
+        .env("DEVOUR_RELAY_POLL_INTERVAL_MS", "50")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let s = loop {
+        let s = json(d, &db, &["status", "--json"]);
+        if s["outbox"]["rows"] == 0 && s["unheld_shards"] == 0 {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "{s:#}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let _ = Command::new("kill").arg(relay.id().to_string()).status();
+    relay.wait().unwrap();
+    let hb = s["relays"][0]["heartbeat_age_s"].as_f64().unwrap();
+    assert!((0.0..10.0).contains(&hb), "heartbeat age {hb} s");
+    assert_eq!(devour(d, &db, &["outbox", "retry", "77"], None).0, 0);
+    assert_eq!(c.count("devour_dead_letters"), 0);
+    assert_eq!(
+        c.count("devour_outbox"),
+        1,
+        "the dead letter is back in the outbox"
+    );
+}
