@@ -33,14 +33,20 @@ pub struct ConfigOpts {
 }
 
 impl ConfigOpts {
-    /// Loads and validates the configuration, honouring `--config`.
+    /// Loads and validates the configuration, honouring `--config`, and sets up logging as
+    /// its `[log]` section says.
     pub fn load(&self) -> Result<Config, ConfigError> {
         let mut env: Vec<(String, String)> = std::env::vars().collect();
         if let Some(path) = &self.config {
             env.retain(|(k, _)| k != CONFIG_ENV);
             env.push((CONFIG_ENV.to_string(), path.display().to_string()));
         }
-        Config::load_with_env(env)
+        let config = Config::load_with_env(env)?;
+        crate::telemetry::init_logging(&config.log);
+        for w in &config.warnings {
+            tracing::warn!("{w}");
+        }
+        Ok(config)
     }
 }
 
@@ -82,6 +88,9 @@ struct ConsumeArgs {
     /// Apply devour's migrations before starting (the inbox needs them).
     #[arg(long)]
     migrate: bool,
+    /// Serve /metrics, /healthz and /readyz on this address (overrides `[metrics] listen`).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -277,7 +286,6 @@ pub fn main() -> ExitCode {
 /// [`main`] for an application's own binary: `devour consume` routes to the handlers of
 /// `registry` (plus the built-ins), and every other subcommand works as in `devour`.
 pub fn main_with(registry: crate::consume::Registry) -> ExitCode {
-    init_logging();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -288,20 +296,10 @@ pub fn main_with(registry: crate::consume::Registry) -> ExitCode {
     match run(cli, &registry) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("devour: error: {e}");
+            crate::telemetry::say(true, &format!("devour: error: {e}"));
             ExitCode::from(e.exit_code())
         }
     }
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .try_init();
 }
 
 /// `NotFound` when an operation on dead letters found none.
@@ -342,10 +340,18 @@ fn run(cli: Cli, registry: &crate::consume::Registry) -> Result<(), Failure> {
             if args.migrate {
                 DbPool::connect(&config.database)?.migrate()?;
             }
+            let mut config = config;
+            if let Some(a) = args.metrics_listen {
+                config.metrics.listen = Some(a);
+            }
+            let _server = match config.metrics.listen {
+                Some(addr) => Some(crate::telemetry::serve(addr, &config)?),
+                None => None,
+            };
             let stop = stop_on_signals()?;
             let options = crate::consume::RunOptions { drain: args.drain };
             let report = crate::consume::run(&config, &args.name, registry, options, stop)?;
-            eprintln!(
+            crate::telemetry::say(false, &format!(
                 "devour consume {}: {} processed, {} dead-lettered, {} duplicate(s) skipped, {} retried attempt(s), in {:.1} s",
                 args.name,
                 report.processed,
@@ -353,7 +359,7 @@ fn run(cli: Cli, registry: &crate::consume::Registry) -> Result<(), Failure> {
                 report.duplicates,
                 report.retries,
                 report.elapsed.as_secs_f64()
-            );
+            ));
             Ok(())
         }
         Command::Config(ConfigCommand::Check(args)) => {
@@ -578,13 +584,15 @@ pub struct RelayCli {
     /// Apply devour's migrations before starting.
     #[arg(long)]
     migrate: bool,
+    /// Serve /metrics, /healthz and /readyz on this address (overrides `[metrics] listen`).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// The `devour-relay` binary: runs a relay until SIGINT/SIGTERM (a second signal exits at once).
 /// Exit codes: 0 stopped cleanly, 1 runtime failure, 2 bad usage or configuration.
 pub fn relay_main() -> ExitCode {
     use std::io::IsTerminal;
-    init_logging();
     let cli = match RelayCli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -593,10 +601,17 @@ pub fn relay_main() -> ExitCode {
         }
     };
     let run = || -> Result<crate::relay::RelayReport, Failure> {
-        let config = cli.config.load()?;
+        let mut config = cli.config.load()?;
         if cli.migrate {
             DbPool::connect(&config.database)?.migrate()?;
         }
+        if let Some(a) = cli.metrics_listen {
+            config.metrics.listen = Some(a);
+        }
+        let _server = match config.metrics.listen {
+            Some(addr) => Some(crate::telemetry::serve(addr, &config)?),
+            None => None,
+        };
         let stop = stop_on_signals()?;
         let options = crate::relay::RunOptions {
             mode: if cli.drain {
@@ -610,16 +625,19 @@ pub fn relay_main() -> ExitCode {
     };
     match run() {
         Ok(report) => {
-            eprintln!(
-                "devour-relay: delivered {} message(s), dead-lettered {}, in {:.1} s",
-                report.delivered,
-                report.dead_lettered,
-                report.elapsed.as_secs_f64()
+            crate::telemetry::say(
+                false,
+                &format!(
+                    "devour-relay: delivered {} message(s), dead-lettered {}, in {:.1} s",
+                    report.delivered,
+                    report.dead_lettered,
+                    report.elapsed.as_secs_f64()
+                ),
             );
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("devour-relay: error: {e}");
+            crate::telemetry::say(true, &format!("devour-relay: error: {e}"));
             ExitCode::from(e.exit_code())
         }
     }

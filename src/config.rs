@@ -104,6 +104,10 @@ pub struct Config {
     pub relay: RelayConfig,
     /// `[consumers.NAME]`: the routes of `devour consume NAME`, by NAME.
     pub consumers: BTreeMap<String, ConsumerRoute>,
+    /// `[metrics]`.
+    pub metrics: MetricsConfig,
+    /// `[log]`.
+    pub log: LogConfig,
     /// Deprecation warnings met while loading (also logged through `tracing`).
     pub warnings: Vec<String>,
 }
@@ -311,6 +315,36 @@ impl Default for RelayConfig {
     }
 }
 
+/// `[metrics]`: the HTTP endpoint of `devour-relay` and `devour consume`.
+#[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
+pub struct MetricsConfig {
+    /// `listen`: address serving `/metrics` (Prometheus text), `/healthz` and `/readyz`
+    /// (default: none, off).
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
+pub struct LogConfig {
+    /// `level`: a `tracing` filter such as `info` or `devour=debug,rdkafka=warn` (default
+    /// `info`; `RUST_LOG` wins when set).
+    pub level: Option<String>,
+    /// `format`: `"text"` (default) or `"json"` (one object per line).
+    pub format: LogFormat,
+}
+
+/// How log lines look.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines (colours on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
 /// Properties whose values are secrets: never printed, never logged.
 pub fn is_secret_property(name: &str) -> bool {
     let n = name.to_ascii_lowercase();
@@ -412,9 +446,20 @@ const KEYS: &[(&str, Kind)] = &[
     ("relay.shutdown_timeout_ms", Kind::Int),
     ("relay.relay_id", Kind::Str),
     ("relay.producer", Kind::Table),
+    ("metrics.listen", Kind::Str),
+    ("log.level", Kind::Str),
+    ("log.format", Kind::Str),
 ];
 
-const SECTIONS: &[&str] = &["database", "kafka", "outbox", "relay", "consumers"];
+const SECTIONS: &[&str] = &[
+    "database",
+    "kafka",
+    "outbox",
+    "relay",
+    "consumers",
+    "metrics",
+    "log",
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -738,6 +783,40 @@ impl Config {
 
         let consumers = consumers::parse(&r, &kafka.properties)?;
 
+        let mut metrics = MetricsConfig::default();
+        if let Some(a) = r.string("metrics.listen")? {
+            if !a.trim().is_empty() {
+                metrics.listen = Some(a.parse().map_err(|_| {
+                    r.err(
+                        "metrics.listen",
+                        format!("`{a}` is not an address such as `127.0.0.1:9464`"),
+                    )
+                })?);
+            }
+        }
+        let mut log = LogConfig::default();
+        if let Some(level) = r.string("log.level")? {
+            tracing_subscriber::EnvFilter::try_new(&level).map_err(|e| {
+                r.err(
+                    "log.level",
+                    format!("`{level}` is not a log filter such as `info` or `devour=debug,rdkafka=warn`: {e}"),
+                )
+            })?;
+            log.level = Some(level);
+        }
+        if let Some(f) = r.string("log.format")? {
+            log.format = match f.as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                other => {
+                    return Err(r.err(
+                        "log.format",
+                        format!("`{other}` is not one of \"text\", \"json\""),
+                    ))
+                }
+            };
+        }
+
         Ok(Config {
             file,
             database,
@@ -745,6 +824,8 @@ impl Config {
             outbox,
             relay,
             consumers,
+            metrics,
+            log,
             warnings,
         })
     }
@@ -864,6 +945,29 @@ impl Config {
             rt.insert("producer".into(), redacted_properties(&rl.producer).into());
         }
         root.insert("relay".into(), rt.into());
+        let mut metrics = Table::new();
+        if let Some(a) = self.metrics.listen {
+            metrics.insert("listen".into(), a.to_string().into());
+        }
+        root.insert("metrics".into(), metrics.into());
+        let mut log = Table::new();
+        log.insert(
+            "level".into(),
+            self.log
+                .level
+                .clone()
+                .unwrap_or_else(|| "info".into())
+                .into(),
+        );
+        log.insert(
+            "format".into(),
+            match self.log.format {
+                LogFormat::Text => "text",
+                LogFormat::Json => "json",
+            }
+            .into(),
+        );
+        root.insert("log".into(), log.into());
         if !self.consumers.is_empty() {
             root.insert(
                 "consumers".into(),

@@ -9,6 +9,7 @@ pub mod db;
 pub mod outbox;
 pub mod relay;
 pub mod status;
+pub mod telemetry;
 
 pub use config::{Config, ConfigError};
 pub use db::{run_migrations, DbConnection, DbError, DbPool};

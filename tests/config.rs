@@ -601,3 +601,40 @@ fn config_check_shows_routes_with_secrets_masked() {
         .unwrap();
     assert_eq!(again.consumers["a"].topics, c.consumers["a"].topics);
 }
+
+#[test]
+fn bad_metrics_and_log_settings_name_the_key() {
+    assert_names(
+        &format!("{OK}[metrics]\nlisten = \"localhost\"\n"),
+        &[],
+        Some("metrics.listen"),
+        &["not an address"],
+    );
+    assert_names(
+        &format!("{OK}[log]\nformat = \"xml\"\n"),
+        &[],
+        Some("log.format"),
+        &["not one of \"text\", \"json\""],
+    );
+    assert_names(
+        &format!("{OK}[log]\nlevel = \"devour=loud\"\n"),
+        &[],
+        Some("log.level"),
+        &["not a log filter"],
+    );
+    assert_names(
+        OK,
+        &[("DEVOUR_METRICS_LISTEN", "nope")],
+        Some("metrics.listen"),
+        &["DEVOUR_METRICS_LISTEN"],
+    );
+    let c = Config::from_toml_str(
+        &format!("{OK}[metrics]\nlisten = \"127.0.0.1:9464\"\n[log]\nlevel = \"devour=debug,rdkafka=warn\"\nformat = \"json\"\n"),
+        devour::config::Origin::Defaults,
+        &Default::default(),
+    )
+    .unwrap();
+    assert_eq!(c.metrics.listen, Some("127.0.0.1:9464".parse().unwrap()));
+    assert_eq!(c.log.format, devour::config::LogFormat::Json);
+    assert_eq!(c.log.level.as_deref(), Some("devour=debug,rdkafka=warn"));
+}

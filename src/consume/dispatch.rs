@@ -70,6 +70,27 @@ pub(crate) struct Stats {
     pub retries: AtomicU64,
 }
 
+/// The route's counters in the installed `metrics` recorder (no-ops without one).
+struct Meters {
+    processed: metrics::Counter,
+    retried: metrics::Counter,
+    dead_lettered: metrics::Counter,
+    duplicates: metrics::Counter,
+}
+
+impl Meters {
+    fn new(route: &str) -> Meters {
+        use crate::telemetry::names;
+        let route = route.to_string();
+        Meters {
+            processed: metrics::counter!(names::CONSUME_PROCESSED, "route" => route.clone()),
+            retried: metrics::counter!(names::CONSUME_RETRIED, "route" => route.clone()),
+            dead_lettered: metrics::counter!(names::CONSUME_DEAD_LETTERED, "route" => route.clone()),
+            duplicates: metrics::counter!(names::CONSUME_DUPLICATES, "route" => route),
+        }
+    }
+}
+
 /// Why an attempt failed.
 enum Failure {
     Undecodable(String),
@@ -165,6 +186,7 @@ pub(crate) struct Dispatcher {
     conn: Option<DbConnection>,
     stop: Arc<AtomicBool>,
     stats: Arc<Stats>,
+    meters: Meters,
 }
 
 impl Dispatcher {
@@ -177,6 +199,7 @@ impl Dispatcher {
         stats: Arc<Stats>,
     ) -> Dispatcher {
         Dispatcher {
+            meters: Meters::new(&route.name),
             route,
             handler,
             dead_letters,
@@ -252,6 +275,7 @@ impl Dispatcher {
             );
             if r.is_ok() {
                 self.stats.processed.fetch_add(1, Ordering::Relaxed);
+                self.meters.processed.increment(1);
             }
             return r;
         }
@@ -274,6 +298,7 @@ impl Dispatcher {
         let (error, after) = match f {
             Failure::Db(e) => {
                 self.conn = None;
+                crate::telemetry::health().report("database", false, e.to_string());
                 tracing::warn!(
                     route = %self.route.name, topic = meta.topic, partition = meta.partition, offset = meta.offset,
                     "inbox database failed, trying again: {e}"
@@ -308,6 +333,7 @@ impl Dispatcher {
             "attempt {attempt}/{max} failed, next in {} ms: {error}", wait.as_millis()
         );
         self.stats.retries.fetch_add(1, Ordering::Relaxed);
+        self.meters.retried.increment(1);
         if self.pause(wait) {
             Ok(Next::Retry)
         } else {
@@ -335,6 +361,7 @@ impl Dispatcher {
                         "sent to dead-letter topic {topic} after {attempts} attempt(s): {error}"
                     );
                     self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    self.meters.dead_lettered.increment(1);
                     return Ok(Next::Finished);
                 }
                 Err(e) => {
@@ -418,6 +445,9 @@ impl Dispatcher {
         });
         self.stats.processed.fetch_add(handled, Ordering::Relaxed);
         self.stats.duplicates.fetch_add(skipped, Ordering::Relaxed);
+        self.meters.processed.increment(handled);
+        self.meters.duplicates.increment(skipped);
+        crate::telemetry::health().report("database", true, "inbox transaction committed");
         Ok(())
     }
 }

@@ -28,6 +28,8 @@ const POLL: Duration = Duration::from_millis(100);
 const STORE_EVERY: Duration = Duration::from_millis(200);
 /// How often an idle drain asks the broker whether it is at the end.
 const DRAIN_CHECK_EVERY: Duration = Duration::from_millis(500);
+/// How often check `work` is reported.
+const HEALTH_EVERY: Duration = Duration::from_secs(5);
 /// How long a drain waits for partitions before it decides there is nothing to drain.
 const NOTHING_ASSIGNED: Duration = Duration::from_secs(15);
 /// How often old inbox rows are deleted.
@@ -229,6 +231,11 @@ pub(crate) fn run(
             }
         }
     }
+    let lag_thread = config
+        .metrics
+        .listen
+        .is_some()
+        .then(|| spawn_lag_gauge(config, &route));
     let mut dispatchers: Vec<Dispatcher> = handlers
         .into_iter()
         .map(|h| {
@@ -251,6 +258,7 @@ pub(crate) fn run(
         last_store: Instant::now(),
         last_drain_check: Instant::now(),
         last_cleanup: Instant::now(),
+        last_health: Instant::now() - HEALTH_EVERY,
         started,
         pool: pool.as_ref(),
         clock: &mut clock,
@@ -267,7 +275,36 @@ pub(crate) fn run(
         Err(e) => tracing::warn!(route = name, "final commit: {e}"),
     }
     drop(consumer);
+    if let Some((done, thread)) = lag_thread {
+        done.store(true, Ordering::Relaxed);
+        let _ = thread.join();
+    }
     Ok(report(&stats, started, &clock))
+}
+
+/// Sets the route's lag gauge every 10 s from a thread of its own, until the flag is set.
+fn spawn_lag_gauge(
+    config: &Config,
+    route: &ConsumerRoute,
+) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
+    let done = Arc::new(AtomicBool::new(false));
+    let (d, config, route) = (done.clone(), config.clone(), route.clone());
+    let gauge =
+        metrics::gauge!(crate::telemetry::names::CONSUME_LAG, "route" => route.name.clone());
+    let thread = std::thread::spawn(move || {
+        let mut next = Instant::now();
+        while !d.load(Ordering::Relaxed) {
+            if Instant::now() >= next {
+                next = Instant::now() + Duration::from_secs(10);
+                match super::lag::route_lag(&config, &route, Duration::from_secs(5)) {
+                    Ok(parts) => gauge.set(parts.iter().map(|p| p.lag).sum::<i64>() as f64),
+                    Err(e) => tracing::debug!(route = %route.name, "lag: {e}"),
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    (done, thread)
 }
 
 struct Clock {
@@ -371,6 +408,7 @@ struct LoopState<'a> {
     last_store: Instant,
     last_drain_check: Instant,
     last_cleanup: Instant,
+    last_health: Instant,
     started: Instant,
     pool: Option<&'a DbPool>,
     clock: &'a mut Clock,
@@ -419,8 +457,19 @@ impl LoopState<'_> {
             if now.duration_since(self.last_store) >= STORE_EVERY {
                 self.shared.store(self.consumer);
                 self.last_store = now;
+                self.report_health();
             }
         }
+    }
+
+    /// Reports check `work` (partitions assigned) every few seconds.
+    fn report_health(&mut self) {
+        if self.last_health.elapsed() < HEALTH_EVERY {
+            return;
+        }
+        self.last_health = Instant::now();
+        let n = self.consumer.assignment().map_or(0, |a| a.count());
+        crate::telemetry::health().report("work", n > 0, format!("{n} partition(s) assigned"));
     }
 
     fn batch_max(&self) -> usize {
@@ -510,6 +559,7 @@ impl LoopState<'_> {
     fn idle(&mut self) -> bool {
         self.shared.store(self.consumer);
         self.last_store = Instant::now();
+        self.report_health();
         if let Some(pool) = self.pool {
             if self.last_cleanup.elapsed() >= INBOX_CLEANUP_EVERY {
                 self.last_cleanup = Instant::now();

@@ -17,6 +17,7 @@ use super::{Mode, RelayError, RunOptions, Wake};
 use crate::config::{Config, DeadLetterPolicy, RelayConfig};
 use crate::db::DbError;
 use crate::outbox::SHARDS;
+use crate::telemetry::names;
 
 /// What a relay run did.
 #[derive(Debug, Clone, Default)]
@@ -467,6 +468,7 @@ impl Relay {
             ) else {
                 break;
             };
+            metrics::histogram!(names::RELAY_BATCH_ROWS).record(rows.len() as f64);
             if rows.is_empty() {
                 if shared.in_flight() == 0 {
                     if pass.cursor == 0 && self.options.mode == Mode::Drain {
@@ -578,6 +580,7 @@ impl Relay {
         );
         if moved == Some(true) {
             shared.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(names::RELAY_DEAD_LETTERED).increment(1);
             tracing::warn!(relay = %shared.relay_id, id = row.id, topic = %row.topic, "dead-lettered: {error}");
             if let Some(k) = &row.partition_key {
                 shared
@@ -609,6 +612,7 @@ fn commit_loop(shared: &Shared, mut store: Store, config: &Config, reports: Rece
                 Outcome::Delivered => {
                     // Commit (row creation) → acknowledgement, as the report arrives.
                     let ms = chrono::Utc::now().timestamp_millis() - report.row.created_ms;
+                    metrics::histogram!(names::RELAY_LATENCY).record(ms.max(0) as f64 / 1000.0);
                     let _ = shared
                         .latency
                         .lock()
@@ -628,6 +632,7 @@ fn commit_loop(shared: &Shared, mut store: Store, config: &Config, reports: Rece
                     );
                     if moved == Some(true) {
                         shared.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                        metrics::counter!(names::RELAY_DEAD_LETTERED).increment(1);
                         tracing::warn!(relay = %shared.relay_id, id = row.id, "dead-lettered: {error}");
                     }
                     shared.remove_in_flight([row.shard]);
@@ -662,6 +667,7 @@ fn commit_loop(shared: &Shared, mut store: Store, config: &Config, reports: Rece
             shared
                 .delivered
                 .fetch_add(acked.len() as u64, Ordering::Relaxed);
+            metrics::counter!(names::RELAY_DELIVERED).increment(acked.len() as u64);
             shared.remove_in_flight(acked.drain(..).map(|r| r.shard));
         }
         if retention == crate::config::Retention::Keep
@@ -681,6 +687,9 @@ fn commit_loop(shared: &Shared, mut store: Store, config: &Config, reports: Rece
     }
 }
 
+/// How often the lease keeper counts the backlog for the metrics.
+const BACKLOG_EVERY: Duration = Duration::from_secs(10);
+
 /// Keeps the leases: heartbeat, renew, take a fair share, hand back the excess (after its rows
 /// in flight are removed), and on stop release everything.
 fn lease_loop(shared: &Shared, mut store: Store, config: &Config) {
@@ -688,6 +697,7 @@ fn lease_loop(shared: &Shared, mut store: Store, config: &Config) {
     let period = Duration::from_millis(ttl / 3);
     let id = shared.relay_id.clone();
     let shares = store.shares_shards();
+    let mut last_backlog = Instant::now() - BACKLOG_EVERY;
     while !shared.threads_stop.load(Ordering::Acquire) {
         let started = Instant::now();
         let stopping = shared.stopping();
@@ -744,10 +754,35 @@ fn lease_loop(shared: &Shared, mut store: Store, config: &Config) {
             view.standby = standby;
             Ok(())
         })();
-        if let Err(e) = tick {
-            tracing::warn!(relay = %id, "lease renewal failed: {e}");
-            if let Ok(s) = Store::open(config) {
-                store = s;
+        match tick {
+            Ok(()) => {
+                let leases = shared.leases();
+                let held = leases.owned.len();
+                metrics::gauge!(names::RELAY_LEASES_HELD).set(held as f64);
+                let health = crate::telemetry::health();
+                health.report("database", true, "leases renewed");
+                let work = match &leases.standby {
+                    Some(holder) => format!("standing by: {holder} drains this SQLite database"),
+                    None => format!("{held} shard(s) held"),
+                };
+                health.report("work", held > 0, work);
+                if last_backlog.elapsed() >= BACKLOG_EVERY {
+                    last_backlog = Instant::now();
+                    match store.backlog().and_then(|n| Ok((n, store.oldest_age_s()?))) {
+                        Ok((n, age)) => {
+                            metrics::gauge!(names::RELAY_BACKLOG_ROWS).set(n as f64);
+                            metrics::gauge!(names::RELAY_OLDEST_AGE).set(age);
+                        }
+                        Err(e) => tracing::debug!(relay = %id, "counting the backlog: {e}"),
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(relay = %id, "lease renewal failed: {e}");
+                crate::telemetry::health().report("database", false, e.to_string());
+                if let Ok(s) = Store::open(config) {
+                    store = s;
+                }
             }
         }
         shared.wake.wake();

@@ -518,6 +518,31 @@ impl Store {
     }
 
     /// Rows waiting in the outbox (for progress reports).
+    /// Age in seconds of the row with the smallest id (about the oldest undelivered one; 0 when
+    /// the outbox is empty). Cheap: one step along the primary key.
+    pub(crate) fn oldest_age_s(&mut self) -> Result<f64, DbError> {
+        #[derive(QueryableByName)]
+        struct Age {
+            #[diesel(sql_type = diesel::sql_types::Double)]
+            age: f64,
+        }
+        let rows: Vec<Age> = match self {
+            #[cfg(feature = "postgres")]
+            Store::Postgres(c) => diesel::sql_query(
+                "SELECT CAST(EXTRACT(EPOCH FROM (now() - created_at)) AS DOUBLE PRECISION) AS age \
+                 FROM devour_outbox ORDER BY id LIMIT 1",
+            )
+            .load(c)?,
+            #[cfg(feature = "sqlite")]
+            Store::Sqlite(c) => diesel::sql_query(
+                "SELECT CAST((julianday('now') - julianday(created_at)) * 86400.0 AS REAL) AS age \
+                 FROM devour_outbox ORDER BY id LIMIT 1",
+            )
+            .load(c)?,
+        };
+        Ok(rows.first().map_or(0.0, |r| r.age.max(0.0)))
+    }
+
     pub(crate) fn backlog(&mut self) -> Result<i64, DbError> {
         let q = diesel::sql_query("SELECT count(*) AS n FROM devour_outbox");
         Ok(match self {

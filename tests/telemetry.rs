@@ -1,0 +1,246 @@
+//! Metrics, health and logs of the shipped binaries: `/metrics` counts what a run did,
+//! `/healthz` and `/readyz` answer, a broker that cannot be reached makes `/readyz` fail, logs
+//! can be JSON, and secrets stay out of them.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::consume::{produce, Out};
+use common::{create_topic, Backend, TestConn, TestDb};
+use diesel::prelude::*;
+
+/// A port nobody listens on right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GET `path` on 127.0.0.1:`port`: (status, body); `None` if nothing answers.
+fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+/// The value of the sample `name` (with its labels, as rendered) in a /metrics text.
+fn sample(metrics: &str, name: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Polls `path` until `pred` holds for (status, body); panics with the last answer after 30 s.
+fn wait_for(port: u16, path: &str, pred: impl Fn(u16, &str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = get(port, path);
+        if let Some((code, body)) = &got {
+            if pred(*code, body) {
+                return body.clone();
+            }
+        }
+        assert!(Instant::now() < deadline, "GET {path}: last answer {got:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn spawn(bin: &str, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Child {
+    let mut cmd = Command::new(bin);
+    cmd.args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DEVOUR_CONFIG", dir.join("devour.toml"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().unwrap()
+}
+
+fn stop(mut child: Child) -> String {
+    let _ = Command::new("kill").arg(child.id().to_string()).status();
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(status.success(), "exit 0 on SIGTERM: {status:?}\n{err}");
+    err
+}
+
+#[test]
+fn relay_metrics_health_and_readiness() {
+    let db = TestDb::new(Backend::Postgres, "telemetry_relay");
+    let topic = create_topic("telemetry-relay", 3);
+    let mut c = PgConnection::establish(&db.url).unwrap();
+    common::insert_rows(&mut c, &topic, 0, 120, 10);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("devour.toml"), "[kafka]\nhosts = \"x:1\"\n").unwrap();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let relay = spawn(
+        env!("CARGO_BIN_EXE_devour-relay"),
+        dir.path(),
+        &["--metrics-listen", &listen],
+        &[
+            ("DEVOUR_DATABASE_URL", &db.url),
+            ("DEVOUR_KAFKA_HOSTS", &common::kafka_hosts()),
+            ("DEVOUR_LOG_FORMAT", "json"),
+        ],
+    );
+    let metrics = wait_for(port, "/metrics", |_, b| {
+        sample(b, "devour_relay_delivered_total") == Some(120.0)
+    });
+    assert_eq!(
+        sample(&metrics, "devour_relay_leases_held"),
+        Some(256.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(&metrics, "devour_relay_delivery_latency_seconds_count"),
+        Some(120.0),
+        "{metrics}"
+    );
+    assert!(
+        sample(&metrics, "devour_relay_batch_rows_count").unwrap_or(0.0) >= 1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(&metrics, "devour_relay_dead_lettered_total").unwrap_or(0.0),
+        0.0
+    );
+    assert_eq!(get(port, "/healthz"), Some((200, "ok\n".to_string())));
+    let ready = wait_for(port, "/readyz", |code, _| code == 200);
+    let checks: serde_json::Value = serde_json::from_str(&ready).unwrap();
+    for check in ["database", "broker", "work"] {
+        assert_eq!(checks[check]["ok"], true, "{checks:#}");
+    }
+    assert_eq!(get(port, "/nope").map(|r| r.0), Some(404));
+    assert_eq!(c.count("devour_outbox"), 0);
+    let log = stop(relay);
+    // JSON logs: every line an object with a level; the database password never shows.
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}"))
+        })
+        .collect();
+    assert!(
+        lines.iter().any(|l| l["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("relay starting")),
+        "{log}"
+    );
+    assert!(lines.iter().all(|l| l["level"].is_string()), "{log}");
+    assert!(
+        !log.contains("postgres:postgres@"),
+        "the database password was logged:\n{log}"
+    );
+}
+
+#[test]
+fn readyz_fails_while_the_broker_cannot_be_reached() {
+    let db = TestDb::new(Backend::Sqlite, "telemetry_unready");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("devour.toml"), "[kafka]\nhosts = \"x:1\"\n").unwrap();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let closed = format!("127.0.0.1:{}", free_port());
+    let relay = spawn(
+        env!("CARGO_BIN_EXE_devour-relay"),
+        dir.path(),
+        &["--metrics-listen", &listen],
+        &[
+            ("DEVOUR_DATABASE_URL", &db.url),
+            ("DEVOUR_KAFKA_HOSTS", &closed),
+            ("RUST_LOG", "error"),
+        ],
+    );
+    let body = wait_for(port, "/readyz", |code, body| {
+        code == 503 && body.contains("\"broker\"")
+    });
+    let checks: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(checks["broker"]["ok"], false, "{checks:#}");
+    assert_eq!(
+        checks["database"]["ok"], true,
+        "the database is fine: {checks:#}"
+    );
+    assert_eq!(
+        get(port, "/healthz").map(|r| r.0),
+        Some(200),
+        "alive all the same"
+    );
+    stop(relay);
+}
+
+#[test]
+fn consumer_metrics_count_processed_and_dead_lettered() {
+    let topic = create_topic("telemetry-consume", 2);
+    let mut msgs: Vec<Out<'_>> = (0..19).map(|i| Out::seq("k", i)).collect();
+    msgs.push(Out {
+        key: Some("k"),
+        payload: Some(b"not json".to_vec()),
+        headers: vec![],
+    });
+    produce(&topic, &msgs);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("devour.toml"),
+        format!(
+            "[kafka]\nhosts = \"{}\"\n[database]\nurl = \"sqlite://{}\"\n[consumers.watch]\ntopic = \"{topic}\"\ngroup = \"{}\"\nhandler = \"print\"\n",
+            common::kafka_hosts(),
+            dir.path().join("d.db").display(),
+            common::unique("watch")
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let consumer = spawn(
+        env!("CARGO_BIN_EXE_devour"),
+        dir.path(),
+        &["consume", "watch", "--metrics-listen", &listen],
+        &[],
+    );
+    let metrics = wait_for(port, "/metrics", |_, b| {
+        sample(b, "devour_consume_processed_total{route=\"watch\"}") == Some(19.0)
+            && sample(b, "devour_consume_dead_lettered_total{route=\"watch\"}") == Some(1.0)
+    });
+    assert_eq!(
+        sample(&metrics, "devour_consume_retried_total{route=\"watch\"}").unwrap_or(0.0),
+        0.0
+    );
+    let ready = wait_for(port, "/readyz", |code, _| code == 200);
+    assert!(ready.contains("partition(s) assigned"), "{ready}");
+    // The lag gauge comes every 10 s: once the offsets are committed, 0.
+    wait_for(port, "/metrics", |_, b| {
+        sample(b, "devour_consume_lag{route=\"watch\"}") == Some(0.0)
+    });
+    stop(consumer);
+}
