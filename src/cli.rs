@@ -18,7 +18,13 @@ pub const EXIT_USAGE: u8 = 2;
 
 /// devour: a transactional outbox for Kafka on Diesel.
 #[derive(Debug, Parser)]
-#[command(name = "devour", version, about, long_about = None)]
+#[command(
+    name = "devour",
+    version,
+    about,
+    long_about = None,
+    after_help = "Examples:\n  devour migrate                       create or update devour's tables\n  devour status                        is everything flowing?\n  devour outbox list                   rows the broker refused for good\n  devour consume orders-audit --drain  handle what the route's topics hold, then exit\n\nConfiguration: ./devour.toml or DEVOUR_CONFIG; every key documented in the repository's devour.toml."
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -62,14 +68,18 @@ enum Command {
     /// Look at the outbox table and its dead letters; retry, discard or enqueue messages.
     #[command(subcommand)]
     Outbox(OutboxCommand),
-    /// Is everything flowing? Outbox backlog per topic and shard, age of the oldest row, dead
-    /// letters, relays and their shards, each consumer route's lag. Exit 1 when a part could
-    /// not be read (database or broker unreachable).
+    /// Show whether messages flow: backlog, dead letters, relays, consumer lag.
+    ///
+    /// Outbox backlog per topic and shard, age of the oldest row, dead letters, relays and the
+    /// shards they hold, each consumer route's lag. Exit 1 when a part could not be read
+    /// (database or broker unreachable).
     ///
     /// Example: devour status --json | jq .outbox.oldest_age_s
     Status(StatusArgs),
-    /// Run consumer route NAME (`[consumers.NAME]` in devour.toml): hand every message of its
-    /// topics to its handler; commit offsets only after the handler succeeded. Stops cleanly on
+    /// Run consumer route NAME: hand each message of its topics to its handler.
+    ///
+    /// NAME is a `[consumers.NAME]` table of devour.toml. Offsets are committed only after the
+    /// handler succeeded (or the message went to the dead-letter topic). Stops cleanly on
     /// SIGINT/SIGTERM (a second signal exits at once).
     ///
     /// Example: devour consume orders-audit
@@ -572,7 +582,12 @@ fn run(cli: Cli, registry: &crate::consume::Registry) -> Result<(), Failure> {
 
 /// devour-relay: drains the outbox to Kafka, in commit order per key, at least once.
 #[derive(Debug, Parser)]
-#[command(name = "devour-relay", version, long_about = None)]
+#[command(
+    name = "devour-relay",
+    version,
+    long_about = None,
+    after_help = "Examples:\n  devour-relay                                 run until SIGINT/SIGTERM\n  devour-relay --drain                         deliver what is there, then exit\n  devour-relay --metrics-listen 127.0.0.1:9464 with Prometheus metrics and health"
+)]
 pub struct RelayCli {
     #[command(flatten)]
     config: ConfigOpts,

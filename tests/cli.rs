@@ -150,3 +150,40 @@ fn outbox_pending_lists_rows_in_order() {
     assert_eq!(lines[0]["event"], "create");
     assert_eq!(lines[0]["partition_key"], "1");
 }
+
+#[test]
+fn every_command_explains_itself_with_an_example() {
+    let cases: &[(&str, &[&str])] = &[
+        (env!("CARGO_BIN_EXE_devour"), &["--help"]),
+        (env!("CARGO_BIN_EXE_devour"), &["config", "check", "--help"]),
+        (env!("CARGO_BIN_EXE_devour"), &["migrate", "--help"]),
+        (env!("CARGO_BIN_EXE_devour"), &["status", "--help"]),
+        (env!("CARGO_BIN_EXE_devour"), &["consume", "--help"]),
+        (
+            env!("CARGO_BIN_EXE_devour"),
+            &["outbox", "pending", "--help"],
+        ),
+        (env!("CARGO_BIN_EXE_devour"), &["outbox", "list", "--help"]),
+        (env!("CARGO_BIN_EXE_devour"), &["outbox", "show", "--help"]),
+        (env!("CARGO_BIN_EXE_devour"), &["outbox", "retry", "--help"]),
+        (
+            env!("CARGO_BIN_EXE_devour"),
+            &["outbox", "discard", "--help"],
+        ),
+        (env!("CARGO_BIN_EXE_devour"), &["outbox", "put", "--help"]),
+        (env!("CARGO_BIN_EXE_devour-relay"), &["--help"]),
+    ];
+    for (bin, args) in cases {
+        let out = std::process::Command::new(bin)
+            .args(*args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        assert!(
+            text.contains("Example"),
+            "{bin} {args:?} has no example:\n{text}"
+        );
+        assert!(text.lines().count() > 5, "{bin} {args:?}:\n{text}");
+    }
+}

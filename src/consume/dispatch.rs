@@ -362,6 +362,16 @@ impl Dispatcher {
                     );
                     self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                     self.meters.dead_lettered.increment(1);
+                    if self.route.inbox {
+                        let offset = meta.offset;
+                        // A redelivery is then skipped instead of dead-lettered again.
+                        if let Err(e) = self.record_in_inbox(m) {
+                            tracing::warn!(
+                                route = %self.route.name, offset,
+                                "dead letter not recorded in the inbox (a redelivery would dead-letter it again): {e}"
+                            );
+                        }
+                    }
                     return Ok(Next::Finished);
                 }
                 Err(e) => {
@@ -376,6 +386,21 @@ impl Dispatcher {
                 }
             }
         }
+    }
+
+    /// Records `m` in the inbox on its own (after it was dead-lettered).
+    fn record_in_inbox<R: Record>(&mut self, m: &R) -> Result<(), DbError> {
+        if self.conn.is_none() {
+            let pool = self.pool.as_ref().expect("an inbox route has a pool");
+            self.conn = Some(pool.get()?);
+        }
+        let conn = self.conn.as_mut().expect("just set");
+        let entry = inbox_entry(m.meta(&self.route.name, 1));
+        let group = &self.route.group;
+        crate::db::each_backend!(conn, c => {
+            InboxConnection::claim(&mut **c, group, std::slice::from_ref(&entry), false)?;
+        });
+        Ok(())
     }
 
     /// The batch in inbox transactions: all of it in one when every message succeeds; else the
@@ -423,18 +448,7 @@ impl Dispatcher {
         let handler = &mut *self.handler;
         let entries: Vec<InboxEntry<'_>> = batch
             .iter()
-            .map(|m| {
-                let meta = m.meta(&route.name, attempt);
-                InboxEntry {
-                    key: match meta.message_id() {
-                        Some(id) => id.into(),
-                        None => format!("{}/{}/{}", meta.topic, meta.partition, meta.offset).into(),
-                    },
-                    topic: meta.topic,
-                    partition: meta.partition,
-                    offset: meta.offset,
-                }
-            })
+            .map(|m| inbox_entry(m.meta(&route.name, attempt)))
             .collect();
         let (handled, skipped) = crate::db::each_backend!(conn, c => {
             let c: &mut _ = &mut **c;
@@ -449,6 +463,19 @@ impl Dispatcher {
         self.meters.duplicates.increment(skipped);
         crate::telemetry::health().report("database", true, "inbox transaction committed");
         Ok(())
+    }
+}
+
+/// A message's inbox record: keyed by its `message-id` header, else by where it was read.
+fn inbox_entry(meta: Meta<'_>) -> InboxEntry<'_> {
+    InboxEntry {
+        key: match meta.message_id() {
+            Some(id) => id.into(),
+            None => format!("{}/{}/{}", meta.topic, meta.partition, meta.offset).into(),
+        },
+        topic: meta.topic,
+        partition: meta.partition,
+        offset: meta.offset,
     }
 }
 
