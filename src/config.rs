@@ -482,6 +482,21 @@ impl Kind {
     }
 }
 
+/// Every dotted key of the sections (not the routes), and whether an environment variable can
+/// override it (tables cannot; their keys can): what the reference documents.
+pub fn known_keys() -> impl Iterator<Item = (&'static str, bool)> {
+    KEYS.iter().map(|(k, kind)| (*k, *kind != Kind::Table))
+}
+
+/// The keys of a `[consumers.NAME]` route (`retry.*` inside `retry`).
+pub fn route_keys() -> impl Iterator<Item = String> {
+    consumers::ROUTE_KEYS
+        .iter()
+        .filter(|k| **k != "retry")
+        .map(|k| k.to_string())
+        .chain(consumers::RETRY_KEYS.iter().map(|k| format!("retry.{k}")))
+}
+
 /// The environment variable that overrides a dotted key.
 pub fn env_var_for(key: &str) -> String {
     format!("DEVOUR_{}", key.replace('.', "_").to_ascii_uppercase())

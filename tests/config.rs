@@ -638,3 +638,48 @@ fn bad_metrics_and_log_settings_name_the_key() {
     assert_eq!(c.log.format, devour::config::LogFormat::Json);
     assert_eq!(c.log.level.as_deref(), Some("devour=debug,rdkafka=warn"));
 }
+
+#[test]
+fn the_reference_documents_every_key_with_its_environment_variable() {
+    let reference =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/reference.md"))
+            .unwrap();
+    for (key, overridable) in devour::config::known_keys() {
+        assert!(
+            reference.contains(&format!("`{key}`")),
+            "docs/reference.md does not document `{key}`"
+        );
+        if overridable {
+            let var = devour::config::env_var_for(key);
+            assert!(
+                reference.contains(&format!("`{var}`")),
+                "docs/reference.md does not name {var}"
+            );
+        }
+    }
+    for key in devour::config::route_keys() {
+        assert!(
+            reference.contains(&format!("`{key}`")),
+            "docs/reference.md does not document route key `{key}`"
+        );
+    }
+    for metric in [
+        devour::telemetry::names::RELAY_DELIVERED,
+        devour::telemetry::names::RELAY_DEAD_LETTERED,
+        devour::telemetry::names::RELAY_LATENCY,
+        devour::telemetry::names::RELAY_BATCH_ROWS,
+        devour::telemetry::names::RELAY_LEASES_HELD,
+        devour::telemetry::names::RELAY_BACKLOG_ROWS,
+        devour::telemetry::names::RELAY_OLDEST_AGE,
+        devour::telemetry::names::CONSUME_PROCESSED,
+        devour::telemetry::names::CONSUME_RETRIED,
+        devour::telemetry::names::CONSUME_DEAD_LETTERED,
+        devour::telemetry::names::CONSUME_DUPLICATES,
+        devour::telemetry::names::CONSUME_LAG,
+    ] {
+        assert!(
+            reference.contains(&format!("`{metric}`")),
+            "docs/reference.md does not list {metric}"
+        );
+    }
+}

@@ -55,7 +55,10 @@ fn python_example_writes_a_row_the_relay_delivers() {
     let got = read_all(&topic, Duration::from_secs(30));
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].key.as_deref(), Some("42"));
-    assert_eq!(got[0].partition, devour::outbox::partition_for_key(b"42", 3));
+    assert_eq!(
+        got[0].partition,
+        devour::outbox::partition_for_key(b"42", 3)
+    );
     let v: serde_json::Value = serde_json::from_slice(got[0].payload.as_deref().unwrap()).unwrap();
     assert_eq!(v, serde_json::json!({"id": 42, "status": "paid"}));
     assert!(

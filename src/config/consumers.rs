@@ -156,7 +156,7 @@ impl RetryPolicy {
 }
 
 /// The keys of a route.
-const ROUTE_KEYS: &[&str] = &[
+pub(super) const ROUTE_KEYS: &[&str] = &[
     "topic",
     "topics",
     "group",
@@ -175,7 +175,7 @@ const ROUTE_KEYS: &[&str] = &[
     "properties",
 ];
 
-const RETRY_KEYS: &[&str] = &["max_attempts", "initial_backoff_ms", "max_backoff_ms"];
+pub(super) const RETRY_KEYS: &[&str] = &["max_attempts", "initial_backoff_ms", "max_backoff_ms"];
 
 /// Properties devour sets itself: a route may not override them.
 const RESERVED_PROPERTIES: &[(&str, &str)] = &[
