@@ -312,6 +312,29 @@ pub fn main_with(registry: crate::consume::Registry) -> ExitCode {
     }
 }
 
+/// Prints `rows` as JSON lines, or as a table: `header`, a line each, `(N what shown)`.
+fn print_rows<T: serde::Serialize>(
+    json: bool,
+    rows: &[T],
+    header: &str,
+    what: &str,
+    line: impl Fn(&T) -> String,
+) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    if json {
+        for r in rows {
+            writeln!(out, "{}", serde_json::to_string(r).expect("rows serialize"))?;
+        }
+    } else {
+        writeln!(out, "{header}")?;
+        for r in rows {
+            writeln!(out, "{}", line(r))?;
+        }
+        writeln!(out, "({} {what} shown)", rows.len())?;
+    }
+    Ok(())
+}
+
 /// `NotFound` when an operation on dead letters found none.
 fn found(n: usize, which: &crate::db::DeadLetters) -> Result<(), Failure> {
     if n > 0 {
@@ -426,32 +449,22 @@ fn run(cli: Cli, registry: &crate::consume::Registry) -> Result<(), Failure> {
                 None => crate::db::DeadLetters::All,
             };
             let rows = pool.get()?.list_dead_letters(&which, args.limit)?;
-            let mut out = std::io::stdout().lock();
-            if args.json {
-                for r in &rows {
-                    writeln!(out, "{}", serde_json::to_string(r).expect("rows serialize"))?;
-                }
-            } else {
-                writeln!(
-                    out,
-                    "{:>8}  {:<24} {:<16} {:>8} {:>7}  {:<26} error",
-                    "id", "topic", "key", "attempts", "bytes", "failed_at"
-                )?;
-                for r in &rows {
-                    writeln!(
-                        out,
-                        "{:>8}  {:<24} {:<16} {:>8} {:>7}  {:<26} {}",
-                        r.id,
-                        r.topic,
-                        r.partition_key.as_deref().unwrap_or("-"),
-                        r.attempts,
-                        r.payload_bytes,
-                        r.failed_at,
-                        r.error.chars().take(100).collect::<String>()
-                    )?;
-                }
-                writeln!(out, "({} dead letter(s) shown)", rows.len())?;
-            }
+            let header = format!(
+                "{:>8}  {:<24} {:<16} {:>8} {:>7}  {:<26} error",
+                "id", "topic", "key", "attempts", "bytes", "failed_at"
+            );
+            print_rows(args.json, &rows, &header, "dead letter(s)", |r| {
+                format!(
+                    "{:>8}  {:<24} {:<16} {:>8} {:>7}  {:<26} {}",
+                    r.id,
+                    r.topic,
+                    r.partition_key.as_deref().unwrap_or("-"),
+                    r.attempts,
+                    r.payload_bytes,
+                    r.failed_at,
+                    r.error.chars().take(100).collect::<String>()
+                )
+            })?;
             Ok(())
         }
         Command::Outbox(OutboxCommand::Show(args)) => {
@@ -549,32 +562,22 @@ fn run(cli: Cli, registry: &crate::consume::Registry) -> Result<(), Failure> {
             let config = args.config.load()?;
             let pool = DbPool::connect(&config.database)?;
             let rows = pool.get()?.pending(args.limit)?;
-            let mut out = std::io::stdout().lock();
-            if args.json {
-                for r in &rows {
-                    writeln!(out, "{}", serde_json::to_string(r).expect("rows serialize"))?;
-                }
-            } else {
-                writeln!(
-                    out,
-                    "{:>8}  {:<24} {:<16} {:<8} {:>7}  {:<26} payload",
-                    "id", "topic", "key", "event", "bytes", "created_at"
-                )?;
-                for r in &rows {
-                    writeln!(
-                        out,
-                        "{:>8}  {:<24} {:<16} {:<8} {:>7}  {:<26} {}",
-                        r.id,
-                        r.topic,
-                        r.partition_key.as_deref().unwrap_or("-"),
-                        r.event.as_deref().unwrap_or("-"),
-                        r.payload_bytes,
-                        r.created_at,
-                        r.payload_preview
-                    )?;
-                }
-                writeln!(out, "({} undelivered row(s) shown)", rows.len())?;
-            }
+            let header = format!(
+                "{:>8}  {:<24} {:<16} {:<8} {:>7}  {:<26} payload",
+                "id", "topic", "key", "event", "bytes", "created_at"
+            );
+            print_rows(args.json, &rows, &header, "undelivered row(s)", |r| {
+                format!(
+                    "{:>8}  {:<24} {:<16} {:<8} {:>7}  {:<26} {}",
+                    r.id,
+                    r.topic,
+                    r.partition_key.as_deref().unwrap_or("-"),
+                    r.event.as_deref().unwrap_or("-"),
+                    r.payload_bytes,
+                    r.created_at,
+                    r.payload_preview
+                )
+            })?;
             Ok(())
         }
     }

@@ -4,7 +4,9 @@
 use std::collections::HashSet;
 
 use diesel::prelude::*;
-use diesel::sql_types::{Array, BigInt, Integer, Text};
+#[cfg(feature = "postgres")]
+use diesel::sql_types::{Array, Integer};
+use diesel::sql_types::{BigInt, Text};
 
 /// One message to record.
 #[derive(Debug, Clone)]

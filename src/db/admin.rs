@@ -138,10 +138,12 @@ const OUTBOX_COLUMNS: &str = "id, topic, partition_key, kafka_partition, payload
      message_id, content_type, shard, created_at, attempts";
 
 /// `age(column)` in seconds, per backend.
+#[cfg(feature = "postgres")]
 fn age_pg(column: &str) -> String {
     format!("CAST(EXTRACT(EPOCH FROM (now() - {column})) AS DOUBLE PRECISION)")
 }
 
+#[cfg(feature = "sqlite")]
 fn age_sqlite(column: &str) -> String {
     format!("CAST((julianday('now') - julianday({column})) * 86400.0 AS REAL)")
 }
@@ -156,33 +158,41 @@ impl DbConnection {
         }
     }
 
+    /// `SELECT column, count(*) AS rows, age(min(since)) AS oldest_age_s FROM table GROUP BY
+    /// column ORDER BY order`.
+    fn grouped(&self, column: &str, table: &str, since: &str, order: &str) -> String {
+        format!(
+            "SELECT {column}, CAST(count(*) AS BIGINT) AS rows, {} AS oldest_age_s \
+             FROM {table} GROUP BY {column} ORDER BY {order}",
+            self.age(&format!("min({since})"))
+        )
+    }
+
+    /// How the first bind parameter is written.
+    fn first_placeholder(&self) -> &'static str {
+        match self {
+            #[cfg(feature = "postgres")]
+            DbConnection::Postgres(_) => "$1",
+            #[cfg(feature = "sqlite")]
+            DbConnection::Sqlite(_) => "?1",
+        }
+    }
+
     /// Undelivered rows per topic, biggest first.
     pub fn backlog_by_topic(&mut self) -> Result<Vec<TopicBacklog>, DbError> {
-        let q = format!(
-            "SELECT topic, CAST(count(*) AS BIGINT) AS rows, {} AS oldest_age_s \
-             FROM devour_outbox GROUP BY topic ORDER BY 2 DESC, 1",
-            self.age("min(created_at)")
-        );
+        let q = self.grouped("topic", "devour_outbox", "created_at", "2 DESC, 1");
         Ok(each_backend!(self, c => diesel::sql_query(&q).load(&mut **c)?))
     }
 
     /// Undelivered rows per shard (shards without rows left out).
     pub fn backlog_by_shard(&mut self) -> Result<Vec<ShardBacklog>, DbError> {
-        let q = format!(
-            "SELECT shard, CAST(count(*) AS BIGINT) AS rows, {} AS oldest_age_s \
-             FROM devour_outbox GROUP BY shard ORDER BY shard",
-            self.age("min(created_at)")
-        );
+        let q = self.grouped("shard", "devour_outbox", "created_at", "shard");
         Ok(each_backend!(self, c => diesel::sql_query(&q).load(&mut **c)?))
     }
 
     /// Dead letters per topic (as [`TopicBacklog`]: rows and the oldest's age since it failed).
     pub fn dead_letters_by_topic(&mut self) -> Result<Vec<TopicBacklog>, DbError> {
-        let q = format!(
-            "SELECT topic, CAST(count(*) AS BIGINT) AS rows, {} AS oldest_age_s \
-             FROM devour_dead_letters GROUP BY topic ORDER BY 2 DESC, 1",
-            self.age("min(failed_at)")
-        );
+        let q = self.grouped("topic", "devour_dead_letters", "failed_at", "2 DESC, 1");
         Ok(each_backend!(self, c => diesel::sql_query(&q).load(&mut **c)?))
     }
 
@@ -248,12 +258,7 @@ impl DbConnection {
             ),
         };
         let extra = if full { payload_text } else { extra };
-        let placeholder = match self {
-            #[cfg(feature = "postgres")]
-            DbConnection::Postgres(_) => "$1",
-            #[cfg(feature = "sqlite")]
-            DbConnection::Sqlite(_) => "?1",
-        };
+        let placeholder = self.first_placeholder();
         let q = format!(
             "SELECT id, topic, partition_key, event, message_id, attempts, error, \
                CAST(created_at AS TEXT) AS created_at, CAST(failed_at AS TEXT) AS failed_at, \
@@ -305,12 +310,7 @@ impl DbConnection {
     /// Deletes dead letters for good (the later rows of their keys are then delivered).
     /// Returns how many.
     pub fn discard_dead_letters(&mut self, which: &DeadLetters) -> Result<usize, DbError> {
-        let placeholder = match self {
-            #[cfg(feature = "postgres")]
-            DbConnection::Postgres(_) => "$1",
-            #[cfg(feature = "sqlite")]
-            DbConnection::Sqlite(_) => "?1",
-        };
+        let placeholder = self.first_placeholder();
         let q = format!(
             "DELETE FROM devour_dead_letters WHERE {}",
             which.condition(placeholder)
