@@ -499,7 +499,11 @@ fn run(cli: Cli, registry: &crate::consume::Registry) -> Result<(), Failure> {
                 writeln!(out, "error:       {}", d.error)?;
                 writeln!(out, "headers:     {}", d.headers.as_deref().unwrap_or("{}"))?;
                 writeln!(out, "payload ({} bytes):", d.payload_bytes)?;
-                writeln!(out, "{}", d.payload.as_deref().unwrap_or(""))?;
+                writeln!(
+                    out,
+                    "{}",
+                    String::from_utf8_lossy(d.payload.as_deref().unwrap_or_default())
+                )?;
             }
             Ok(())
         }

@@ -796,7 +796,7 @@ impl Config {
         }
         relay.producer = r.properties("relay.producer")?;
 
-        let consumers = consumers::parse(&r, &kafka.properties)?;
+        let consumers = consumers::parse(&r, &kafka.properties, database.pool_size)?;
 
         let mut metrics = MetricsConfig::default();
         if let Some(a) = r.string("metrics.listen")? {

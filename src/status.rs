@@ -86,7 +86,7 @@ pub fn gather(config: &Config, timeout: Duration) -> Result<Status, DbError> {
     let shards = conn.backlog_by_shard()?;
     let dead_letters = Backlog::of(conn.dead_letters_by_topic()?);
     let relays = conn.relays()?;
-    let held: i64 = relays.iter().map(|r| r.shards).sum();
+    let held = conn.held_shards()?;
     let consumers = config
         .consumers
         .values()

@@ -576,6 +576,8 @@ fn bad_routes_name_the_key() {
         ("[consumers.a]\ntopic = \"t\"\n[consumers.a.properties]\n\"auto.offset.reset\" = \"latest\"\n", "consumers.a.properties.auto.offset.reset", &["`start_from`"]),
         ("[consumers.a]\ntopic = \"t\"\n[consumers.a.properties]\n\"enable.auto.offset.store\" = true\n", "consumers.a.properties.enable.auto.offset.store", &["only after the handler succeeded"]),
         ("[consumers]\na = 1\n", "consumers.a", &["a route is a table"]),
+        ("[consumers.a]\ntopic = \"t\"\ninbox = true\nconcurrency = 10\n", "consumers.a.concurrency", &["need 11 database connections", "database.pool_size is 10"]),
+        ("[consumers.a]\ntopic = \"t\"\n[consumers.a.properties]\n\"enable.auto.commit\" = false\n", "consumers.a.properties.enable.auto.commit", &["cannot be set here"]),
         ("[consumers.\"a b\"]\ntopic = \"t\"\n", "consumers.a b", &["ASCII letters"]),
     ];
     for (route, key, reason) in cases {

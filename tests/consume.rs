@@ -666,3 +666,56 @@ fn old_inbox_rows_are_cleaned_at_start() {
         "only this group's rows older than inbox_retention_hours are deleted"
     );
 }
+
+#[test]
+fn a_transaction_that_fails_at_commit_dead_letters_only_its_message() {
+    let db = TestDb::new(Backend::Postgres, "consume_commit_fails");
+    exec(
+        &db,
+        "CREATE TABLE effects (seq BIGINT NOT NULL, note TEXT NOT NULL); \
+         CREATE TABLE once (v INT UNIQUE DEFERRABLE INITIALLY DEFERRED); INSERT INTO once VALUES (1);",
+    );
+    let topic = create_topic("consume-commit-fails", 1);
+    produce_seqs(&topic, 10, 2);
+    let name = "commit";
+    let cfg = config(
+        &db,
+        &route(
+            name,
+            &topic,
+            "inbox = true\nretry = { max_attempts = 2, initial_backoff_ms = 10 }",
+        ),
+    );
+    // Seq 3 breaks a deferred constraint: its statement passes, its COMMIT fails.
+    let behaviour: common::consume::Behaviour = Arc::new(|seen, ctx| {
+        write_effect(seen, ctx)?;
+        if seen.seq() == 3 {
+            ctx.postgres()
+                .unwrap()
+                .batch_execute("INSERT INTO once VALUES (1)")?;
+        }
+        Ok(())
+    });
+    let (registry, _) = recording(behaviour);
+    let report = drain(&cfg, name, &registry, T);
+    assert_eq!(
+        (report.processed, report.dead_lettered),
+        (9, 1),
+        "{report:?}"
+    );
+    let e = effects(&db);
+    assert_eq!(
+        e.keys().copied().collect::<Vec<_>>(),
+        vec![0, 1, 2, 4, 5, 6, 7, 8, 9]
+    );
+    assert!(e.values().all(|n| *n == 1), "{e:?}");
+    let dead = read_all(&format!("{topic}.dlq"), Duration::from_secs(30));
+    assert_eq!(dead.len(), 1);
+    let error = &dead[0]
+        .headers
+        .iter()
+        .find(|(k, _)| k == "devour-dlq-error")
+        .unwrap()
+        .1;
+    assert!(error.contains("database"), "{error}");
+}

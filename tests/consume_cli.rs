@@ -193,7 +193,7 @@ fn exec_runs_the_command_per_message_and_exit_65_dead_letters() {
     );
     let dir = setup(&format!(
         "[consumers.run]\ntopic = \"{topic}\"\nhandler = \"exec\"\n\
-         command = [\"sh\", \"-c\", \"printf '%s|%s|%s|%s|%s|%s|' \\\"$DEVOUR_TOPIC\\\" \\\"$DEVOUR_OFFSET\\\" \\\"$DEVOUR_KEY\\\" \\\"$DEVOUR_EVENT\\\" \\\"$DEVOUR_MESSAGE_ID\\\" \\\"$DEVOUR_ROUTE\\\" >> out.txt; cat >> out.txt; echo >> out.txt; [ \\\"$DEVOUR_KEY\\\" != poison ] || exit 65\"]\n"
+         command = [\"sh\", \"-c\", \"printf '%s|%s|%s|%s|%s|%s|%s|' \\\"${{DEVOUR_CONFIG:-no-config}}\\\" \\\"$DEVOUR_TOPIC\\\" \\\"$DEVOUR_OFFSET\\\" \\\"$DEVOUR_KEY\\\" \\\"$DEVOUR_EVENT\\\" \\\"$DEVOUR_MESSAGE_ID\\\" \\\"$DEVOUR_ROUTE\\\" >> out.txt; cat >> out.txt; echo >> out.txt; [ \\\"$DEVOUR_KEY\\\" != poison ] || exit 65\"]\n"
     ));
     let (code, _, stderr) = run(dir.path(), &["consume", "run", "--drain"]);
     assert_eq!(code, 0, "{stderr}");
@@ -202,11 +202,11 @@ fn exec_runs_the_command_per_message_and_exit_65_dead_letters() {
     assert_eq!(
         lines,
         vec![
-            format!("{topic}|0|a|create|m-0|run|{{\"seq\":0,\"key\":\"a\"}}"),
-            format!("{topic}|1|poison|||run|{{\"seq\":1,\"key\":\"poison\"}}"),
-            format!("{topic}|2|b|||run|{{\"seq\":2,\"key\":\"b\"}}"),
+            format!("no-config|{topic}|0|a|create|m-0|run|{{\"seq\":0,\"key\":\"a\"}}"),
+            format!("no-config|{topic}|1|poison|||run|{{\"seq\":1,\"key\":\"poison\"}}"),
+            format!("no-config|{topic}|2|b|||run|{{\"seq\":2,\"key\":\"b\"}}"),
         ],
-        "one run per message, payload on stdin, metadata in the environment"
+        "one run per message, payload on stdin, metadata in the environment, devour's own DEVOUR_* settings not"
     );
     assert!(stderr.contains("2 processed, 1 dead-lettered"), "{stderr}");
     let dead = read_all(&format!("{topic}.dlq"), Duration::from_secs(30));

@@ -185,6 +185,14 @@ const RESERVED_PROPERTIES: &[(&str, &str)] = &[
         "devour stores an offset only after the handler succeeded",
     ),
     ("auto.offset.reset", "set the route's `start_from` instead"),
+    (
+        "enable.auto.commit",
+        "devour commits the offsets of finished messages itself",
+    ),
+    (
+        "enable.partition.eof",
+        "devour finds the end of a drain itself",
+    ),
 ];
 
 /// The longest a consumer may go without polling before the group drops it, unless the route
@@ -250,6 +258,7 @@ pub(super) fn check_keys(t: &Table, origins: &Origins) -> Result<(), ConfigError
 pub(super) fn parse(
     r: &Reader<'_>,
     kafka_properties: &BTreeMap<String, String>,
+    pool_size: u32,
 ) -> Result<BTreeMap<String, ConsumerRoute>, ConfigError> {
     let mut routes = BTreeMap::new();
     let Some(Value::Table(t)) = r.get("consumers") else {
@@ -257,6 +266,18 @@ pub(super) fn parse(
     };
     for name in t.keys() {
         let route = parse_route(r, name, kafka_properties)?;
+        // Each inbox worker holds a connection; one more serves cleanup and health checks.
+        if route.inbox && route.concurrency as u64 + 1 > u64::from(pool_size) {
+            return Err(r.err(
+                &format!("consumers.{name}.concurrency"),
+                format!(
+                    "{} inbox workers need {} database connections, but database.pool_size is {pool_size}: \
+                     raise database.pool_size or lower concurrency",
+                    route.concurrency,
+                    route.concurrency + 1
+                ),
+            ));
+        }
         routes.insert(name.clone(), route);
     }
     Ok(routes)

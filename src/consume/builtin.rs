@@ -101,7 +101,8 @@ pub const EXEC_GIVE_UP_STATUS: i32 = 65;
 /// `DEVOUR_TIMESTAMP_MS`, `DEVOUR_EVENT`, `DEVOUR_MESSAGE_ID`, `DEVOUR_ATTEMPT` and
 /// `DEVOUR_HEADERS` (a JSON object). Exit 0 = done; exit 65 = give up (dead letter now); any
 /// other status, a signal, or running longer than `exec_timeout_ms` = an error, retried.
-/// The command's stdout and stderr are the consumer's.
+/// The command's stdout and stderr are the consumer's; it inherits the consumer's environment
+/// without devour's own `DEVOUR_*` variables (they may hold secrets).
 pub struct Exec {
     program: String,
     args: Vec<String>,
@@ -146,7 +147,14 @@ impl Consumer for Exec {
                 _ => None,
             })
             .unwrap_or_default();
-        let mut child = Command::new(&self.program)
+        let mut command = Command::new(&self.program);
+        // devour's own settings (database URL, SASL password, …) are not the command's business.
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("DEVOUR_") {
+                command.env_remove(name);
+            }
+        }
+        let mut child = command
             .args(&self.args)
             .env("DEVOUR_ROUTE", meta.route)
             .env("DEVOUR_TOPIC", meta.topic)

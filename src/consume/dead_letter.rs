@@ -73,6 +73,7 @@ impl DeadLetters {
         payload: Option<&[u8]>,
         error: &str,
         attempts: u32,
+        stop: &std::sync::atomic::AtomicBool,
     ) -> Result<String, String> {
         let topic = self.route.dead_letter_topic_for(meta.topic);
         let mut headers = OwnedHeaders::new();
@@ -115,17 +116,25 @@ impl DeadLetters {
         if let Some(p) = payload {
             record = record.payload(p);
         }
-        use rdkafka::producer::Producer;
         self.producer
             .send(record)
             .map_err(|(e, _)| format!("cannot queue the dead letter for {topic}: {e}"))?;
         // message.timeout.ms (default 300 s) bounds the wait; a little more for the callback.
-        match rx.recv_timeout(Duration::from_secs(330)) {
-            Ok(Ok(())) => Ok(topic),
-            Ok(Err(e)) => Err(format!("dead letter to {topic} failed: {e}")),
-            Err(_) => {
-                let _ = self.producer.flush(Duration::from_secs(1));
-                Err(format!("dead letter to {topic}: no delivery report"))
+        // A stop ends the wait: the message is not finished, so it is read again later.
+        let deadline = std::time::Instant::now() + Duration::from_secs(330);
+        loop {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(Ok(())) => return Ok(topic),
+                Ok(Err(e)) => return Err(format!("dead letter to {topic} failed: {e}")),
+                Err(_) if stop.load(std::sync::atomic::Ordering::Relaxed) => {
+                    return Err(format!(
+                        "dead letter to {topic}: stopping before its acknowledgement"
+                    ))
+                }
+                Err(_) if std::time::Instant::now() >= deadline => {
+                    return Err(format!("dead letter to {topic}: no delivery report"))
+                }
+                Err(_) => {}
             }
         }
     }

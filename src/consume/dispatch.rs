@@ -145,6 +145,8 @@ trait InboxConnection: Connection {
         keys: bool,
     ) -> diesel::QueryResult<Claimed>;
     fn lend(&mut self) -> TxConnection<'_>;
+    /// Fails if the transaction can no longer commit.
+    fn still_open(&mut self) -> diesel::QueryResult<()>;
 }
 
 #[cfg(feature = "postgres")]
@@ -160,6 +162,10 @@ impl InboxConnection for diesel::PgConnection {
     fn lend(&mut self) -> TxConnection<'_> {
         TxConnection::Postgres(self)
     }
+    fn still_open(&mut self) -> diesel::QueryResult<()> {
+        use diesel::RunQueryDsl;
+        diesel::sql_query("SELECT 1").execute(self).map(|_| ())
+    }
 }
 
 #[cfg(feature = "sqlite")]
@@ -174,6 +180,10 @@ impl InboxConnection for diesel::SqliteConnection {
     }
     fn lend(&mut self) -> TxConnection<'_> {
         TxConnection::Sqlite(self)
+    }
+    fn still_open(&mut self) -> diesel::QueryResult<()> {
+        // SQLite has no aborted state: a failed statement leaves the transaction usable.
+        Ok(())
     }
 }
 
@@ -218,6 +228,10 @@ impl Dispatcher {
             self.inbox_batch(batch, &mut finished)
         } else {
             batch.iter().try_for_each(|m| {
+                // Stopping: finish the message in hand, start no other.
+                if self.stop.load(Ordering::Relaxed) {
+                    return Err(Stopped);
+                }
                 self.one(m, None)?;
                 finished += 1;
                 Ok(())
@@ -296,6 +310,13 @@ impl Dispatcher {
     ) -> Result<Next, Stopped> {
         let meta = m.meta(&self.route.name, attempt);
         let (error, after) = match f {
+            Failure::Db(e) if !e.is_retriable() => {
+                // Not the connection: the transaction itself fails (a constraint at COMMIT, …).
+                // Count it as the message's failure, so that it ends in the dead-letter topic
+                // instead of stopping the partition for good.
+                self.conn = None;
+                (format!("database: {e}"), None)
+            }
             Failure::Db(e) => {
                 self.conn = None;
                 crate::telemetry::health().report("database", false, e.to_string());
@@ -353,7 +374,7 @@ impl Dispatcher {
         loop {
             match self
                 .dead_letters
-                .publish(&meta, m.payload_bytes(), error, attempts)
+                .publish(&meta, m.payload_bytes(), error, attempts, &self.stop)
             {
                 Ok(topic) => {
                     tracing::error!(
@@ -362,16 +383,6 @@ impl Dispatcher {
                     );
                     self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                     self.meters.dead_lettered.increment(1);
-                    if self.route.inbox {
-                        let offset = meta.offset;
-                        // A redelivery is then skipped instead of dead-lettered again.
-                        if let Err(e) = self.record_in_inbox(m) {
-                            tracing::warn!(
-                                route = %self.route.name, offset,
-                                "dead letter not recorded in the inbox (a redelivery would dead-letter it again): {e}"
-                            );
-                        }
-                    }
                     return Ok(Next::Finished);
                 }
                 Err(e) => {
@@ -388,21 +399,6 @@ impl Dispatcher {
         }
     }
 
-    /// Records `m` in the inbox on its own (after it was dead-lettered).
-    fn record_in_inbox<R: Record>(&mut self, m: &R) -> Result<(), DbError> {
-        if self.conn.is_none() {
-            let pool = self.pool.as_ref().expect("an inbox route has a pool");
-            self.conn = Some(pool.get()?);
-        }
-        let conn = self.conn.as_mut().expect("just set");
-        let entry = inbox_entry(m.meta(&self.route.name, 1));
-        let group = &self.route.group;
-        crate::db::each_backend!(conn, c => {
-            InboxConnection::claim(&mut **c, group, std::slice::from_ref(&entry), false)?;
-        });
-        Ok(())
-    }
-
     /// The batch in inbox transactions: all of it in one when every message succeeds; else the
     /// part before the failing message in one, the failing one alone (retries, dead letter),
     /// and the rest again as a batch.
@@ -410,10 +406,25 @@ impl Dispatcher {
         if batch.is_empty() {
             return Ok(());
         }
+        if self.stop.load(Ordering::Relaxed) {
+            return Err(Stopped);
+        }
         loop {
             match self.inbox_tx(batch, 1) {
                 Ok(()) => {
                     *finished += batch.len();
+                    return Ok(());
+                }
+                Err(TxError::Db(e))
+                    if batch.len() > 1 && !DbError::from(clone_error(&e)).is_retriable() =>
+                {
+                    // The batch's transaction fails for good, and one of its messages is the
+                    // cause: handle them one by one so that only that one fails.
+                    self.conn = None;
+                    for m in batch {
+                        self.one(m, None)?;
+                        *finished += 1;
+                    }
                     return Ok(());
                 }
                 Err(TxError::Db(e)) => {
@@ -479,6 +490,16 @@ fn inbox_entry(meta: Meta<'_>) -> InboxEntry<'_> {
     }
 }
 
+/// A copy of what matters of a Diesel error: its kind, for `is_retriable`.
+fn clone_error(e: &diesel::result::Error) -> diesel::result::Error {
+    match e {
+        diesel::result::Error::DatabaseError(kind, info) => {
+            diesel::result::Error::DatabaseError(*kind, Box::new(info.message().to_string()))
+        }
+        other => diesel::result::Error::QueryBuilderError(other.to_string().into()),
+    }
+}
+
 fn to_diesel(e: DbError) -> diesel::result::Error {
     match e {
         DbError::Query(q) => q,
@@ -522,6 +543,9 @@ fn run_inbox_tx<C: InboxConnection, R: Record>(
                 .map_err(|f| TxError::Failed(i, f))?;
             handled += 1;
         }
+        // A handler that swallowed a database error leaves PostgreSQL's transaction aborted,
+        // and COMMIT of an aborted transaction rolls back without an error: ask first.
+        c.still_open()?;
         Ok((handled, skipped))
     })
 }

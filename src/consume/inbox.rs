@@ -107,7 +107,15 @@ pub(crate) fn cleanup(
     hours: u64,
 ) -> Result<usize, crate::db::DbError> {
     let hours = i64::try_from(hours).unwrap_or(i64::MAX / 3_600_000);
-    Ok(crate::db::each_backend!(conn, c => Cleanup::cleanup(&mut **c, group, hours)?))
+    // In chunks of 10,000 rows: short transactions, however much there is to delete.
+    let mut total = 0;
+    loop {
+        let n = crate::db::each_backend!(conn, c => Cleanup::cleanup(&mut **c, group, hours)?);
+        total += n;
+        if n < 10_000 {
+            return Ok(total);
+        }
+    }
 }
 
 trait Cleanup {
@@ -118,8 +126,9 @@ trait Cleanup {
 impl Cleanup for diesel::PgConnection {
     fn cleanup(&mut self, group: &str, hours: i64) -> QueryResult<usize> {
         diesel::sql_query(
-            "DELETE FROM devour_inbox WHERE consumer_group = $1 \
-             AND processed_at < now() - make_interval(hours => $2::int)",
+            "DELETE FROM devour_inbox WHERE (consumer_group, message_key) IN ( \
+               SELECT consumer_group, message_key FROM devour_inbox WHERE consumer_group = $1 \
+               AND processed_at < now() - make_interval(hours => $2::int) LIMIT 10000)",
         )
         .bind::<Text, _>(group)
         .bind::<BigInt, _>(hours.min(i64::from(i32::MAX)))
@@ -131,8 +140,10 @@ impl Cleanup for diesel::PgConnection {
 impl Cleanup for diesel::SqliteConnection {
     fn cleanup(&mut self, group: &str, hours: i64) -> QueryResult<usize> {
         diesel::sql_query(
-            "DELETE FROM devour_inbox WHERE consumer_group = ?1 \
-             AND processed_at < strftime('%Y-%m-%d %H:%M:%f', 'now', '-' || ?2 || ' hours')",
+            "DELETE FROM devour_inbox WHERE (consumer_group, message_key) IN ( \
+               SELECT consumer_group, message_key FROM devour_inbox WHERE consumer_group = ?1 \
+               AND processed_at < strftime('%Y-%m-%d %H:%M:%f', 'now', '-' || ?2 || ' hours') \
+               LIMIT 10000)",
         )
         .bind::<Text, _>(group)
         .bind::<BigInt, _>(hours)

@@ -68,6 +68,9 @@ impl Offsets {
 /// What the poll thread, the workers and the rebalance callback share.
 #[derive(Default)]
 struct Shared {
+    /// Bumped when partitions are revoked: messages polled before may belong to another
+    /// member now.
+    revocations: std::sync::atomic::AtomicU64,
     offsets: Mutex<Offsets>,
     /// Messages handed to workers and not yet finished or dropped.
     in_flight: Mutex<usize>,
@@ -110,6 +113,15 @@ impl Shared {
                 tracing::debug!("storing offsets: {e}");
             }
         }
+    }
+}
+
+/// Marks `n` messages as no longer in flight when dropped.
+struct Settle<'a>(&'a Shared, usize);
+
+impl Drop for Settle<'_> {
+    fn drop(&mut self) {
+        self.0.finished(self.1);
     }
 }
 
@@ -259,7 +271,7 @@ pub(crate) fn run(
         last_drain_check: Instant::now(),
         last_cleanup: Instant::now(),
         last_health: Instant::now() - HEALTH_EVERY,
-        started,
+        unassigned_since: None,
         pool: pool.as_ref(),
         clock: &mut clock,
     };
@@ -409,7 +421,7 @@ struct LoopState<'a> {
     last_drain_check: Instant,
     last_cleanup: Instant,
     last_health: Instant,
-    started: Instant,
+    unassigned_since: Option<Instant>,
     pool: Option<&'a DbPool>,
     clock: &'a mut Clock,
 }
@@ -435,6 +447,7 @@ impl LoopState<'_> {
                 Some(Ok(m)) => batch.push(m),
             }
             self.clock.first.get_or_insert_with(Instant::now);
+            let revocations = self.shared.revocations.load(Ordering::Acquire);
             while batch.len() < batch_max {
                 match self.consumer.poll(Duration::ZERO) {
                     Some(Ok(m)) => batch.push(m),
@@ -444,6 +457,12 @@ impl LoopState<'_> {
                     }
                     None => break,
                 }
+            }
+            if self.shared.revocations.load(Ordering::Acquire) != revocations {
+                // A poll above gave partitions away: what the batch holds may be another
+                // member's now. Nothing of it was handled or stored; it is read again.
+                batch.clear();
+                continue;
             }
             let finished = dispatcher.handle(&batch);
             self.shared.mark(&batch[..finished]);
@@ -468,8 +487,34 @@ impl LoopState<'_> {
             return;
         }
         self.last_health = Instant::now();
+        let health = crate::telemetry::health();
         let n = self.consumer.assignment().map_or(0, |a| a.count());
-        crate::telemetry::health().report("work", n > 0, format!("{n} partition(s) assigned"));
+        health.report("work", n > 0, format!("{n} partition(s) assigned"));
+        if let Some(pool) = self.pool {
+            match pool
+                .get()
+                .and_then(|mut c| super::inbox::check_table(&mut c))
+            {
+                Ok(()) => health.report("database", true, "inbox table reachable"),
+                Err(e) => health.report("database", false, e.to_string()),
+            }
+        }
+        self.clean_inbox();
+    }
+
+    /// Deletes old inbox rows once an hour (busy or idle).
+    fn clean_inbox(&mut self) {
+        let Some(pool) = self.pool else { return };
+        if self.last_cleanup.elapsed() < INBOX_CLEANUP_EVERY {
+            return;
+        }
+        self.last_cleanup = Instant::now();
+        match pool.get().and_then(|mut c| {
+            super::inbox::cleanup(&mut c, &self.route.group, self.route.inbox_retention_hours)
+        }) {
+            Ok(n) => tracing::info!(route = %self.route.name, "inbox cleanup removed {n} row(s)"),
+            Err(e) => tracing::warn!(route = %self.route.name, "inbox cleanup: {e}"),
+        }
     }
 
     fn batch_max(&self) -> usize {
@@ -508,14 +553,15 @@ impl LoopState<'_> {
                                     Err(_) => break,
                                 }
                             }
-                            let n = batch.len();
+                            // However this batch ends (even by a panic), it is no longer in
+                            // flight: a revoke waiting for in-flight messages must not hang.
+                            let _settle = Settle(&shared, batch.len());
                             if !stop.load(Ordering::Relaxed) {
                                 let finished = d.handle(&batch);
                                 shared.mark(&batch[..finished]);
                                 *last_done.lock().expect("clock lock") = Some(Instant::now());
                             }
                             batch.clear();
-                            shared.finished(n);
                         }
                     })
                     .expect("spawning a consumer worker"),
@@ -545,6 +591,7 @@ impl LoopState<'_> {
             if self.last_store.elapsed() >= STORE_EVERY {
                 self.shared.store(self.consumer);
                 self.last_store = Instant::now();
+                self.report_health();
             }
         }
         drop(senders);
@@ -560,23 +607,6 @@ impl LoopState<'_> {
         self.shared.store(self.consumer);
         self.last_store = Instant::now();
         self.report_health();
-        if let Some(pool) = self.pool {
-            if self.last_cleanup.elapsed() >= INBOX_CLEANUP_EVERY {
-                self.last_cleanup = Instant::now();
-                match pool.get().and_then(|mut c| {
-                    super::inbox::cleanup(
-                        &mut c,
-                        &self.route.group,
-                        self.route.inbox_retention_hours,
-                    )
-                }) {
-                    Ok(n) => {
-                        tracing::info!(route = %self.route.name, "inbox cleanup removed {n} row(s)")
-                    }
-                    Err(e) => tracing::warn!(route = %self.route.name, "inbox cleanup: {e}"),
-                }
-            }
-        }
         if !self.drain || self.last_drain_check.elapsed() < DRAIN_CHECK_EVERY {
             return false;
         }
@@ -584,7 +614,7 @@ impl LoopState<'_> {
         if *self.shared.in_flight.lock().expect("in-flight lock") > 0 {
             return false;
         }
-        at_end(self.consumer, self.route, self.started.elapsed()).unwrap_or(false)
+        at_end(self.consumer, self.route, &mut self.unassigned_since).unwrap_or(false)
     }
 }
 
@@ -592,22 +622,24 @@ impl LoopState<'_> {
 fn at_end(
     consumer: &BaseConsumer<RunnerContext>,
     route: &ConsumerRoute,
-    running: Duration,
+    unassigned_since: &mut Option<Instant>,
 ) -> Option<bool> {
     let assignment = consumer.assignment().ok()?;
     if assignment.count() == 0 {
         // The group gave this member nothing (other members hold every partition, or the topics
-        // do not exist): after a while there is nothing to drain.
-        if running >= NOTHING_ASSIGNED {
+        // do not exist): after a while without partitions there is nothing to drain.
+        let since = *unassigned_since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= NOTHING_ASSIGNED {
             tracing::warn!(
                 route = %route.name,
-                "no partition assigned after {} s: nothing to drain",
-                running.as_secs()
+                "no partition assigned for {} s: nothing to drain",
+                since.elapsed().as_secs()
             );
             return Some(true);
         }
         return Some(false);
     }
+    *unassigned_since = None;
     let position = consumer.position().ok()?;
     let committed = consumer
         .committed_offsets(assignment.clone(), Duration::from_secs(5))

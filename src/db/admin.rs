@@ -82,14 +82,21 @@ pub struct DeadLetter {
     /// Payload size in bytes.
     #[diesel(sql_type = BigInt)]
     pub payload_bytes: i64,
-    /// The payload as text (UTF-8, lossy), for `show`.
-    #[diesel(sql_type = Nullable<Text>)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub payload: Option<String>,
+    /// The payload, for `show` (as JSON: text, UTF-8 decoded lossily).
+    #[diesel(sql_type = Nullable<diesel::sql_types::Binary>)]
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "lossy_text")]
+    pub payload: Option<Vec<u8>>,
     /// The extra headers (a JSON object), for `show`.
     #[diesel(sql_type = Nullable<Text>)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub headers: Option<String>,
+}
+
+fn lossy_text<S: serde::Serializer>(b: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+    match b {
+        Some(b) => s.serialize_str(&String::from_utf8_lossy(b)),
+        None => s.serialize_none(),
+    }
 }
 
 /// Which dead letters an operation applies to.
@@ -240,24 +247,17 @@ impl DbConnection {
         limit: i64,
         full: bool,
     ) -> Result<Vec<DeadLetter>, DbError> {
-        let extra = if full {
-            "CAST(payload AS TEXT) AS payload, headers"
-        } else {
-            "CAST(NULL AS TEXT) AS payload, CAST(NULL AS TEXT) AS headers"
-        };
-        let (payload_text, len) = match self {
+        let (null_bytes, len) = match self {
             #[cfg(feature = "postgres")]
-            DbConnection::Postgres(_) => (
-                "convert_from(payload, 'UTF8') AS payload, headers",
-                "octet_length(payload)",
-            ),
+            DbConnection::Postgres(_) => ("CAST(NULL AS bytea)", "octet_length(payload)"),
             #[cfg(feature = "sqlite")]
-            DbConnection::Sqlite(_) => (
-                "CAST(payload AS TEXT) AS payload, headers",
-                "length(payload)",
-            ),
+            DbConnection::Sqlite(_) => ("CAST(NULL AS BLOB)", "length(payload)"),
         };
-        let extra = if full { payload_text } else { extra };
+        let extra = if full {
+            "payload, headers".to_string()
+        } else {
+            format!("{null_bytes} AS payload, CAST(NULL AS TEXT) AS headers")
+        };
         let placeholder = self.first_placeholder();
         let q = format!(
             "SELECT id, topic, partition_key, event, message_id, attempts, error, \
@@ -316,6 +316,24 @@ impl DbConnection {
             which.condition(placeholder)
         );
         Ok(each_backend!(self, c => bind_which!(&q, which, &mut **c)?))
+    }
+
+    /// Shards held under an unexpired lease.
+    pub fn held_shards(&mut self) -> Result<i64, DbError> {
+        let now = match self {
+            #[cfg(feature = "postgres")]
+            DbConnection::Postgres(_) => "now()",
+            #[cfg(feature = "sqlite")]
+            DbConnection::Sqlite(_) => {
+                "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)"
+            }
+        };
+        let q = format!(
+            "SELECT CAST(count(*) AS BIGINT) AS n FROM devour_relay_leases \
+             WHERE owner IS NOT NULL AND expires_at > {now}"
+        );
+        let rows: Vec<Count> = each_backend!(self, c => diesel::sql_query(&q).load(&mut **c)?);
+        Ok(rows.first().map_or(0, |r| r.n))
     }
 
     /// Dead letters in all.
