@@ -148,10 +148,13 @@ pub struct Server {
     pub addr: SocketAddr,
     server: std::sync::Arc<tiny_http::Server>,
     thread: Option<std::thread::JoinHandle<()>>,
+    probe_stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
+        self.probe_stop
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         self.server.unblock();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -226,40 +229,57 @@ pub fn serve(addr: SocketAddr, config: &Config) -> std::io::Result<Server> {
                 );
             }
         })?;
-    probe_broker(config);
+    let probe_stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    probe_broker(config, probe_stop.clone());
     tracing::info!("metrics and health on http://{addr}/metrics, /healthz, /readyz");
     Ok(Server {
         addr,
         server,
         thread: Some(thread),
+        probe_stop,
     })
 }
 
-/// Asks the broker for metadata every 10 s on a thread of its own; reports check `broker`.
-fn probe_broker(config: &Config) {
+/// Asks the broker for metadata every 10 s on a thread of its own, until `stop`; reports check
+/// `broker`.
+fn probe_broker(config: &Config, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
     use rdkafka::consumer::{BaseConsumer, Consumer as _};
-    let client: Option<BaseConsumer> = {
-        let mut c = rdkafka::ClientConfig::new();
-        for (k, v) in config.kafka.client_properties() {
-            c.set(k, v);
-        }
-        c.create().ok()
-    };
-    let Some(client) = client else {
-        health().report("broker", false, "cannot create a Kafka client");
-        return;
-    };
+    use std::sync::atomic::Ordering;
+    let mut c = rdkafka::ClientConfig::new();
+    for (k, v) in config.kafka.client_properties() {
+        c.set(k, v);
+    }
     let _ = std::thread::Builder::new()
         .name("devour-broker-probe".into())
-        .spawn(move || loop {
-            match client.fetch_metadata(None, Duration::from_secs(5)) {
-                Ok(m) => health().report(
-                    "broker",
-                    !m.brokers().is_empty(),
-                    format!("{} broker(s)", m.brokers().len()),
-                ),
-                Err(e) => health().report("broker", false, e.to_string()),
+        .spawn(move || {
+            let mut client: Option<BaseConsumer> = None;
+            while !stop.load(Ordering::Relaxed) {
+                if client.is_none() {
+                    client = c
+                        .create()
+                        .map_err(|e| {
+                            health().report(
+                                "broker",
+                                false,
+                                format!("cannot create a Kafka client: {e}"),
+                            )
+                        })
+                        .ok();
+                }
+                if let Some(client) = &client {
+                    match client.fetch_metadata(None, Duration::from_secs(5)) {
+                        Ok(m) => health().report(
+                            "broker",
+                            !m.brokers().is_empty(),
+                            format!("{} broker(s)", m.brokers().len()),
+                        ),
+                        Err(e) => health().report("broker", false, e.to_string()),
+                    }
+                }
+                let next = Instant::now() + Duration::from_secs(10);
+                while Instant::now() < next && !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
             }
-            std::thread::sleep(Duration::from_secs(10));
         });
 }

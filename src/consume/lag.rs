@@ -29,18 +29,47 @@ pub fn route_lag(
     route: &ConsumerRoute,
     timeout: Duration,
 ) -> Result<Vec<PartitionLag>, String> {
-    let mut c = rdkafka::ClientConfig::new();
-    for (k, v) in config.kafka.consumer_properties() {
-        c.set(k, v);
+    LagReader::new(config, route)?.read(timeout)
+}
+
+/// Reads a route's lag again and again with one client (it never joins the group).
+pub struct LagReader {
+    consumer: BaseConsumer,
+    route: ConsumerRoute,
+}
+
+impl LagReader {
+    /// A reader for `route`.
+    pub fn new(config: &Config, route: &ConsumerRoute) -> Result<LagReader, String> {
+        let mut c = rdkafka::ClientConfig::new();
+        for (k, v) in config.kafka.consumer_properties() {
+            c.set(k, v);
+        }
+        for (k, v) in &route.properties {
+            c.set(k, v);
+        }
+        let consumer: BaseConsumer = c
+            .set("group.id", &route.group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .map_err(|e| format!("creating a consumer: {e}"))?;
+        Ok(LagReader {
+            consumer,
+            route: route.clone(),
+        })
     }
-    for (k, v) in &route.properties {
-        c.set(k, v);
+
+    /// The lag of every partition now.
+    pub fn read(&self, timeout: Duration) -> Result<Vec<PartitionLag>, String> {
+        lag_of(&self.consumer, &self.route, timeout)
     }
-    let consumer: BaseConsumer = c
-        .set("group.id", &route.group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .map_err(|e| format!("creating a consumer: {e}"))?;
+}
+
+fn lag_of(
+    consumer: &BaseConsumer,
+    route: &ConsumerRoute,
+    timeout: Duration,
+) -> Result<Vec<PartitionLag>, String> {
     let mut tpl = TopicPartitionList::new();
     let mut ends = Vec::new();
     for topic in &route.topics {

@@ -305,12 +305,20 @@ fn spawn_lag_gauge(
         metrics::gauge!(crate::telemetry::names::CONSUME_LAG, "route" => route.name.clone());
     let thread = std::thread::spawn(move || {
         let mut next = Instant::now();
+        let mut reader = None;
         while !d.load(Ordering::Relaxed) {
             if Instant::now() >= next {
                 next = Instant::now() + Duration::from_secs(10);
-                match super::lag::route_lag(&config, &route, Duration::from_secs(5)) {
-                    Ok(parts) => gauge.set(parts.iter().map(|p| p.lag).sum::<i64>() as f64),
-                    Err(e) => tracing::debug!(route = %route.name, "lag: {e}"),
+                if reader.is_none() {
+                    reader = super::lag::LagReader::new(&config, &route)
+                        .map_err(|e| tracing::debug!(route = %route.name, "lag: {e}"))
+                        .ok();
+                }
+                if let Some(r) = &reader {
+                    match r.read(Duration::from_secs(5)) {
+                        Ok(parts) => gauge.set(parts.iter().map(|p| p.lag).sum::<i64>() as f64),
+                        Err(e) => tracing::debug!(route = %route.name, "lag: {e}"),
+                    }
                 }
             }
             std::thread::sleep(Duration::from_millis(100));
