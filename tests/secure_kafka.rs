@@ -397,6 +397,35 @@ fn config_check_never_prints_a_secret() {
     assert_no_secret(&check, &[&key_password, &sasl_password]);
 }
 
+/// A client key that does not decrypt with `ssl_config.password` fails at start, at once, with
+/// exit 1 and the librdkafka property that failed, without the password.
+#[test]
+fn a_wrong_key_password_fails_at_start_without_printing_it() {
+    let s = SecureKafka::from_env();
+    let db = TestDb::new(Backend::Sqlite, "secure-keypw");
+    let wrong = format!("dvwrongkey{}", std::process::id());
+    let right = s.password("client-key.password");
+    let toml = mtls_toml(&s).replace(&right, &wrong);
+    assert!(toml.contains(&wrong));
+    let dir = app(&db, &toml, "t");
+    for (bin, args) in [
+        (env!("CARGO_BIN_EXE_devour-relay"), &["--drain"][..]),
+        (
+            env!("CARGO_BIN_EXE_devour"),
+            &["consume", "read", "--drain"][..],
+        ),
+    ] {
+        let r = run(bin, dir.path(), args, Duration::from_secs(30));
+        assert_eq!(r.code, Some(1), "{r}");
+        assert!(r.took < Duration::from_secs(10), "fails at start: {r}");
+        assert!(
+            r.stderr.contains("ssl.key.location failed"),
+            "the error names what failed: {r}"
+        );
+        assert_no_secret(&r, &[&wrong, &right]);
+    }
+}
+
 /// The relay given a wrong SASL password: it says why it cannot deliver, keeps the row, and never
 /// prints the password. (It does not exit: see `relay_drain_exits_non_zero_on_a_wrong_password`.)
 #[test]
