@@ -14,6 +14,8 @@
 #   DEVOUR_KAFKA_DIR               config, data, pid and broker.log (default <repo>/.devour/kafka)
 #   DEVOUR_KAFKA_PORT              client port on 127.0.0.1 (default 19092)
 #   DEVOUR_KAFKA_CONTROLLER_PORT   KRaft controller port (default client port + 1)
+#   DEVOUR_KAFKA_SSL_PORT          TLS listener, client certificate required (default port + 2)
+#   DEVOUR_KAFKA_SASL_PORT         SASL_SSL listener, PLAIN and SCRAM-SHA-512 (default port + 3)
 
 # shellcheck disable=SC2034  # these are for the scripts that source this file
 KAFKA_REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -22,7 +24,13 @@ KAFKA_CACHE=${DEVOUR_CACHE_DIR:-$HOME/.cache/devour}/kafka-$KAFKA_VERSION
 KAFKA_DIR=${DEVOUR_KAFKA_DIR:-$KAFKA_REPO/.devour/kafka}
 KAFKA_PORT=${DEVOUR_KAFKA_PORT:-19092}
 KAFKA_CONTROLLER_PORT=${DEVOUR_KAFKA_CONTROLLER_PORT:-$((KAFKA_PORT + 1))}
+KAFKA_SSL_PORT=${DEVOUR_KAFKA_SSL_PORT:-$((KAFKA_PORT + 2))}
+KAFKA_SASL_PORT=${DEVOUR_KAFKA_SASL_PORT:-$((KAFKA_PORT + 3))}
 KAFKA_ADDR=127.0.0.1:$KAFKA_PORT
+# Certificates, keys and passwords of the TLS and SASL_SSL listeners (kafka_make_secrets).
+KAFKA_SECRETS=$KAFKA_DIR/secrets
+# The SASL user of both mechanisms (its passwords: $KAFKA_SECRETS/sasl-{plain,scram}.password).
+KAFKA_SASL_USER=devour
 KAFKA_PID_FILE=$KAFKA_DIR/kafka.pid
 KAFKA_CONFIG=$KAFKA_DIR/server.properties
 
@@ -102,4 +110,59 @@ kafka_pid() {
   [[ $pid =~ ^[0-9]+$ ]] || return 1
   tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF "kafka.Kafka $KAFKA_CONFIG" || return 1
   echo "$pid"
+}
+
+# Makes what the TLS and SASL_SSL listeners need, once, in $KAFKA_SECRETS (mode 700):
+#   ca.pem, ca.key                 the test CA (10 years)
+#   broker.p12                     the broker's key and certificate (SAN localhost, 127.0.0.1)
+#   client.pem, client.key         a client certificate signed by the CA, and its key (no password)
+#   client.enc.key                 the same key encrypted (PKCS#8, AES-256) with client-key.password
+#   untrusted-ca.pem               a CA that signed nothing the broker has (for failure tests)
+#   keystore.password              broker.p12's password
+#   sasl-plain.password, sasl-scram.password   the passwords of user $KAFKA_SASL_USER
+# Returns 0 when everything was already there, 10 when it made new secrets (the SCRAM credential
+# recorded at format time is then stale: the caller reformats).
+kafka_make_secrets() {
+  local d=$KAFKA_SECRETS f
+  local files=(ca.pem client.pem client.key client.enc.key client-key.password untrusted-ca.pem
+    broker.p12 keystore.password sasl-plain.password sasl-scram.password)
+  local complete=1
+  for f in "${files[@]}"; do [[ -s $d/$f ]] || complete=0; done
+  ((complete)) && return 0
+  command -v openssl >/dev/null || { kafka_log "error: openssl is needed for the TLS listener"; return 1; }
+  local tmp=$d.tmp.$$
+  rm -rf "$tmp" && mkdir -p "$tmp" && chmod 700 "$tmp"
+  (
+    set -e
+    cd "$tmp"
+    umask 077
+    # Random alphanumeric secrets: distinctive, so tests can grep logs for them.
+    for f in keystore.password client-key.password sasl-plain.password sasl-scram.password; do
+      printf 'dv%s' "$(openssl rand -hex 12)" >"$f"
+    done
+    q() { openssl "$@" 2>/dev/null; }
+    q req -x509 -new -nodes -newkey rsa:2048 -sha256 -days 3650 -keyout ca.key -out ca.pem \
+      -subj "/CN=devour test CA" -addext "basicConstraints=critical,CA:TRUE" \
+      -addext "keyUsage=critical,keyCertSign,cRLSign"
+    q req -x509 -new -nodes -newkey rsa:2048 -sha256 -days 3650 -keyout untrusted-ca.key \
+      -out untrusted-ca.pem -subj "/CN=devour untrusted CA" -addext "basicConstraints=critical,CA:TRUE"
+    sign() {                          # sign NAME SUBJECT EXTENSIONS: NAME.key + NAME.pem
+      printf '%s\n' "$3" >"$1.ext"
+      q req -new -nodes -newkey rsa:2048 -keyout "$1.key" -out "$1.csr" -subj "$2"
+      q x509 -req -in "$1.csr" -CA ca.pem -CAkey ca.key -CAcreateserial -days 3650 -sha256 \
+        -extfile "$1.ext" -out "$1.pem"
+      rm -f "$1.csr" "$1.ext"
+    }
+    sign broker "/CN=localhost" "subjectAltName=DNS:localhost,IP:127.0.0.1
+extendedKeyUsage=serverAuth,clientAuth"
+    sign client "/CN=$KAFKA_SASL_USER" "extendedKeyUsage=clientAuth"
+    q pkcs12 -export -in broker.pem -inkey broker.key -certfile ca.pem -name broker \
+      -passout "file:keystore.password" -out broker.p12
+    q pkcs8 -topk8 -v2 aes-256-cbc -in client.key -passout "file:client-key.password" \
+      -out client.enc.key
+    rm -f broker.key untrusted-ca.key ca.srl
+  ) || { rm -rf "$tmp"; kafka_log "error: making the TLS certificates with openssl failed"; return 1; }
+  rm -rf "$d" && mv "$tmp" "$d"
+  kafka_log "made a test CA, broker and client certificates and SASL passwords in $d"
+  return 10
 }

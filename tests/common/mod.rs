@@ -597,3 +597,53 @@ pub struct CountRow {
     #[diesel(sql_type = diesel::sql_types::BigInt)]
     pub n: i64,
 }
+
+/// The test broker's TLS and SASL_SSL listeners and the certificates and passwords that
+/// `bin/kafka-start` made for them (`bin/test` exports these from `<data dir>/secrets/test.env`).
+pub struct SecureKafka {
+    /// `DEVOUR_TEST_KAFKA_SSL`: TLS, client certificate required (default: the PLAINTEXT port + 2).
+    pub ssl_hosts: String,
+    /// `DEVOUR_TEST_KAFKA_SASL`: SASL_SSL, PLAIN and SCRAM-SHA-512 (default: PLAINTEXT port + 3).
+    pub sasl_hosts: String,
+    /// `DEVOUR_TEST_KAFKA_SECRETS` (default `<repo>/.devour/kafka/secrets`).
+    pub secrets: std::path::PathBuf,
+}
+
+impl SecureKafka {
+    pub fn from_env() -> SecureKafka {
+        let plain = kafka_hosts();
+        let (host, port) = plain
+            .rsplit_once(':')
+            .expect("DEVOUR_TEST_KAFKA is HOST:PORT");
+        let port: u16 = port.parse().expect("DEVOUR_TEST_KAFKA has a numeric port");
+        let var = |name: &str, default: String| std::env::var(name).unwrap_or(default);
+        SecureKafka {
+            ssl_hosts: var("DEVOUR_TEST_KAFKA_SSL", format!("{host}:{}", port + 2)),
+            sasl_hosts: var("DEVOUR_TEST_KAFKA_SASL", format!("{host}:{}", port + 3)),
+            secrets: var(
+                "DEVOUR_TEST_KAFKA_SECRETS",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/.devour/kafka/secrets").into(),
+            )
+            .into(),
+        }
+    }
+
+    /// A file of the secrets directory, e.g. `ca.pem`; panics when missing.
+    pub fn file(&self, name: &str) -> String {
+        let p = self.secrets.join(name);
+        assert!(
+            p.is_file(),
+            "{} is missing (run bin/test, or set DEVOUR_TEST_KAFKA_SECRETS to bin/kafka-start's <data dir>/secrets)",
+            p.display()
+        );
+        p.display().to_string()
+    }
+
+    /// The content of a password file of the secrets directory.
+    pub fn password(&self, name: &str) -> String {
+        std::fs::read_to_string(self.file(name))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+}
