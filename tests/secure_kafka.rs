@@ -491,14 +491,9 @@ fn consume_with_bad_credentials_says_so_and_hides_the_password() {
     }
 }
 
-/// What production needs: a drain that cannot authenticate exits non-zero within a bounded time.
-/// Today `devour-relay --drain` retries forever (librdkafka reports authentication failures as
-/// transient errors and devour only logs them); the fix belongs in src/relay: record
-/// `Authentication` and `SSL` errors from the client context's `error` callback and stop the
-/// run with an error while nothing was ever delivered. Run with
-/// `cargo test --test secure_kafka -- --ignored`.
+/// A relay whose credentials the brokers refuse exits 1 at start with the reason (librdkafka
+/// would retry an authentication failure forever; devour checks access before it starts).
 #[test]
-#[ignore = "devour-relay --drain retries an authentication failure forever (fix in src/relay)"]
 fn relay_drain_exits_non_zero_on_a_wrong_password() {
     let s = SecureKafka::from_env();
     let topic = common::create_topic("secure-relay-exit", 1);
@@ -520,12 +515,9 @@ fn relay_drain_exits_non_zero_on_a_wrong_password() {
     assert_no_secret(&relay, &[&wrong]);
 }
 
-/// What production needs: `devour consume --drain` that cannot authenticate exits non-zero.
-/// Today it waits 15 s for partitions, then reports "nothing to drain" and exits 0; the fix
-/// belongs in src/consume (an `Authentication`/`SSL` consumer error is fatal while nothing was
-/// assigned).
+/// `devour consume` whose credentials the brokers refuse exits 1 at start with the reason
+/// (not "nothing to drain").
 #[test]
-#[ignore = "devour consume --drain exits 0 (\"nothing to drain\") on an authentication failure (fix in src/consume)"]
 fn consume_drain_exits_non_zero_on_a_wrong_password() {
     let s = SecureKafka::from_env();
     let topic = common::create_topic("secure-consume-exit", 1);

@@ -256,6 +256,7 @@ impl Relay {
         let rc = config.relay.clone();
         let reader = Store::open(config)?;
         let producer_config = super::producer_config(config);
+        crate::broker::check_access(&producer_config, ACCESS_CHECK).map_err(RelayError::Refused)?;
         let relay_id = rc.relay_id.clone().unwrap_or_else(default_relay_id);
         let shared = Arc::new(Shared {
             relay_id,
@@ -686,6 +687,9 @@ fn commit_loop(shared: &Shared, mut store: Store, config: &Config, reports: Rece
         }
     }
 }
+
+/// How long the start waits to learn whether the brokers accept the relay's credentials.
+const ACCESS_CHECK: Duration = Duration::from_secs(10);
 
 /// How often the lease keeper counts the backlog for the metrics.
 const BACKLOG_EVERY: Duration = Duration::from_secs(10);

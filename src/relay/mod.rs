@@ -39,6 +39,10 @@ pub enum RelayError {
     /// The Kafka producer could not be created.
     #[error("kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    /// The brokers refused the relay's credentials or TLS handshake (wrong SASL password, a CA
+    /// that did not sign them): retrying would not help.
+    #[error("the brokers refused the connection: {0}")]
+    Refused(String),
     /// A relay thread panicked.
     #[error("relay thread panicked: {0}")]
     Panicked(String),
@@ -50,7 +54,7 @@ impl RelayError {
         match self {
             RelayError::Db(e) => e.is_retriable(),
             RelayError::Kafka(_) => true,
-            RelayError::Config(_) | RelayError::Panicked(_) => false,
+            RelayError::Config(_) | RelayError::Refused(_) | RelayError::Panicked(_) => false,
         }
     }
 }

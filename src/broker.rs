@@ -1,0 +1,74 @@
+//! A look at the brokers before a relay or a consumer starts: credentials or certificates the
+//! brokers refuse (wrong SASL password, a CA that did not sign them) fail the start with the
+//! reason, instead of being retried forever like an outage. Brokers that do not answer at all
+//! are not an error here: the relay and the consumer wait for them.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{BaseProducer, Producer as _};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::ClientContext;
+
+/// Remembers the first authentication or TLS error librdkafka reports.
+#[derive(Default)]
+struct Refusals(Mutex<Option<String>>);
+
+impl ClientContext for Refusals {
+    fn error(&self, error: KafkaError, reason: &str) {
+        let refused = matches!(
+            error.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SSL)
+        );
+        if refused {
+            let mut first = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            first.get_or_insert_with(|| format!("{error}: {reason}"));
+        } else {
+            tracing::debug!("librdkafka: {error}: {reason}");
+        }
+    }
+}
+
+impl rdkafka::producer::ProducerContext for Refusals {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &rdkafka::producer::DeliveryResult<'_>, _: ()) {}
+}
+
+/// Connects with `config` and asks for metadata for up to `timeout`. `Err` with librdkafka's
+/// reason when the brokers refused the credentials or the TLS handshake; `Ok` when they
+/// answered, or did not answer at all.
+pub(crate) fn check_access(
+    config: &rdkafka::ClientConfig,
+    timeout: Duration,
+) -> Result<(), String> {
+    let producer: BaseProducer<Refusals> = config
+        .create_with_context(Refusals::default())
+        .map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if producer
+            .client()
+            .fetch_metadata(None, Duration::from_millis(500))
+            .is_ok()
+        {
+            return Ok(());
+        }
+        // Serves the error callbacks.
+        producer.poll(Duration::from_millis(100));
+        if let Some(reason) = producer
+            .context()
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            return Err(reason);
+        }
+    }
+    tracing::warn!(
+        "no broker answered within {} s; starting anyway, and waiting for them",
+        timeout.as_secs()
+    );
+    Ok(())
+}
