@@ -182,8 +182,9 @@ fn readyz_fails_while_the_broker_cannot_be_reached() {
             ("RUST_LOG", "error"),
         ],
     );
+    // The relay waits up to 10 s for an answer from the brokers before it starts its threads.
     let body = wait_for(port, "/readyz", |code, body| {
-        code == 503 && body.contains("\"broker\"")
+        code == 503 && body.contains("\"broker\"") && body.contains("\"database\"")
     });
     let checks: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(checks["broker"]["ok"], false, "{checks:#}");
