@@ -177,9 +177,10 @@ fn status_shows_relays_and_their_shards_then_an_empty_outbox() {
 fn dead_letters_list_show_retry_and_discard_by_id_key_and_all() {
     let db = TestDb::new(Backend::Postgres, "ops_dead");
     let mut c = PgConnection::establish(&db.url).unwrap();
+    let topic = create_topic("ops-dead", 1);
     dead_letters(
         &mut c,
-        "orders",
+        &topic,
         &[(11, "k1"), (12, "k2"), (13, "k1"), (14, "k3")],
     );
     let dir = setup("");
@@ -251,6 +252,36 @@ fn dead_letters_list_show_retry_and_discard_by_id_key_and_all() {
     );
     let (code, _, err) = devour(d, &db, &["outbox", "retry"], None);
     assert_eq!(code, 2, "retry needs an id, --key or --all: {err}");
+
+    // What was retried is delivered by the relay, in id order; what was discarded is not.
+    let status = Command::new(env!("CARGO_BIN_EXE_devour-relay"))
+        .arg("--drain")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DEVOUR_CONFIG", d.join("devour.toml"))
+        .env("DEVOUR_DATABASE_URL", &db.url)
+        .env("DEVOUR_KAFKA_HOSTS", common::kafka_hosts())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let got = read_all(&topic, Duration::from_secs(30));
+    let ids: Vec<String> = got
+        .iter()
+        .map(|m| {
+            m.headers
+                .iter()
+                .find(|(k, _)| k == "message-id")
+                .unwrap()
+                .1
+                .clone()
+        })
+        .collect();
+    assert_eq!(
+        ids,
+        vec!["mid-11", "mid-12", "mid-13"],
+        "retried: 11 and 13 (k1), 12; discarded: 14"
+    );
 }
 
 #[test]
