@@ -400,6 +400,7 @@ impl Relay {
         let mut restarts = 0;
         let mut progress = Progress::new(&self.options);
         let mut standby_logged = false;
+        let mut prefetch = Prefetcher::start(&self.config)?;
 
         while !shared.stopping() {
             if shared.restart.swap(false, Ordering::AcqRel) {
@@ -459,17 +460,37 @@ impl Relay {
                 }
                 continue;
             }
-            let Some(rows) = with_retry(
-                &shared,
-                Role::Reader,
-                &mut self.reader,
-                &self.config,
-                "reading the outbox",
-                |s| s.fetch(&shards, pass.cursor, rc.batch_size, block_keys),
-            ) else {
-                break;
+            let request = FetchRequest {
+                shards: shards.clone(),
+                after: pass.cursor,
+                limit: rc.batch_size,
+                block_keys,
+            };
+            let rows = match prefetch.take(&request) {
+                Some(rows) => rows,
+                None => {
+                    let Some(rows) = with_retry(
+                        &shared,
+                        Role::Reader,
+                        &mut self.reader,
+                        &self.config,
+                        "reading the outbox",
+                        |s| s.fetch(&shards, pass.cursor, rc.batch_size, block_keys),
+                    ) else {
+                        break;
+                    };
+                    rows
+                }
             };
             metrics::histogram!(names::RELAY_BATCH_ROWS).record(rows.len() as f64);
+            // Read the next batch (the rows after this one) while this one is sent. It is used
+            // only if the next read would be the same: same shards, same cursor.
+            if let Some(last) = rows.last() {
+                prefetch.ask(FetchRequest {
+                    after: last.id,
+                    ..request
+                });
+            }
             if rows.is_empty() {
                 if shared.in_flight() == 0 {
                     if pass.cursor == 0 && self.options.mode == Mode::Drain {
@@ -684,6 +705,76 @@ fn commit_loop(shared: &Shared, mut store: Store, config: &Config, reports: Rece
                 "cleaning up kept rows",
                 |s| s.cleanup_delivered(hours),
             );
+        }
+    }
+}
+
+/// What the reader reads: the oldest rows after `after` of `shards`.
+#[derive(Debug, Clone, PartialEq)]
+struct FetchRequest {
+    shards: Vec<i32>,
+    after: i64,
+    limit: u32,
+    block_keys: bool,
+}
+
+type FetchResult = (FetchRequest, Result<Vec<Row>, DbError>);
+
+/// Reads the reader's next batch on a connection of its own while the current one is sent.
+/// A read-ahead result is a snapshot taken a little earlier than the reader's own read would
+/// be; rows committed late below it are found by the next pass, as for any read.
+struct Prefetcher {
+    requests: crossbeam_channel::Sender<FetchRequest>,
+    results: Receiver<FetchResult>,
+    pending: Option<FetchRequest>,
+}
+
+impl Prefetcher {
+    fn start(config: &Config) -> Result<Prefetcher, RelayError> {
+        let mut store = Store::open(config)?;
+        let (requests, incoming) = crossbeam_channel::bounded::<FetchRequest>(1);
+        let (done, results) = crossbeam_channel::bounded::<FetchResult>(1);
+        let config = config.clone();
+        std::thread::Builder::new()
+            .name("devour-relay-read-ahead".into())
+            .spawn(move || {
+                for r in incoming {
+                    let rows = store.fetch(&r.shards, r.after, r.limit, r.block_keys);
+                    if rows.is_err() {
+                        // The reader reads itself (with retries); be ready for the next one.
+                        if let Ok(s) = Store::open(&config) {
+                            store = s;
+                        }
+                    }
+                    if done.send((r, rows)).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| RelayError::Panicked(e.to_string()))?;
+        Ok(Prefetcher {
+            requests,
+            results,
+            pending: None,
+        })
+    }
+
+    /// Starts reading `request` ahead (unless a read is already under way).
+    fn ask(&mut self, request: FetchRequest) {
+        if self.pending.is_none() && self.requests.send(request.clone()).is_ok() {
+            self.pending = Some(request);
+        }
+    }
+
+    /// The rows of `request` if they were read ahead; `None` if not (or it failed): then the
+    /// reader reads itself. A read-ahead of something else is waited for and dropped.
+    fn take(&mut self, request: &FetchRequest) -> Option<Vec<Row>> {
+        self.pending.take()?;
+        let (asked, rows) = self.results.recv().ok()?;
+        if asked == *request {
+            rows.ok()
+        } else {
+            None
         }
     }
 }
