@@ -131,17 +131,24 @@ fn write_config(dir: &Path, db: &TestDb, routes: &str) -> PathBuf {
 }
 
 /// (seq, partition, offset, pid) lines of a handler's output file.
+/// Only complete lines count: a consumer may be writing the last one while the test reads.
 fn lines(path: &Path) -> Vec<(i64, i32, i64, u32)> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+    complete
         .lines()
         .map(|l| {
             let f: Vec<&str> = l.split(' ').collect();
+            let field = |i: usize| -> &str {
+                f.get(i)
+                    .copied()
+                    .unwrap_or_else(|| panic!("malformed line {l:?} in {}", path.display()))
+            };
             (
-                f[0].parse().unwrap(),
-                f[1].parse().unwrap(),
-                f[2].parse().unwrap(),
-                f[3].parse().unwrap(),
+                field(0).parse().unwrap(),
+                field(1).parse().unwrap(),
+                field(2).parse().unwrap(),
+                field(3).parse().unwrap(),
             )
         })
         .collect()
