@@ -685,3 +685,21 @@ fn the_reference_documents_every_key_with_its_environment_variable() {
         );
     }
 }
+
+#[test]
+fn an_exec_route_must_fit_its_attempts_in_the_poll_interval() {
+    assert_names(
+        &format!("{OK}[consumers.a]\ntopic = \"t\"\nhandler = \"exec\"\ncommand = [\"x\"]\nexec_timeout_ms = 60000\n"),
+        &[],
+        Some("consumers.a.exec_timeout_ms"),
+        &["5 attempts of up to 60000 ms", "max.poll.interval.ms (300000 ms)"],
+    );
+    // Raising the interval for the route makes room.
+    let c = Config::from_toml_str(
+        &format!("{OK}[consumers.a]\ntopic = \"t\"\nhandler = \"exec\"\ncommand = [\"x\"]\nexec_timeout_ms = 60000\n[consumers.a.properties]\n\"max.poll.interval.ms\" = 600000\n"),
+        devour::config::Origin::Defaults,
+        &Default::default(),
+    )
+    .unwrap();
+    assert_eq!(c.consumers["a"].exec_timeout_ms, 60000);
+}

@@ -45,7 +45,7 @@ pub struct ConsumerRoute {
     pub inbox_batch: usize,
     /// `command`: the program and arguments the `exec` handler runs per message.
     pub command: Vec<String>,
-    /// `exec_timeout_ms`: how long one `exec` run may take before it is killed (default 60000).
+    /// `exec_timeout_ms`: how long one `exec` run may take before it is killed (default 30000).
     pub exec_timeout_ms: u64,
     /// `[consumers.NAME.properties]`: librdkafka properties for this route's consumer, over
     /// `[kafka.properties]`.
@@ -468,7 +468,7 @@ fn parse_route(
             format!("is only used by `handler = \"exec\"`; this route's handler is `{handler}`"),
         ));
     }
-    let exec_timeout_ms = r.positive(&key("exec_timeout_ms"))?.unwrap_or(60_000);
+    let exec_timeout_ms = r.positive(&key("exec_timeout_ms"))?.unwrap_or(30_000);
 
     let properties = r.properties(&key("properties"))?;
     for (prop, why) in RESERVED_PROPERTIES {
@@ -497,6 +497,19 @@ fn parse_route(
                     "a message failing {} times waits {waits} ms in total, too close to {poll_key} ({limit} ms): \
                      the group would drop this consumer; lower max_attempts or the backoffs, or raise \
                      {poll_key} under [consumers.{name}.properties]",
+                    retry.max_attempts
+                ),
+            ));
+        }
+        // An `exec` command that hangs until its timeout on every attempt, plus the waits.
+        let exec_worst = u64::from(retry.max_attempts).saturating_mul(exec_timeout_ms) + waits;
+        if handler == "exec" && exec_worst + 10_000 > limit {
+            return Err(r.err(
+                &key("exec_timeout_ms"),
+                format!(
+                    "{} attempts of up to {exec_timeout_ms} ms plus {waits} ms of waits come too close to \
+                     {poll_key} ({limit} ms): the group would drop this consumer; lower exec_timeout_ms or \
+                     retry.max_attempts, or raise {poll_key} under [consumers.{name}.properties]",
                     retry.max_attempts
                 ),
             ));
