@@ -427,7 +427,7 @@ fn a_wrong_key_password_fails_at_start_without_printing_it() {
 }
 
 /// The relay given a wrong SASL password: it says why it cannot deliver, keeps the row, and never
-/// prints the password. (It does not exit: see `relay_drain_exits_non_zero_on_a_wrong_password`.)
+/// prints the password.
 #[test]
 fn relay_with_a_wrong_sasl_password_says_so_keeps_the_row_and_hides_the_password() {
     let s = SecureKafka::from_env();
@@ -491,48 +491,68 @@ fn consume_with_bad_credentials_says_so_and_hides_the_password() {
     }
 }
 
-/// A relay whose credentials the brokers refuse exits 1 at start with the reason (librdkafka
-/// would retry an authentication failure forever; devour checks access before it starts).
+/// A relay whose credentials or certificates the brokers refuse (a wrong password, a CA that
+/// did not sign the brokers) exits 1 at start with the reason (librdkafka would retry both
+/// forever; devour checks access before it starts).
 #[test]
-fn relay_drain_exits_non_zero_on_a_wrong_password() {
+fn relay_drain_exits_non_zero_on_a_wrong_password_or_ca() {
     let s = SecureKafka::from_env();
     let topic = common::create_topic("secure-relay-exit", 1);
     let db = TestDb::new(Backend::Sqlite, "secure-relay-exit");
     let mut c = SqliteConnection::open(&db);
     common::insert_rows(&mut c, &topic, 0, 1, 1);
     let wrong = format!("dvwrong{}", std::process::id());
-    let dir = app(
-        &db,
-        &sasl_toml(&s, &s.file("ca.pem"), "PLAIN", &wrong),
-        &topic,
-    );
-    let relay = relay_drain(dir.path(), Duration::from_secs(60));
-    assert_eq!(relay.code, Some(1), "{relay}");
-    assert!(
-        relay.stderr.contains("devour-relay: error:") && relay.stderr.contains("uthentication"),
-        "{relay}"
-    );
-    assert_no_secret(&relay, &[&wrong]);
+    let right = s.password("sasl-plain.password");
+    let cases = [
+        (
+            sasl_toml(&s, &s.file("ca.pem"), "PLAIN", &wrong),
+            "uthentication",
+        ),
+        (
+            sasl_toml(&s, &s.file("untrusted-ca.pem"), "PLAIN", &right),
+            "SSL handshake failed",
+        ),
+    ];
+    for (toml, reason) in cases {
+        let dir = app(&db, &toml, &topic);
+        let relay = relay_drain(dir.path(), Duration::from_secs(60));
+        assert_eq!(relay.code, Some(1), "{relay}");
+        assert!(
+            relay.stderr.contains("devour-relay: error:") && relay.stderr.contains(reason),
+            "expected `{reason}` in: {relay}"
+        );
+        assert_no_secret(&relay, &[&wrong, &right]);
+    }
+    assert_eq!(c.count("devour_outbox"), 1, "the row waits in the outbox");
 }
 
-/// `devour consume` whose credentials the brokers refuse exits 1 at start with the reason
-/// (not "nothing to drain").
+/// `devour consume` whose credentials or certificates the brokers refuse exits 1 at start with
+/// the reason (not "nothing to drain").
 #[test]
-fn consume_drain_exits_non_zero_on_a_wrong_password() {
+fn consume_drain_exits_non_zero_on_a_wrong_password_or_ca() {
     let s = SecureKafka::from_env();
     let topic = common::create_topic("secure-consume-exit", 1);
     let db = TestDb::new(Backend::Sqlite, "secure-consume-exit");
     let wrong = format!("dvwrong{}", std::process::id());
-    let dir = app(
-        &db,
-        &sasl_toml(&s, &s.file("ca.pem"), "PLAIN", &wrong),
-        &topic,
-    );
-    let consume = consume_drain(dir.path(), Duration::from_secs(60));
-    assert_eq!(consume.code, Some(1), "{consume}");
-    assert!(
-        consume.stderr.contains("devour: error:") && consume.stderr.contains("uthentication"),
-        "{consume}"
-    );
-    assert_no_secret(&consume, &[&wrong]);
+    let right = s.password("sasl-plain.password");
+    let cases = [
+        (
+            sasl_toml(&s, &s.file("ca.pem"), "PLAIN", &wrong),
+            "uthentication",
+        ),
+        (
+            sasl_toml(&s, &s.file("untrusted-ca.pem"), "PLAIN", &right),
+            "SSL handshake failed",
+        ),
+    ];
+    for (toml, reason) in cases {
+        let dir = app(&db, &toml, &topic);
+        let consume = consume_drain(dir.path(), Duration::from_secs(60));
+        assert_eq!(consume.code, Some(1), "{consume}");
+        assert!(
+            consume.stderr.contains("devour: error:") && consume.stderr.contains(reason),
+            "expected `{reason}` in: {consume}"
+        );
+        assert_no_secret(&consume, &[&wrong, &right]);
+    }
 }
