@@ -54,6 +54,13 @@ impl ConfigOpts {
         }
         Ok(config)
     }
+
+    /// [`load`](Self::load), then one connection to the configured database.
+    fn connect(&self) -> Result<(Config, crate::db::DbConnection), Failure> {
+        let config = self.load()?;
+        let conn = DbPool::connect(&config.database)?.get()?;
+        Ok((config, conn))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -335,16 +342,25 @@ fn print_rows<T: serde::Serialize>(
     Ok(())
 }
 
-/// `NotFound` when an operation on dead letters found none.
-fn found(n: usize, which: &crate::db::DeadLetters) -> Result<(), Failure> {
-    if n > 0 {
-        return Ok(());
+/// Runs `op` (retry or discard) on the dead letters `args` name and says how many it `did`;
+/// `NotFound` when there were none.
+fn on_dead_letters(
+    args: &DeadLetterArgs,
+    did: &str,
+    op: impl FnOnce(&mut crate::db::DbConnection, &crate::db::DeadLetters) -> Result<usize, DbError>,
+) -> Result<(), Failure> {
+    let (_, mut conn) = args.config.connect()?;
+    let which = args.which();
+    let n = op(&mut conn, &which)?;
+    if n == 0 {
+        return Err(Failure::NotFound(match which {
+            crate::db::DeadLetters::Id(id) => format!("no dead letter with id {id}"),
+            crate::db::DeadLetters::Key(k) => format!("no dead letter with key `{k}`"),
+            crate::db::DeadLetters::All => "there are no dead letters".into(),
+        }));
     }
-    Err(Failure::NotFound(match which {
-        crate::db::DeadLetters::Id(id) => format!("no dead letter with id {id}"),
-        crate::db::DeadLetters::Key(k) => format!("no dead letter with key `{k}`"),
-        crate::db::DeadLetters::All => "there are no dead letters".into(),
-    }))
+    println!("{n} dead letter(s) {did}");
+    Ok(())
 }
 
 /// A flag set by the first SIGINT or SIGTERM; a second one exits the process with 130.
@@ -426,29 +442,18 @@ fn run(cli: Cli, registry: &crate::consume::Registry) -> Result<(), Failure> {
             Ok(())
         }
         Command::Outbox(OutboxCommand::Retry(args)) => {
-            let config = args.config.load()?;
-            let pool = DbPool::connect(&config.database)?;
-            let n = pool.get()?.retry_dead_letters(&args.which())?;
-            found(n, &args.which())?;
-            println!("{n} dead letter(s) back in the outbox");
-            Ok(())
+            on_dead_letters(&args, "back in the outbox", |c, w| c.retry_dead_letters(w))
         }
         Command::Outbox(OutboxCommand::Discard(args)) => {
-            let config = args.config.load()?;
-            let pool = DbPool::connect(&config.database)?;
-            let n = pool.get()?.discard_dead_letters(&args.which())?;
-            found(n, &args.which())?;
-            println!("{n} dead letter(s) discarded");
-            Ok(())
+            on_dead_letters(&args, "discarded", |c, w| c.discard_dead_letters(w))
         }
         Command::Outbox(OutboxCommand::List(args)) => {
-            let config = args.config.load()?;
-            let pool = DbPool::connect(&config.database)?;
+            let (_, mut conn) = args.config.connect()?;
             let which = match args.key {
                 Some(k) => crate::db::DeadLetters::Key(k),
                 None => crate::db::DeadLetters::All,
             };
-            let rows = pool.get()?.list_dead_letters(&which, args.limit)?;
+            let rows = conn.list_dead_letters(&which, args.limit)?;
             let header = format!(
                 "{:>8}  {:<24} {:<16} {:>8} {:>7}  {:<26} error",
                 "id", "topic", "key", "attempts", "bytes", "failed_at"
@@ -468,9 +473,8 @@ fn run(cli: Cli, registry: &crate::consume::Registry) -> Result<(), Failure> {
             Ok(())
         }
         Command::Outbox(OutboxCommand::Show(args)) => {
-            let config = args.config.load()?;
-            let pool = DbPool::connect(&config.database)?;
-            let Some(d) = pool.get()?.show_dead_letter(args.id)? else {
+            let (_, mut conn) = args.config.connect()?;
+            let Some(d) = conn.show_dead_letter(args.id)? else {
                 return Err(Failure::NotFound(format!(
                     "no dead letter with id {}",
                     args.id
@@ -528,8 +532,7 @@ fn run(cli: Cli, registry: &crate::consume::Registry) -> Result<(), Failure> {
                 };
                 m.headers.insert(k.to_string(), v.to_string());
             }
-            let pool = DbPool::connect(&config.database)?;
-            let mut conn = pool.get()?;
+            let mut conn = DbPool::connect(&config.database)?.get()?;
             let max = config.outbox.max_message_bytes;
             let ids = crate::db::each_backend!(&mut conn, c => crate::outbox::write_messages(&mut **c, std::slice::from_ref(&m), max))
                 .map_err(|e| match e {
@@ -563,9 +566,8 @@ fn run(cli: Cli, registry: &crate::consume::Registry) -> Result<(), Failure> {
             }
         }
         Command::Outbox(OutboxCommand::Pending(args)) => {
-            let config = args.config.load()?;
-            let pool = DbPool::connect(&config.database)?;
-            let rows = pool.get()?.pending(args.limit)?;
+            let (_, mut conn) = args.config.connect()?;
+            let rows = conn.pending(args.limit)?;
             let header = format!(
                 "{:>8}  {:<24} {:<16} {:<8} {:>7}  {:<26} payload",
                 "id", "topic", "key", "event", "bytes", "created_at"

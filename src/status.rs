@@ -82,8 +82,8 @@ impl Status {
 pub fn gather(config: &Config, timeout: Duration) -> Result<Status, DbError> {
     let pool = DbPool::connect(&config.database)?;
     let mut conn = pool.get()?;
-    let outbox = Backlog::of(conn.backlog_by_topic()?);
-    let shards = conn.backlog_by_shard()?;
+    let (topics, shards) = conn.backlog()?;
+    let outbox = Backlog::of(topics);
     let dead_letters = Backlog::of(conn.dead_letters_by_topic()?);
     let relays = conn.relays()?;
     let held = conn.held_shards()?;

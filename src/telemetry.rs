@@ -30,9 +30,9 @@ pub mod names {
     pub const RELAY_BATCH_ROWS: &str = "devour_relay_batch_rows";
     /// Gauge: shards this relay holds.
     pub const RELAY_LEASES_HELD: &str = "devour_relay_leases_held";
-    /// Gauge: undelivered rows in the outbox (counted every 10 s).
+    /// Gauge: undelivered rows in the outbox (counted every 10 s while `[metrics] listen` is set).
     pub const RELAY_BACKLOG_ROWS: &str = "devour_relay_backlog_rows";
-    /// Gauge (seconds): age of the oldest undelivered row (every 10 s; 0 when empty).
+    /// Gauge (seconds): age of the oldest undelivered row (with the backlog; 0 when empty).
     pub const RELAY_OLDEST_AGE: &str = "devour_relay_oldest_undelivered_age_seconds";
     /// Counter, label `route`: messages the handler finished.
     pub const CONSUME_PROCESSED: &str = "devour_consume_processed_total";

@@ -10,10 +10,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::consume::{
-    accept, committed, config, drain, offsets_reader, produce, produce_seqs, read_all, recording,
-    rewind, Out, Seen,
+    accept, committed, drain, offsets_reader, produce, produce_seqs, read_all, recording, rewind,
+    Out, Seen,
 };
-use common::{create_topic, Backend, TestDb};
+use common::{config, create_topic, Backend, TestDb};
 use devour::consume::DigestError;
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
@@ -62,15 +62,7 @@ fn end_to_end(backend: Backend) {
             50,
         ),
     }
-    let relay = devour::relay::run(
-        &cfg,
-        devour::relay::RunOptions {
-            mode: devour::relay::Mode::Drain,
-            progress: false,
-        },
-        Arc::new(AtomicBool::new(false)),
-    )
-    .expect("relay drain");
+    let relay = common::relay_drain(&cfg);
     assert_eq!(relay.delivered, 2000);
 
     let (registry, calls) = recording(accept());

@@ -107,15 +107,6 @@ fn child(config: &Path, route: &str, out: Option<&Path>, drain: bool) -> Child {
     cmd.spawn().unwrap()
 }
 
-/// A pseudo-random number in [lo, hi).
-fn random(lo: i64, hi: i64) -> i64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos() as i64;
-    lo + nanos % (hi - lo)
-}
-
 fn write_config(dir: &Path, db: &TestDb, routes: &str) -> PathBuf {
     let path = dir.join("devour.toml");
     std::fs::write(
@@ -187,7 +178,7 @@ fn kill_five_times(
     let mut at = vec![processed()];
     for _ in 0..5 {
         let mut c = child(config, route, out, false);
-        let target = (at.last().unwrap() + random(300, 1_500) as usize).min(total - 200);
+        let target = (at.last().unwrap() + common::random(300, 1_500) as usize).min(total - 200);
         let deadline = Instant::now() + Duration::from_secs(30);
         while processed() < target && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(2));

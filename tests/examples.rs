@@ -6,8 +6,6 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::consume::{produce, read_all, rewind, Out};
@@ -42,15 +40,7 @@ fn python_example_writes_a_row_the_relay_delivers() {
         devour::outbox::shard_for_key("42"),
         "Python's murmur2 shard = Rust's"
     );
-    let report = devour::relay::run(
-        &common::config(&db, ""),
-        devour::relay::RunOptions {
-            mode: devour::relay::Mode::Drain,
-            progress: false,
-        },
-        Arc::new(AtomicBool::new(false)),
-    )
-    .unwrap();
+    let report = common::relay_drain(&common::config(&db, ""));
     assert_eq!(report.delivered, 1);
     let got = read_all(&topic, Duration::from_secs(30));
     assert_eq!(got.len(), 1);

@@ -14,14 +14,52 @@ use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use serde_json::Value;
 
-fn devour(dir: &Path, db: &TestDb, args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_devour"));
-    cmd.args(args)
-        .env_clear()
+/// `bin` with nothing in its environment but PATH, `dir`'s devour.toml, `db` and the broker.
+fn command(bin: &str, dir: &Path, db: &TestDb) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("DEVOUR_CONFIG", dir.join("devour.toml"))
         .env("DEVOUR_DATABASE_URL", &db.url)
-        .env("DEVOUR_KAFKA_HOSTS", common::kafka_hosts())
+        .env("DEVOUR_KAFKA_HOSTS", common::kafka_hosts());
+    cmd
+}
+
+fn relay_command(dir: &Path, db: &TestDb) -> Command {
+    let mut cmd = command(env!("CARGO_BIN_EXE_devour-relay"), dir, db);
+    cmd.stderr(Stdio::null());
+    cmd
+}
+
+/// `devour-relay --drain`, which must exit 0.
+fn relay_drain(dir: &Path, db: &TestDb) {
+    let status = relay_command(dir, db).arg("--drain").status().unwrap();
+    assert!(status.success());
+}
+
+/// Polls `devour status --json` until the outbox is empty and every shard is held; then stops
+/// `relay` (SIGTERM) and returns that status.
+fn status_once_drained(dir: &Path, db: &TestDb, mut relay: std::process::Child) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let s = loop {
+        let s = json(dir, db, &["status", "--json"]);
+        if s["outbox"]["rows"] == 0 && s["unheld_shards"] == 0 {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "relay did not drain and hold every shard: {s:#}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let _ = Command::new("kill").arg(relay.id().to_string()).status();
+    relay.wait().unwrap();
+    s
+}
+
+fn devour(dir: &Path, db: &TestDb, args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
+    let mut cmd = command(env!("CARGO_BIN_EXE_devour"), dir, db);
+    cmd.args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -143,30 +181,11 @@ fn status_shows_relays_and_their_shards_then_an_empty_outbox() {
     let mut c = PgConnection::establish(&db.url).unwrap();
     common::insert_rows(&mut c, &topic, 0, 200, 20);
     let dir = setup("");
-    let mut relay = Command::new(env!("CARGO_BIN_EXE_devour-relay"))
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("DEVOUR_CONFIG", dir.path().join("devour.toml"))
-        .env("DEVOUR_DATABASE_URL", &db.url)
-        .env("DEVOUR_KAFKA_HOSTS", common::kafka_hosts())
+    let relay = relay_command(dir.path(), &db)
         .env("DEVOUR_RELAY_RELAY_ID", "ops-relay-1")
-        .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let s = loop {
-        let s = json(dir.path(), &db, &["status", "--json"]);
-        if s["outbox"]["rows"] == 0 && s["unheld_shards"] == 0 {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "relay did not drain and hold every shard: {s:#}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let _ = Command::new("kill").arg(relay.id().to_string()).status();
-    relay.wait().unwrap();
+    let s = status_once_drained(dir.path(), &db, relay);
     assert_eq!(s["relays"][0]["relay_id"], "ops-relay-1");
     assert_eq!(s["relays"][0]["shards"], 256);
     assert!(s["relays"][0]["heartbeat_age_s"].as_f64().unwrap() < 10.0);
@@ -254,17 +273,7 @@ fn dead_letters_list_show_retry_and_discard_by_id_key_and_all() {
     assert_eq!(code, 2, "retry needs an id, --key or --all: {err}");
 
     // What was retried is delivered by the relay, in id order; what was discarded is not.
-    let status = Command::new(env!("CARGO_BIN_EXE_devour-relay"))
-        .arg("--drain")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("DEVOUR_CONFIG", d.join("devour.toml"))
-        .env("DEVOUR_DATABASE_URL", &db.url)
-        .env("DEVOUR_KAFKA_HOSTS", common::kafka_hosts())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success());
+    relay_drain(d, &db);
     let got = read_all(&topic, Duration::from_secs(30));
     let ids: Vec<String> = got
         .iter()
@@ -326,17 +335,7 @@ fn put_enqueues_a_message_that_the_relay_delivers() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("expected NAME=VALUE"), "{err}");
 
-    let status = Command::new(env!("CARGO_BIN_EXE_devour-relay"))
-        .arg("--drain")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("DEVOUR_CONFIG", d.join("devour.toml"))
-        .env("DEVOUR_DATABASE_URL", &db.url)
-        .env("DEVOUR_KAFKA_HOSTS", common::kafka_hosts())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success());
+    relay_drain(d, &db);
     let got = read_all(&topic, Duration::from_secs(30));
     assert_eq!(got.len(), 1, "only the valid put is delivered: {got:?}");
     assert_eq!(got[0].key.as_deref(), Some("42"));
@@ -379,27 +378,11 @@ fn status_and_dead_letters_on_sqlite() {
         "{out}"
     );
     // A relay drains and holds every shard, and says so.
-    let mut relay = Command::new(env!("CARGO_BIN_EXE_devour-relay"))
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("DEVOUR_CONFIG", d.join("devour.toml"))
-        .env("DEVOUR_DATABASE_URL", &db.url)
-        .env("DEVOUR_KAFKA_HOSTS", common::kafka_hosts())
+    let relay = relay_command(d, &db)
         .env("DEVOUR_RELAY_POLL_INTERVAL_MS", "50")
-        .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let s = loop {
-        let s = json(d, &db, &["status", "--json"]);
-        if s["outbox"]["rows"] == 0 && s["unheld_shards"] == 0 {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "{s:#}");
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let _ = Command::new("kill").arg(relay.id().to_string()).status();
-    relay.wait().unwrap();
+    let s = status_once_drained(d, &db, relay);
     let hb = s["relays"][0]["heartbeat_age_s"].as_f64().unwrap();
     assert!((0.0..10.0).contains(&hb), "heartbeat age {hb} s");
     assert_eq!(devour(d, &db, &["outbox", "retry", "77"], None).0, 0);

@@ -8,27 +8,15 @@ use std::time::{Duration, Instant};
 
 use common::{Backend, TestConn, TestDb};
 use devour::outbox::partition_for_key;
-use devour::relay::{self, Mode, RunOptions};
+use devour::relay::{self, RunOptions};
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
-
-fn drain(config: &devour::Config) -> devour::relay::RelayReport {
-    let handle = relay::start(
-        config,
-        RunOptions {
-            mode: Mode::Drain,
-            progress: false,
-        },
-    )
-    .unwrap();
-    handle.join().unwrap()
-}
 
 fn ten_thousand_rows_in_key_order_on_murmur2_partitions<C: TestConn>(db: &TestDb) {
     let topic = common::create_topic("relay10k", 6);
     let mut c = C::open(db);
     common::insert_rows(&mut c, &topic, 0, 10_000, 200);
-    let report = drain(&common::config(db, ""));
+    let report = common::relay_drain(&common::config(db, ""));
     assert_eq!(report.delivered, 10_000, "{report:?}");
     assert_eq!(c.count("devour_outbox"), 0, "delivered rows are removed");
     let msgs = common::consume_seqs(&topic, 10_000, Duration::from_secs(60));
@@ -91,7 +79,7 @@ fn rows_inserted_with_psql_are_delivered() {
         "psql: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let report = drain(&common::config(&db, ""));
+    let report = common::relay_drain(&common::config(&db, ""));
     assert_eq!(report.delivered, 1);
     let msgs = common::consume(&topic, 1, Duration::from_secs(30));
     assert_eq!(msgs[0].key.as_deref(), Some("order-42"));
@@ -198,7 +186,7 @@ fn too_large_message_is_dead_lettered_while_the_others_flow() {
     let topic = small_topic("dlq-continue");
     let mut c = PgConnection::establish(&db.url).unwrap();
     let big_id = insert_with_a_large_one(&mut c, &topic);
-    let report = drain(&common::config(&db, ""));
+    let report = common::relay_drain(&common::config(&db, ""));
     assert_eq!(
         (report.delivered, report.dead_lettered),
         (3, 1),
@@ -278,8 +266,9 @@ fn discarding_the_dead_letter_releases_its_key() {
         .unwrap()
         .get()
         .unwrap();
-    assert!(conn.discard_dead_letter(big_id).unwrap());
-    assert!(!conn.discard_dead_letter(big_id).unwrap(), "gone");
+    let which = devour::db::DeadLetters::Id(big_id);
+    assert_eq!(conn.discard_dead_letters(&which).unwrap(), 1);
+    assert_eq!(conn.discard_dead_letters(&which).unwrap(), 0, "gone");
     handle.wake();
     wait_for("the outbox to empty", || c.count("devour_outbox") == 0);
     handle.shutdown();
@@ -324,7 +313,7 @@ fn retention_keep_moves_delivered_rows_and_cleans_up_old_ones() {
     )
     .unwrap();
     common::insert_rows(&mut c, &topic, 0, 20, 5);
-    let report = drain(&common::config(
+    let report = common::relay_drain(&common::config(
         &db,
         "retention = \"keep\"\nretention_hours = 24",
     ));

@@ -26,15 +26,6 @@ fn relay_process(db: &TestDb, extra: &[&str]) -> Child {
         .unwrap()
 }
 
-/// A pseudo-random number in [lo, hi) (the clock's nanoseconds are random enough here).
-fn random(lo: i64, hi: i64) -> i64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos() as i64;
-    lo + nanos % (hi - lo)
-}
-
 #[test]
 fn kill_9_ten_times_during_a_50k_drain_loses_nothing_and_keeps_key_order() {
     let db = TestDb::new(Backend::Postgres, "kill9");
@@ -45,7 +36,7 @@ fn kill_9_ten_times_during_a_50k_drain_loses_nothing_and_keeps_key_order() {
     for _ in 0..10 {
         let mut relay = relay_process(&db, &[]);
         // Kill at a random point of the drain: after 300 to 3,000 more rows were delivered.
-        let target = left.last().unwrap() - random(300, 3_000);
+        let target = left.last().unwrap() - common::random(300, 3_000);
         let deadline = Instant::now() + Duration::from_secs(10);
         while c.count("devour_outbox") > target && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));

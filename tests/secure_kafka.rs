@@ -491,68 +491,53 @@ fn consume_with_bad_credentials_says_so_and_hides_the_password() {
     }
 }
 
-/// A relay whose credentials or certificates the brokers refuse (a wrong password, a CA that
-/// did not sign the brokers) exits 1 at start with the reason (librdkafka would retry both
-/// forever; devour checks access before it starts).
+/// Each refusal (a wrong password, a CA that did not sign the brokers) ends `drain` at start
+/// with exit 1, `prefix` and the reason, and prints no secret. librdkafka would retry both
+/// forever; devour checks access before it starts.
+fn assert_refused_at_start(
+    db: &TestDb,
+    topic: &str,
+    prefix: &str,
+    drain: fn(&Path, Duration) -> Run,
+) {
+    let s = SecureKafka::from_env();
+    let wrong = format!("dvwrong{}", std::process::id());
+    let right = s.password("sasl-plain.password");
+    let cases = [
+        (
+            sasl_toml(&s, &s.file("ca.pem"), "PLAIN", &wrong),
+            "uthentication",
+        ),
+        (
+            sasl_toml(&s, &s.file("untrusted-ca.pem"), "PLAIN", &right),
+            "SSL handshake failed",
+        ),
+    ];
+    for (toml, reason) in cases {
+        let dir = app(db, &toml, topic);
+        let run = drain(dir.path(), Duration::from_secs(60));
+        assert_eq!(run.code, Some(1), "{run}");
+        assert!(
+            run.stderr.contains(prefix) && run.stderr.contains(reason),
+            "expected `{prefix}` and `{reason}` in: {run}"
+        );
+        assert_no_secret(&run, &[&wrong, &right]);
+    }
+}
+
 #[test]
 fn relay_drain_exits_non_zero_on_a_wrong_password_or_ca() {
-    let s = SecureKafka::from_env();
     let topic = common::create_topic("secure-relay-exit", 1);
     let db = TestDb::new(Backend::Sqlite, "secure-relay-exit");
     let mut c = SqliteConnection::open(&db);
     common::insert_rows(&mut c, &topic, 0, 1, 1);
-    let wrong = format!("dvwrong{}", std::process::id());
-    let right = s.password("sasl-plain.password");
-    let cases = [
-        (
-            sasl_toml(&s, &s.file("ca.pem"), "PLAIN", &wrong),
-            "uthentication",
-        ),
-        (
-            sasl_toml(&s, &s.file("untrusted-ca.pem"), "PLAIN", &right),
-            "SSL handshake failed",
-        ),
-    ];
-    for (toml, reason) in cases {
-        let dir = app(&db, &toml, &topic);
-        let relay = relay_drain(dir.path(), Duration::from_secs(60));
-        assert_eq!(relay.code, Some(1), "{relay}");
-        assert!(
-            relay.stderr.contains("devour-relay: error:") && relay.stderr.contains(reason),
-            "expected `{reason}` in: {relay}"
-        );
-        assert_no_secret(&relay, &[&wrong, &right]);
-    }
+    assert_refused_at_start(&db, &topic, "devour-relay: error:", relay_drain);
     assert_eq!(c.count("devour_outbox"), 1, "the row waits in the outbox");
 }
 
-/// `devour consume` whose credentials or certificates the brokers refuse exits 1 at start with
-/// the reason (not "nothing to drain").
 #[test]
 fn consume_drain_exits_non_zero_on_a_wrong_password_or_ca() {
-    let s = SecureKafka::from_env();
     let topic = common::create_topic("secure-consume-exit", 1);
     let db = TestDb::new(Backend::Sqlite, "secure-consume-exit");
-    let wrong = format!("dvwrong{}", std::process::id());
-    let right = s.password("sasl-plain.password");
-    let cases = [
-        (
-            sasl_toml(&s, &s.file("ca.pem"), "PLAIN", &wrong),
-            "uthentication",
-        ),
-        (
-            sasl_toml(&s, &s.file("untrusted-ca.pem"), "PLAIN", &right),
-            "SSL handshake failed",
-        ),
-    ];
-    for (toml, reason) in cases {
-        let dir = app(&db, &toml, &topic);
-        let consume = consume_drain(dir.path(), Duration::from_secs(60));
-        assert_eq!(consume.code, Some(1), "{consume}");
-        assert!(
-            consume.stderr.contains("devour: error:") && consume.stderr.contains(reason),
-            "expected `{reason}` in: {consume}"
-        );
-        assert_no_secret(&consume, &[&wrong, &right]);
-    }
+    assert_refused_at_start(&db, &topic, "devour: error:", consume_drain);
 }

@@ -38,12 +38,16 @@ fn bytes_value(b: &[u8]) -> Value {
     }
 }
 
-/// The message's metadata as a JSON object (what `print` writes and `exec` passes on).
-pub(crate) fn meta_json(meta: &Meta<'_>) -> Map<String, Value> {
-    let mut headers = Map::new();
-    for (k, v) in meta.headers() {
-        headers.insert(k.to_string(), v.map(bytes_value).unwrap_or(Value::Null));
-    }
+/// The message's headers as a JSON object (`print` writes them, `exec` passes them on).
+fn headers_json(meta: &Meta<'_>) -> Map<String, Value> {
+    meta.headers()
+        .map(|(k, v)| (k.to_string(), v.map(bytes_value).unwrap_or(Value::Null)))
+        .collect()
+}
+
+/// The message's metadata as a JSON object (what `print` writes).
+fn meta_json(meta: &Meta<'_>) -> Map<String, Value> {
+    let headers = headers_json(meta);
     let mut m = Map::new();
     m.insert("topic".into(), meta.topic.into());
     m.insert("partition".into(), meta.partition.into());
@@ -140,13 +144,7 @@ impl Consumer for Exec {
             }
         };
         let text = |v: Option<&str>| v.unwrap_or("").to_string();
-        let headers: Map<String, Value> = meta_json(meta)
-            .remove("headers")
-            .and_then(|h| match h {
-                Value::Object(m) => Some(m),
-                _ => None,
-            })
-            .unwrap_or_default();
+        let headers = headers_json(meta);
         let mut command = Command::new(&self.program);
         // devour's own settings (database URL, SASL password, …) are not the command's business.
         for (name, _) in std::env::vars_os() {

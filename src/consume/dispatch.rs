@@ -415,9 +415,7 @@ impl Dispatcher {
                     *finished += batch.len();
                     return Ok(());
                 }
-                Err(TxError::Db(e))
-                    if batch.len() > 1 && !DbError::from(clone_error(&e)).is_retriable() =>
-                {
+                Err(TxError::Db(e)) if batch.len() > 1 && !crate::db::query_is_retriable(&e) => {
                     // The batch's transaction fails for good, and one of its messages is the
                     // cause: handle them one by one so that only that one fails.
                     self.conn = None;
@@ -487,16 +485,6 @@ fn inbox_entry(meta: Meta<'_>) -> InboxEntry<'_> {
         topic: meta.topic,
         partition: meta.partition,
         offset: meta.offset,
-    }
-}
-
-/// A copy of what matters of a Diesel error: its kind, for `is_retriable`.
-fn clone_error(e: &diesel::result::Error) -> diesel::result::Error {
-    match e {
-        diesel::result::Error::DatabaseError(kind, info) => {
-            diesel::result::Error::DatabaseError(*kind, Box::new(info.message().to_string()))
-        }
-        other => diesel::result::Error::QueryBuilderError(other.to_string().into()),
     }
 }
 

@@ -41,18 +41,12 @@ pub struct LagReader {
 impl LagReader {
     /// A reader for `route`.
     pub fn new(config: &Config, route: &ConsumerRoute) -> Result<LagReader, String> {
-        let mut c = rdkafka::ClientConfig::new();
-        for (k, v) in config.kafka.consumer_properties() {
-            c.set(k, v);
-        }
-        for (k, v) in &route.properties {
-            c.set(k, v);
-        }
-        let consumer: BaseConsumer = c
-            .set("group.id", &route.group)
-            .set("enable.auto.commit", "false")
-            .create()
-            .map_err(|e| format!("creating a consumer: {e}"))?;
+        let consumer: BaseConsumer = super::consumer_config(config, route, |c| {
+            c.set("group.id", &route.group)
+                .set("enable.auto.commit", "false");
+        })
+        .create()
+        .map_err(|e| format!("creating a consumer: {e}"))?;
         Ok(LagReader {
             consumer,
             route: route.clone(),

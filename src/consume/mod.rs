@@ -30,8 +30,6 @@ mod inbox;
 pub mod lag;
 mod runner;
 
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 use std::time::Duration;
 
 pub use builtin::{Exec, Print, EXEC_GIVE_UP_STATUS};
@@ -40,9 +38,28 @@ pub use dead_letter::{
     HEADER_DLQ_OFFSET, HEADER_DLQ_PARTITION, HEADER_DLQ_ROUTE, HEADER_DLQ_TOPIC,
 };
 pub use handler::{Consumer, Ctx, DigestError, Meta, Payload, Registry, TxConnection};
+pub use runner::run;
 
-use crate::config::Config;
 use crate::db::DbError;
+
+/// The librdkafka configuration of a consumer of `route`: the `[kafka]` consumer properties,
+/// then devour's own settings (`own`), then the route's `[properties]`, which win (devour's own
+/// keys are reserved, so a route cannot override them).
+pub(crate) fn consumer_config(
+    config: &crate::config::Config,
+    route: &crate::config::ConsumerRoute,
+    own: impl FnOnce(&mut rdkafka::ClientConfig),
+) -> rdkafka::ClientConfig {
+    let mut c = rdkafka::ClientConfig::new();
+    for (k, v) in config.kafka.consumer_properties() {
+        c.set(k, v);
+    }
+    own(&mut c);
+    for (k, v) in &route.properties {
+        c.set(k, v);
+    }
+    c
+}
 
 /// Why `devour consume` could not run.
 #[derive(Debug, thiserror::Error)]
@@ -121,18 +138,4 @@ pub struct ConsumeReport {
     pub elapsed: Duration,
     /// Time from the first message received to the last one finished.
     pub busy: Duration,
-}
-
-/// Runs consumer route `name` of `config` with the handlers of `registry` until `stop` is set
-/// (or, with [`RunOptions::drain`], until the assigned partitions are read to their end). On
-/// stop: no more fetching, the message in hand is finished, offsets are committed, the consumer
-/// leaves its group.
-pub fn run(
-    config: &Config,
-    name: &str,
-    registry: &Registry,
-    options: RunOptions,
-    stop: Arc<AtomicBool>,
-) -> Result<ConsumeReport, ConsumeError> {
-    runner::run(config, name, registry, options, stop)
 }

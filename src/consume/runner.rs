@@ -170,9 +170,11 @@ fn describe(tpl: &TopicPartitionList) -> String {
     parts.join(", ")
 }
 
-/// Runs route `name` until `stop` is set (or, with `options.drain`, until every assigned
-/// partition has been read to its end).
-pub(crate) fn run(
+/// Runs consumer route `name` of `config` with the handlers of `registry` until `stop` is set
+/// (or, with [`RunOptions::drain`], until the assigned partitions are read to their end). On
+/// stop: no more fetching, the message in hand is finished, offsets are committed, the consumer
+/// leaves its group.
+pub fn run(
     config: &Config,
     name: &str,
     registry: &Registry,
@@ -298,6 +300,7 @@ pub(crate) fn run(
         last_drain_check: Instant::now(),
         last_cleanup: Instant::now(),
         last_health: Instant::now() - HEALTH_EVERY,
+        health_served: config.metrics.listen.is_some(),
         unassigned_since: None,
         pool: pool.as_ref(),
         clock: &mut clock,
@@ -379,23 +382,19 @@ fn create_consumer(
     drain: bool,
     shared: Arc<Shared>,
 ) -> Result<BaseConsumer<RunnerContext>, ConsumeError> {
-    let mut c = rdkafka::ClientConfig::new();
-    for (k, v) in config.kafka.consumer_properties() {
-        c.set(k, v);
-    }
-    c.set("group.id", &route.group)
-        .set("enable.auto.commit", "true")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", route.start_from.as_str())
-        .set("enable.partition.eof", "false");
-    if drain {
-        // A drain is short-lived: commit often so that what it did is recorded even if killed.
-        c.set("auto.commit.interval.ms", "1000");
-    }
-    for (k, v) in &route.properties {
-        c.set(k, v);
-    }
-    c.create_with_context(RunnerContext {
+    super::consumer_config(config, route, |c| {
+        c.set("group.id", &route.group)
+            .set("enable.auto.commit", "true")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", route.start_from.as_str())
+            .set("enable.partition.eof", "false");
+        if drain {
+            // A drain is short-lived: commit often so that what it did is recorded even if
+            // killed.
+            c.set("auto.commit.interval.ms", "1000");
+        }
+    })
+    .create_with_context(RunnerContext {
         shared,
         route: route.name.clone(),
     })
@@ -446,6 +445,15 @@ fn assign_all(
     Ok(true)
 }
 
+/// What one poll gave.
+enum Polled<'a> {
+    Message(rdkafka::message::BorrowedMessage<'a>),
+    /// Nothing (yet); poll again.
+    Nothing,
+    /// The drain is over.
+    Over,
+}
+
 struct LoopState<'a> {
     consumer: &'a BaseConsumer<RunnerContext>,
     route: &'a ConsumerRoute,
@@ -456,32 +464,24 @@ struct LoopState<'a> {
     last_drain_check: Instant,
     last_cleanup: Instant,
     last_health: Instant,
+    health_served: bool,
     unassigned_since: Option<Instant>,
     pool: Option<&'a DbPool>,
     clock: &'a mut Clock,
 }
 
-impl LoopState<'_> {
+impl<'a> LoopState<'a> {
     /// `concurrency = 1`: messages are handled on the polling thread, in poll order, in batches
     /// of what librdkafka has fetched already (at most `BATCH`, or `inbox_batch` with an inbox).
     fn inline(&mut self, dispatcher: &mut Dispatcher) {
         let batch_max = self.batch_max();
         let mut batch = Vec::with_capacity(batch_max);
         while !self.stop.load(Ordering::Relaxed) {
-            match self.consumer.poll(POLL) {
-                None => {
-                    if self.idle() {
-                        break;
-                    }
-                    continue;
-                }
-                Some(Err(e)) => {
-                    log_poll_error(self.route, &e);
-                    continue;
-                }
-                Some(Ok(m)) => batch.push(m),
+            match self.poll_once() {
+                Polled::Over => break,
+                Polled::Nothing => continue,
+                Polled::Message(m) => batch.push(m),
             }
-            self.clock.first.get_or_insert_with(Instant::now);
             let revocations = self.shared.revocations.load(Ordering::Acquire);
             while batch.len() < batch_max {
                 match self.consumer.poll(Duration::ZERO) {
@@ -516,6 +516,24 @@ impl LoopState<'_> {
         }
     }
 
+    /// Polls once (up to `POLL`). A poll that finds nothing does the idle work (and may find the
+    /// drain over); an error is logged.
+    fn poll_once(&mut self) -> Polled<'a> {
+        let consumer = self.consumer;
+        match consumer.poll(POLL) {
+            None if self.idle() => Polled::Over,
+            None => Polled::Nothing,
+            Some(Err(e)) => {
+                log_poll_error(self.route, &e);
+                Polled::Nothing
+            }
+            Some(Ok(m)) => {
+                self.clock.first.get_or_insert_with(Instant::now);
+                Polled::Message(m)
+            }
+        }
+    }
+
     /// Reports check `work` (partitions assigned) every few seconds.
     fn report_health(&mut self) {
         if self.last_health.elapsed() < HEALTH_EVERY {
@@ -525,7 +543,8 @@ impl LoopState<'_> {
         let health = crate::telemetry::health();
         let n = self.consumer.assignment().map_or(0, |a| a.count());
         health.report("work", n > 0, format!("{n} partition(s) assigned"));
-        if let Some(pool) = self.pool {
+        // The database check is a query: only when someone reads `/readyz`.
+        if let Some(pool) = self.pool.filter(|_| self.health_served) {
             match pool
                 .get()
                 .and_then(|mut c| super::inbox::check_table(&mut c))
@@ -603,20 +622,11 @@ impl LoopState<'_> {
             );
         }
         while !self.stop.load(Ordering::Relaxed) {
-            let m = match self.consumer.poll(POLL) {
-                None => {
-                    if self.idle() {
-                        break;
-                    }
-                    continue;
-                }
-                Some(Err(e)) => {
-                    log_poll_error(self.route, &e);
-                    continue;
-                }
-                Some(Ok(m)) => m,
+            let m = match self.poll_once() {
+                Polled::Over => break,
+                Polled::Nothing => continue,
+                Polled::Message(m) => m,
             };
-            self.clock.first.get_or_insert_with(Instant::now);
             let worker = worker_for(m.topic(), m.partition(), n);
             *self.shared.in_flight.lock().expect("in-flight lock") += 1;
             if senders[worker].send(m.detach()).is_err() {

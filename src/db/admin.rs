@@ -35,6 +35,19 @@ pub struct ShardBacklog {
     pub oldest_age_s: f64,
 }
 
+/// Undelivered rows of one topic in one shard.
+#[derive(QueryableByName)]
+struct BacklogCell {
+    #[diesel(sql_type = Text)]
+    topic: String,
+    #[diesel(sql_type = Integer)]
+    shard: i32,
+    #[diesel(sql_type = BigInt)]
+    rows: i64,
+    #[diesel(sql_type = Double)]
+    oldest_age_s: f64,
+}
+
 /// A relay that heartbeats, with the shards it holds.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, QueryableByName)]
 pub struct RelayState {
@@ -185,16 +198,36 @@ impl DbConnection {
         }
     }
 
-    /// Undelivered rows per topic, biggest first.
-    pub fn backlog_by_topic(&mut self) -> Result<Vec<TopicBacklog>, DbError> {
-        let q = self.grouped("topic", "devour_outbox", "created_at", "2 DESC, 1");
-        Ok(each_backend!(self, c => diesel::sql_query(&q).load(&mut **c)?))
-    }
-
-    /// Undelivered rows per shard (shards without rows left out).
-    pub fn backlog_by_shard(&mut self) -> Result<Vec<ShardBacklog>, DbError> {
-        let q = self.grouped("shard", "devour_outbox", "created_at", "shard");
-        Ok(each_backend!(self, c => diesel::sql_query(&q).load(&mut **c)?))
+    /// Undelivered rows per topic (biggest first) and per shard (shards without rows left
+    /// out), from one pass over the outbox.
+    pub fn backlog(&mut self) -> Result<(Vec<TopicBacklog>, Vec<ShardBacklog>), DbError> {
+        let q = self.grouped("topic, shard", "devour_outbox", "created_at", "1, 2");
+        let cells: Vec<BacklogCell> =
+            each_backend!(self, c => diesel::sql_query(&q).load(&mut **c)?);
+        let mut topics: Vec<TopicBacklog> = Vec::new();
+        let mut shards: std::collections::BTreeMap<i32, ShardBacklog> = Default::default();
+        for cell in cells {
+            match topics.last_mut() {
+                Some(t) if t.topic == cell.topic => {
+                    t.rows += cell.rows;
+                    t.oldest_age_s = t.oldest_age_s.max(cell.oldest_age_s);
+                }
+                _ => topics.push(TopicBacklog {
+                    topic: cell.topic,
+                    rows: cell.rows,
+                    oldest_age_s: cell.oldest_age_s,
+                }),
+            }
+            let s = shards.entry(cell.shard).or_insert(ShardBacklog {
+                shard: cell.shard,
+                rows: 0,
+                oldest_age_s: cell.oldest_age_s,
+            });
+            s.rows += cell.rows;
+            s.oldest_age_s = s.oldest_age_s.max(cell.oldest_age_s);
+        }
+        topics.sort_by(|a, b| b.rows.cmp(&a.rows).then_with(|| a.topic.cmp(&b.topic)));
+        Ok((topics, shards.into_values().collect()))
     }
 
     /// Dead letters per topic (as [`TopicBacklog`]: rows and the oldest's age since it failed).

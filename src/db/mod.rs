@@ -134,17 +134,23 @@ impl DbError {
         match self {
             DbError::Connect { .. } => true,
             DbError::Migrate { .. } => false,
-            DbError::Query(e) => matches!(
-                e,
-                diesel::result::Error::DatabaseError(
-                    diesel::result::DatabaseErrorKind::ClosedConnection
-                        | diesel::result::DatabaseErrorKind::SerializationFailure
-                        | diesel::result::DatabaseErrorKind::UnableToSendCommand,
-                    _
-                )
-            ),
+            DbError::Query(e) => query_is_retriable(e),
         }
     }
+}
+
+/// Whether a query that failed with `e` may succeed if tried again (the connection dropped, a
+/// serialization conflict), as opposed to failing the same way every time.
+pub(crate) fn query_is_retriable(e: &diesel::result::Error) -> bool {
+    matches!(
+        e,
+        diesel::result::Error::DatabaseError(
+            diesel::result::DatabaseErrorKind::ClosedConnection
+                | diesel::result::DatabaseErrorKind::SerializationFailure
+                | diesel::result::DatabaseErrorKind::UnableToSendCommand,
+            _
+        )
+    )
 }
 
 /// A pool of connections to the configured database.
@@ -313,17 +319,6 @@ impl DbConnection {
                 }
             })
             .collect())
-    }
-
-    /// Puts dead letter `id` back into the outbox in its original place; returns whether there
-    /// was one.
-    pub fn retry_dead_letter(&mut self, id: i64) -> Result<bool, DbError> {
-        Ok(self.retry_dead_letters(&DeadLetters::Id(id))? == 1)
-    }
-
-    /// Deletes dead letter `id` for good; returns whether there was one.
-    pub fn discard_dead_letter(&mut self, id: i64) -> Result<bool, DbError> {
-        Ok(self.discard_dead_letters(&DeadLetters::Id(id))? == 1)
     }
 }
 

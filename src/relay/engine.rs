@@ -793,6 +793,7 @@ fn lease_loop(shared: &Shared, mut store: Store, config: &Config) {
     let id = shared.relay_id.clone();
     let shares = store.shares_shards();
     let mut last_backlog = Instant::now() - BACKLOG_EVERY;
+    let metrics_served = config.metrics.listen.is_some();
     while !shared.threads_stop.load(Ordering::Acquire) {
         let started = Instant::now();
         let stopping = shared.stopping();
@@ -861,7 +862,8 @@ fn lease_loop(shared: &Shared, mut store: Store, config: &Config) {
                     None => format!("{held} shard(s) held"),
                 };
                 health.report("work", held > 0, work);
-                if last_backlog.elapsed() >= BACKLOG_EVERY {
+                // Counting is a pass over the outbox: only when someone reads the metrics.
+                if metrics_served && last_backlog.elapsed() >= BACKLOG_EVERY {
                     last_backlog = Instant::now();
                     match store.backlog().and_then(|n| Ok((n, store.oldest_age_s()?))) {
                         Ok((n, age)) => {

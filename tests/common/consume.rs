@@ -14,7 +14,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde_json::Value;
 
-use super::{kafka_hosts, TestDb};
+use super::kafka_hosts;
 
 /// One message to produce: key, payload, extra headers.
 pub struct Out<'a> {
@@ -91,20 +91,6 @@ pub fn produce_seqs(topic: &str, n: i64, keys: i64) {
         .map(|i| Out::seq(&keys[(i % keys.len() as i64) as usize], i))
         .collect();
     produce(topic, &msgs);
-}
-
-/// A configuration for `db` and the test broker with the given `[consumers.*]` tables.
-pub fn config(db: &TestDb, routes: &str) -> devour::Config {
-    devour::Config::from_toml_str(
-        &format!(
-            "[database]\nurl = \"{}\"\n[kafka]\nhosts = \"{}\"\n[relay]\nlease_ttl_ms = 3000\npoll_interval_ms = 50\n{routes}\n",
-            db.url,
-            kafka_hosts()
-        ),
-        devour::config::Origin::Defaults,
-        &Default::default(),
-    )
-    .unwrap_or_else(|e| panic!("test config: {e}\n{routes}"))
 }
 
 /// What a recording handler saw of one call.

@@ -473,18 +473,40 @@ pub fn consume(topic: &str, n: usize, timeout: Duration) -> Vec<Received> {
     out
 }
 
-/// A configuration for `db` and the test broker, with `[relay]` settings from `relay_toml`.
-pub fn config(db: &TestDb, relay_toml: &str) -> devour::Config {
+/// A configuration for `db` and the test broker, with `extra` after the `[relay]` settings:
+/// more `[relay]` keys, and further tables such as `[consumers.NAME]`.
+pub fn config(db: &TestDb, extra: &str) -> devour::Config {
     devour::Config::from_toml_str(
         &format!(
-            "[database]\nurl = \"{}\"\n[kafka]\nhosts = \"{}\"\n[relay]\nlease_ttl_ms = 3000\npoll_interval_ms = 50\nshutdown_timeout_ms = 10000\n{relay_toml}\n",
+            "[database]\nurl = \"{}\"\n[kafka]\nhosts = \"{}\"\n[relay]\nlease_ttl_ms = 3000\npoll_interval_ms = 50\nshutdown_timeout_ms = 10000\n{extra}\n",
             db.url,
             kafka_hosts()
         ),
         devour::config::Origin::Defaults,
         &Default::default(),
     )
-    .unwrap()
+    .unwrap_or_else(|e| panic!("test config: {e}\n{extra}"))
+}
+
+/// Runs a relay in drain mode (`relay::start`, then `join`): it delivers what is in the outbox,
+/// then returns its report.
+pub fn relay_drain(config: &devour::Config) -> devour::relay::RelayReport {
+    let options = devour::relay::RunOptions {
+        mode: devour::relay::Mode::Drain,
+        progress: false,
+    };
+    devour::relay::start(config, options)
+        .and_then(|handle| handle.join())
+        .unwrap_or_else(|e| panic!("relay drain: {e}"))
+}
+
+/// A pseudo-random number in [lo, hi) (the clock's nanoseconds are random enough here).
+pub fn random(lo: i64, hi: i64) -> i64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as i64;
+    lo + nanos % (hi - lo)
 }
 
 /// Inserts `n` rows with plain SQL: row `i` (from `first`) has key `k{i % keys}` and the JSON
