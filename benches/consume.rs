@@ -21,7 +21,8 @@
 //! Environment: `DEVOUR_BENCH_KAFKA` (default `127.0.0.1:19092`), `DEVOUR_BENCH_PG_URL`,
 //! `DEVOUR_BENCH_ROWS` (200000), `DEVOUR_BENCH_KEYS` (1000), `DEVOUR_BENCH_PAYLOAD` (1024),
 //! `DEVOUR_BENCH_PARTITIONS` (12), `DEVOUR_BENCH_ROUNDS` (3), `DEVOUR_BENCH_INBOX=0` skips the
-//! inbox figure.
+//! inbox figure, `DEVOUR_BENCH_INBOX_ROUTE` adds route keys to the inbox route, `;`-separated
+//! (e.g. `inbox_batch = 5000;concurrency = 2`).
 
 mod common;
 
@@ -313,7 +314,14 @@ fn main() {
         json_cpu.push(j.cpu_us);
     }
     let inbox_figure = inbox.then(|| {
-        let cfg = route_config(&p, &pg.url, &topic, "inbox", "dump = \"raw\"\ninbox = true");
+        let route = std::env::var("DEVOUR_BENCH_INBOX_ROUTE").unwrap_or_default();
+        let cfg = route_config(
+            &p,
+            &pg.url,
+            &topic,
+            "inbox",
+            &format!("dump = \"raw\"\ninbox = true\n{}", route.replace(';', "\n")),
+        );
         let m = devour_run(&p, &cfg, "inbox");
         eprintln!(
             "  inbox (PostgreSQL): {:.0} msg/s ({:.2} µs CPU/msg)",
