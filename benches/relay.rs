@@ -819,7 +819,7 @@ fn main() {
         "SELECT split_part(version(), ' on ', 1) AS value",
     );
     let pg_settings = format!(
-        "TLS to PostgreSQL: {}; synchronous_commit={}, shared_buffers={}",
+        "TLS to PostgreSQL: {}; synchronous_commit={}, shared_buffers={}, wal_compression={}",
         setting(
             &mut conn,
             "SELECT coalesce((SELECT CASE WHEN ssl THEN version ELSE 'no' END FROM pg_stat_ssl \
@@ -832,6 +832,10 @@ fn main() {
         setting(
             &mut conn,
             "SELECT current_setting('shared_buffers') AS value"
+        ),
+        setting(
+            &mut conn,
+            "SELECT current_setting('wal_compression') AS value"
         ),
     );
     let sample = payload_of(0, &key_of(0, p.keys), p.payload);
