@@ -515,7 +515,8 @@ fn exec(db: &TestDb, sql: &str) {
     }
 }
 
-fn inbox_exactly_once(backend: Backend) {
+/// `extra`: more route keys (e.g. `concurrency`).
+fn inbox_exactly_once(backend: Backend, extra: &str) {
     let db = TestDb::new(backend, "consume_inbox");
     exec(&db, EFFECTS);
     let topic = create_topic("consume-inbox", 3);
@@ -535,7 +536,9 @@ fn inbox_exactly_once(backend: Backend) {
         &route(
             name,
             &topic,
-            "inbox = true\ninbox_batch = 64\nretry = { initial_backoff_ms = 10 }",
+            &format!(
+                "inbox = true\ninbox_batch = 64\nretry = {{ initial_backoff_ms = 10 }}\n{extra}"
+            ),
         ),
     );
     // Seq 150's first attempt fails after writing its effect: that write must roll back.
@@ -576,12 +579,18 @@ fn inbox_exactly_once(backend: Backend) {
 
 #[test]
 fn inbox_gives_exactly_once_effects_postgres() {
-    inbox_exactly_once(Backend::Postgres);
+    inbox_exactly_once(Backend::Postgres, "");
+}
+
+/// Workers (one per partition here), each with its own connection and transactions.
+#[test]
+fn inbox_gives_exactly_once_effects_with_concurrency_postgres() {
+    inbox_exactly_once(Backend::Postgres, "concurrency = 3");
 }
 
 #[test]
 fn inbox_gives_exactly_once_effects_sqlite() {
-    inbox_exactly_once(Backend::Sqlite);
+    inbox_exactly_once(Backend::Sqlite, "");
 }
 
 #[test]

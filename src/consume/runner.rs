@@ -588,7 +588,7 @@ impl<'a> LoopState<'a> {
         let batch_max = self.batch_max();
         let last_done = Arc::new(Mutex::new(None::<Instant>));
         for (i, mut d) in dispatchers.into_iter().enumerate() {
-            let (tx, rx) = crossbeam_channel::bounded::<OwnedMessage>(256);
+            let (tx, rx) = crossbeam_channel::bounded::<OwnedMessage>(batch_max.max(256));
             senders.push(tx);
             let shared = self.shared.clone();
             let stop = self.stop.clone();
