@@ -210,7 +210,8 @@ pub struct KafkaConfig {
     pub ssl_config: Option<SslConfig>,
     /// `socket_timeout_ms` → `socket.timeout.ms`.
     pub socket_timeout_ms: Option<u32>,
-    /// `offsets_channel_socket_timeout_ms`: timeout of the consumer's offset commit and fetch calls.
+    /// `offsets_channel_socket_timeout_ms`: timeout of the consumer's offset fetches (committed
+    /// offsets and watermarks, for the drain's end check and the lag gauge); default 5000.
     pub offsets_channel_socket_timeout_ms: Option<u32>,
     /// `source_address`: the local IP to connect from. librdkafka cannot bind a source address;
     /// devour uses its family to set `broker.address.family` (v4 or v6).
@@ -292,7 +293,7 @@ pub struct RelayConfig {
     pub on_dead_letter: DeadLetterPolicy,
     /// `shutdown_timeout_ms`: how long a stop waits for in-flight deliveries (default 30000).
     pub shutdown_timeout_ms: u64,
-    /// `relay_id`: this relay's name in the lease table (default `HOST-PID`).
+    /// `relay_id`: this relay's name in the lease table (default `HOST-PID-RANDOM`).
     pub relay_id: Option<String>,
     /// `[relay.producer]`: librdkafka properties for the relay's producer.
     pub producer: BTreeMap<String, String>,
@@ -352,6 +353,14 @@ pub fn is_secret_property(name: &str) -> bool {
 }
 
 impl KafkaConfig {
+    /// How long a consumer waits for one offset fetch: `offsets_channel_socket_timeout_ms`, or
+    /// 5 s.
+    pub fn offsets_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(u64::from(
+            self.offsets_channel_socket_timeout_ms.unwrap_or(5_000),
+        ))
+    }
+
     /// The librdkafka properties for a client of any kind (producer or consumer), in order:
     /// devour's own mapping first, then `[kafka.properties]`, which win.
     pub fn client_properties(&self) -> BTreeMap<String, String> {
@@ -1384,6 +1393,17 @@ mod tests {
         assert_eq!(
             c.kafka.client_properties()["bootstrap.servers"],
             "127.0.0.1:9092"
+        );
+        assert_eq!(c.kafka.offsets_timeout(), std::time::Duration::from_secs(5));
+    }
+
+    #[test]
+    fn offsets_channel_socket_timeout_sets_the_offset_fetch_timeout() {
+        let c =
+            load("[kafka]\nhosts = \"a:1\"\noffsets_channel_socket_timeout_ms = 750\n").unwrap();
+        assert_eq!(
+            c.kafka.offsets_timeout(),
+            std::time::Duration::from_millis(750)
         );
     }
 

@@ -304,6 +304,7 @@ pub fn run(
         unassigned_since: None,
         pool: pool.as_ref(),
         clock: &mut clock,
+        offsets_timeout: config.kafka.offsets_timeout(),
     };
     if dispatchers.len() == 1 {
         loop_state.inline(&mut dispatchers[0]);
@@ -345,7 +346,7 @@ fn spawn_lag_gauge(
                         .ok();
                 }
                 if let Some(r) = &reader {
-                    match r.read(Duration::from_secs(5)) {
+                    match r.read(config.kafka.offsets_timeout()) {
                         Ok(parts) => gauge.set(parts.iter().map(|p| p.lag).sum::<i64>() as f64),
                         Err(e) => tracing::debug!(route = %route.name, "lag: {e}"),
                     }
@@ -468,6 +469,8 @@ struct LoopState<'a> {
     unassigned_since: Option<Instant>,
     pool: Option<&'a DbPool>,
     clock: &'a mut Clock,
+    /// `kafka.offsets_channel_socket_timeout_ms`.
+    offsets_timeout: Duration,
 }
 
 impl<'a> LoopState<'a> {
@@ -659,7 +662,13 @@ impl<'a> LoopState<'a> {
         if *self.shared.in_flight.lock().expect("in-flight lock") > 0 {
             return false;
         }
-        at_end(self.consumer, self.route, &mut self.unassigned_since).unwrap_or(false)
+        at_end(
+            self.consumer,
+            self.route,
+            &mut self.unassigned_since,
+            self.offsets_timeout,
+        )
+        .unwrap_or(false)
     }
 }
 
@@ -668,6 +677,7 @@ fn at_end(
     consumer: &BaseConsumer<RunnerContext>,
     route: &ConsumerRoute,
     unassigned_since: &mut Option<Instant>,
+    timeout: Duration,
 ) -> Option<bool> {
     let assignment = consumer.assignment().ok()?;
     if assignment.count() == 0 {
@@ -687,11 +697,11 @@ fn at_end(
     *unassigned_since = None;
     let position = consumer.position().ok()?;
     let committed = consumer
-        .committed_offsets(assignment.clone(), Duration::from_secs(5))
+        .committed_offsets(assignment.clone(), timeout)
         .ok()?;
     for e in assignment.elements() {
         let (low, high) = consumer
-            .fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(5))
+            .fetch_watermarks(e.topic(), e.partition(), timeout)
             .ok()?;
         let offset_of = |tpl: &TopicPartitionList| match tpl
             .find_partition(e.topic(), e.partition())

@@ -336,10 +336,12 @@ impl Relay {
 
         let result = self.read_loop(&mut producer, &mut limits, &tx);
 
-        // Stop: no new sends; wait (bounded) for what is in flight, then let the others finish.
-        let timeout = Duration::from_millis(shared.config.shutdown_timeout_ms);
-        let _ = producer.flush(timeout);
-        let finished = shared.wait_in_flight_at_most(0, timeout);
+        // Stop: no new sends; wait for what is in flight (acked and removed), all within one
+        // `shutdown_timeout_ms`, then let the others finish.
+        let deadline = Instant::now() + Duration::from_millis(shared.config.shutdown_timeout_ms);
+        let _ = producer.flush(deadline.saturating_duration_since(Instant::now()));
+        let finished =
+            shared.wait_in_flight_at_most(0, deadline.saturating_duration_since(Instant::now()));
         let abandoned = if finished {
             0
         } else {
