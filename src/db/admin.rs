@@ -335,9 +335,26 @@ impl DbConnection {
             })?,
         };
         if n > 0 {
-            crate::relay::notify_local();
+            self.ask_relays_to_rescan();
         }
         Ok(n)
+    }
+
+    /// Rows are back below the relays' horizons, or a key is no longer held back: wakes the
+    /// relays and has their next pass start at the oldest row. (Without it, they find the
+    /// rows within a minute: the change is already committed, so a failure here is only
+    /// logged.)
+    fn ask_relays_to_rescan(&mut self) {
+        #[cfg(feature = "postgres")]
+        if let DbConnection::Postgres(c) = self {
+            let notify = format!("NOTIFY devour_outbox, '{}'", crate::relay::RESCAN);
+            if let Err(e) = diesel::sql_query(notify).execute(&mut **c) {
+                tracing::warn!(
+                    "could not notify the relays (they find the rows within a minute): {e}"
+                );
+            }
+        }
+        crate::relay::notify_local();
     }
 
     /// Deletes dead letters for good (the later rows of their keys are then delivered).
@@ -348,7 +365,11 @@ impl DbConnection {
             "DELETE FROM devour_dead_letters WHERE {}",
             which.condition(placeholder)
         );
-        Ok(each_backend!(self, c => bind_which!(&q, which, &mut **c)?))
+        let n = each_backend!(self, c => bind_which!(&q, which, &mut **c)?);
+        if n > 0 {
+            self.ask_relays_to_rescan();
+        }
+        Ok(n)
     }
 
     /// Shards held under an unexpired lease.

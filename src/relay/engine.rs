@@ -29,6 +29,11 @@ pub struct RelayReport {
     pub dead_lettered: u64,
     /// Times the reader started over from the oldest row after a failure.
     pub restarts: u64,
+    /// Passes over the outbox (see ARCHITECTURE.md, "Why ids are not a delivery cursor").
+    pub passes: u64,
+    /// Of those, the passes that started at the oldest row; the others started at the horizon
+    /// below which no transaction could still commit a row.
+    pub passes_from_oldest: u64,
     /// Rows still in flight when a stop's time ran out (they will be delivered again).
     pub abandoned: u64,
     /// Commit → acknowledgement latency, 50th percentile, in ms.
@@ -68,6 +73,9 @@ struct Shared {
     drained: Condvar,
     /// A delivery failed in a way that may have left a gap: start over from the oldest row.
     restart: AtomicBool,
+    /// Rows may have come back below the horizon (a dead letter retried or discarded, or
+    /// notifications missed): the next pass starts at the oldest row.
+    rescan: AtomicBool,
     /// Keys dead-lettered during this pass (policy `block_key`): their later rows wait.
     blocked: Mutex<HashSet<String>>,
     delivered: AtomicU64,
@@ -160,7 +168,16 @@ type ThreadBody = Box<dyn FnOnce(&Shared, Store, &Config) + Send>;
 struct Pass {
     cursor: i64,
     started: Instant,
-    shards: BTreeSet<i32>,
+    /// The leases (shard → epoch) the pass reads: a shard gained, or held again under a new
+    /// epoch, may hold rows below the cursor.
+    leases: Leases,
+    /// The settled horizon when the pass began: a row that commits late, below the cursor,
+    /// has a larger id.
+    horizon: i64,
+    /// When the last pass from the oldest row began.
+    full_at: Instant,
+    passes: u64,
+    from_oldest: u64,
 }
 
 impl Pass {
@@ -168,21 +185,177 @@ impl Pass {
         Pass {
             cursor: 0,
             started: Instant::now(),
-            shards: BTreeSet::new(),
+            leases: Leases::new(),
+            horizon: 0,
+            full_at: Instant::now(),
+            passes: 0,
+            from_oldest: 0,
         }
     }
 
-    /// Starts the next pass from the oldest row still in the outbox. Keys dead-lettered in the
-    /// last pass are then kept back by the query itself.
-    fn restart(&mut self, shared: &Shared) {
-        self.cursor = 0;
+    /// Starts the next pass: from the oldest row still in the outbox when `full`, else from
+    /// where a row may have committed late during this pass: the settled horizon this pass
+    /// began with (or the cursor, if it did not get that far). `settled` is the settled
+    /// horizon now. Keys dead-lettered in the last pass are then kept back by the query itself.
+    fn restart(&mut self, shared: &Shared, full: bool, settled: i64) {
+        if full {
+            self.cursor = 0;
+            self.full_at = Instant::now();
+        } else {
+            self.cursor = self.cursor.min(self.horizon);
+        }
+        if self.cursor == 0 {
+            self.from_oldest += 1;
+        }
+        self.horizon = settled;
         self.started = Instant::now();
+        self.passes += 1;
         shared
             .blocked
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
     }
+}
+
+/// How often a pass starts at the oldest row even when the horizon says it need not: rows put
+/// back below it by hand (SQL instead of `devour outbox retry`) are found within this.
+const FULL_PASS_EVERY: Duration = Duration::from_secs(60);
+
+/// How long reads wait for a transaction that holds a smaller id to end, before they go past
+/// it (ARCHITECTURE.md, "Why ids are not a delivery cursor").
+pub(crate) const WRITER_WAIT: Duration = Duration::from_secs(2);
+
+/// How old the horizon's last sample may be for a read that finds rows.
+const SAMPLE_EVERY: Duration = Duration::from_millis(10);
+
+/// A sample: the last id handed out, then the transactions that held a write lock on the outbox
+/// (every id at or below `last_id` not committed yet is one of theirs).
+struct Sample {
+    last_id: i64,
+    holders: Vec<String>,
+    taken: Instant,
+}
+
+/// Which ids are settled (PostgreSQL): committed or rolled back for good, so that no row at or
+/// below the settled horizon can still appear. Reads stop there (waiting up to `WRITER_WAIT`
+/// for an open transaction), so that a row committing late cannot be overtaken by a later row
+/// of its key; and passes start there instead of at the oldest row, which, while any long
+/// transaction is open in the database, means reading past every row deleted since.
+struct Horizon {
+    enabled: bool,
+    refreshed: Option<Instant>,
+    ever_worked: bool,
+    samples: std::collections::VecDeque<Sample>,
+    settled: i64,
+    server_started_us: Option<i64>,
+    warned: bool,
+}
+
+impl Horizon {
+    fn new(store: &Store) -> Horizon {
+        Horizon {
+            enabled: store.shares_shards(),
+            refreshed: None,
+            ever_worked: false,
+            samples: std::collections::VecDeque::new(),
+            settled: 0,
+            server_started_us: None,
+            warned: false,
+        }
+    }
+
+    /// Takes a sample and settles what it can. Returns `true` when ids may have gone back (the
+    /// sequence was reset, or the server restarted): rows may then be below every cursor.
+    fn refresh(&mut self, store: &mut Store, relay_id: &str) -> bool {
+        if !self.enabled {
+            return false;
+        }
+        self.refreshed = Some(Instant::now());
+        let sample = match store.id_sample() {
+            Ok(Some(sample)) => sample,
+            Ok(None) => {
+                tracing::warn!(relay = %relay_id, "the outbox's id sequence caches ids (CACHE > 1): reads cannot wait for open transactions, and passes start at the oldest row");
+                self.enabled = false;
+                return true;
+            }
+            Err(e) => {
+                if !self.ever_worked {
+                    tracing::warn!(relay = %relay_id, "cannot read the outbox's id sequence or pg_locks ({e}): reads cannot wait for open transactions, and passes start at the oldest row");
+                    self.enabled = false;
+                } else if !std::mem::replace(&mut self.warned, true) {
+                    tracing::warn!(relay = %relay_id, "cannot settle outbox ids for now: {e}");
+                }
+                return false;
+            }
+        };
+        self.ever_worked = true;
+        let went_back = self
+            .server_started_us
+            .is_some_and(|s| s != sample.server_started_us)
+            || sample.last_id < self.settled
+            || self
+                .samples
+                .back()
+                .is_some_and(|b| sample.last_id < b.last_id);
+        if went_back {
+            self.samples.clear();
+            self.settled = 0;
+        }
+        self.server_started_us = Some(sample.server_started_us);
+        let holders = sample.holders;
+        self.samples.push_back(Sample {
+            last_id: sample.last_id,
+            holders: holders.clone(),
+            taken: Instant::now(),
+        });
+        // The newest sample whose lock holders have all ended settles every id up to it.
+        if let Some(i) = self
+            .samples
+            .iter()
+            .rposition(|s| s.holders.iter().all(|v| !holders.contains(v)))
+        {
+            self.settled = self.settled.max(self.samples[i].last_id);
+            self.samples.drain(..i);
+        }
+        if self.samples.len() > 10_000 {
+            self.samples.pop_front();
+        }
+        went_back
+    }
+
+    /// The highest id a read may reach: the settled horizon, or past a transaction that has
+    /// held a smaller id for `WRITER_WAIT`. `None`: no limit (SQLite, or no horizon).
+    fn cap(&self) -> Option<i64> {
+        if !self.enabled {
+            return None;
+        }
+        let waited = self
+            .samples
+            .iter()
+            .rev()
+            .find(|s| s.taken.elapsed() >= WRITER_WAIT)
+            .map_or(0, |s| s.last_id);
+        Some(self.settled.max(waited))
+    }
+
+    /// Whether the last sample is older than `age`.
+    fn older_than(&self, age: Duration) -> bool {
+        self.refreshed.is_none_or(|t| t.elapsed() >= age)
+    }
+
+    /// Whether ids above the cap have been handed out (rows there wait for their writers).
+    fn holds_back(&self) -> bool {
+        self.cap()
+            .is_some_and(|c| self.samples.back().is_some_and(|s| s.last_id > c))
+    }
+}
+
+/// What the read loop counted.
+struct LoopCounts {
+    restarts: u64,
+    passes: u64,
+    passes_from_oldest: u64,
 }
 
 /// A connected relay, ready to run.
@@ -272,6 +445,7 @@ impl Relay {
             in_flight: Mutex::new(InFlightRows::default()),
             drained: Condvar::new(),
             restart: AtomicBool::new(false),
+            rescan: AtomicBool::new(false),
             blocked: Mutex::new(HashSet::new()),
             delivered: AtomicU64::new(0),
             dead_lettered: AtomicU64::new(0),
@@ -367,10 +541,13 @@ impl Relay {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        let counts = result?;
         let report = RelayReport {
             delivered: shared.delivered.load(Ordering::Relaxed),
             dead_lettered: shared.dead_lettered.load(Ordering::Relaxed),
-            restarts: result?,
+            restarts: counts.restarts,
+            passes: counts.passes,
+            passes_from_oldest: counts.passes_from_oldest,
             abandoned,
             latency_p50_ms: latency.value_at_quantile(0.5),
             latency_p99_ms: latency.value_at_quantile(0.99),
@@ -381,9 +558,22 @@ impl Relay {
             delivered = report.delivered,
             dead_lettered = report.dead_lettered,
             abandoned = report.abandoned,
+            passes = report.passes,
+            passes_from_oldest = report.passes_from_oldest,
             "relay stopped"
         );
         Ok(report)
+    }
+
+    /// Whether the next pass starts at the oldest row: always without a horizon (SQLite, a
+    /// drain), when asked to (`devour outbox retry|discard`), and every `FULL_PASS_EVERY`.
+    fn full_pass_due(&self, pass: &Pass, horizon: &Horizon) -> bool {
+        // Taken first, so that a request is used up by whichever pass starts next.
+        let asked = self.shared.rescan.swap(false, Ordering::AcqRel);
+        asked
+            || !horizon.enabled
+            || self.options.mode == Mode::Drain
+            || pass.full_at.elapsed() >= FULL_PASS_EVERY
     }
 
     /// Reads the oldest undelivered rows of the held shards and hands them to the producer,
@@ -393,13 +583,17 @@ impl Relay {
         producer: &mut RelayProducer,
         limits: &mut TopicLimits,
         tx: &crossbeam_channel::Sender<Report>,
-    ) -> Result<u64, RelayError> {
+    ) -> Result<LoopCounts, RelayError> {
         let shared = self.shared.clone();
         let rc = &shared.config;
         let poll = Duration::from_millis(rc.poll_interval_ms);
         let block_keys = rc.on_dead_letter == DeadLetterPolicy::BlockKey;
         let mut pass = Pass::new();
+        let mut horizon = Horizon::new(&self.reader);
+        horizon.refresh(&mut self.reader, &shared.relay_id);
+        pass.restart(&shared, true, horizon.settled);
         let mut restarts = 0;
+        let mut fresh_sample_due = false;
         let mut progress = Progress::new(&self.options);
         let mut standby_logged = false;
         let mut prefetch = Prefetcher::start(&self.config)?;
@@ -414,7 +608,7 @@ impl Relay {
                 let _ = producer.flush(Duration::from_millis(rc.shutdown_timeout_ms));
                 shared.wait_in_flight_at_most(0, Duration::from_millis(rc.shutdown_timeout_ms));
                 *producer = kafka::create_producer(&self.producer_config, tx.clone())?;
-                pass.restart(&shared);
+                pass.restart(&shared, true, horizon.settled);
             }
             let view = shared.leases();
             if let Some(holder) = &view.standby {
@@ -439,34 +633,55 @@ impl Relay {
                 shared.wake.wait(poll);
                 continue;
             }
-            // A shard just taken over may hold rows below the cursor, older than anything this
-            // relay would send next: start a new pass from the oldest row first (once what is
-            // in flight is removed, so nothing is sent twice).
-            if pass.cursor > 0 && shards.iter().any(|s| !pass.shards.contains(s)) {
+            // A shard just taken over (or held again under a new epoch) may hold rows below
+            // the cursor, older than anything this relay would send next; so may the outbox
+            // after `devour outbox retry|discard`: start a new pass from the oldest row first
+            // (once what is in flight is removed, so nothing is sent twice).
+            let gained = shards
+                .iter()
+                .any(|s| pass.leases.get(s) != view.owned.get(s));
+            if pass.cursor > 0 && (gained || shared.rescan.load(Ordering::Acquire)) {
                 if !shared.wait_in_flight_at_most(0, poll) {
                     continue;
                 }
-                pass.restart(&shared);
+                let full = gained || self.full_pass_due(&pass, &horizon);
+                pass.restart(&shared, full, horizon.settled);
             }
-            pass.shards = shards.iter().copied().collect();
+            pass.leases = shards
+                .iter()
+                .filter_map(|s| view.owned.get(s).map(|e| (*s, *e)))
+                .collect();
             // Back-pressure: never more than max_in_flight rows between read and removal.
             let room = (rc.max_in_flight as usize).saturating_sub(rc.batch_size as usize);
             if !shared.wait_in_flight_at_most(room, poll) {
                 continue;
             }
-            // Rows that committed late with a smaller id than the cursor: look from the oldest
-            // row again every second, once what is in flight has been removed.
+            // Rows that committed late with a smaller id than the cursor: look again every
+            // second, once what is in flight has been removed.
             if pass.cursor > 0 && pass.started.elapsed() > Duration::from_secs(1) {
                 if shared.wait_in_flight_at_most(0, poll) {
-                    pass.restart(&shared);
+                    let full = self.full_pass_due(&pass, &horizon);
+                    pass.restart(&shared, full, horizon.settled);
                 }
+                continue;
+            }
+            // A sample per read would cost a query per batch: one every few ms, and a fresh one
+            // before a read that found nothing is taken for "nothing to send".
+            let sampled = horizon.older_than(SAMPLE_EVERY) || fresh_sample_due;
+            fresh_sample_due = false;
+            if sampled && horizon.refresh(&mut self.reader, &shared.relay_id) {
+                // Ids went back (the sequence was reset, or another server answers): rows may
+                // be below every cursor.
+                shared.rescan.store(true, Ordering::Release);
                 continue;
             }
             let request = FetchRequest {
                 shards: shards.clone(),
                 after: pass.cursor,
+                until: horizon.cap(),
                 limit: rc.batch_size,
                 block_keys,
+                pass: pass.passes,
             };
             let rows = match prefetch.take(&request) {
                 Some(rows) => rows,
@@ -477,7 +692,15 @@ impl Relay {
                         &mut self.reader,
                         &self.config,
                         "reading the outbox",
-                        |s| s.fetch(&shards, pass.cursor, rc.batch_size, block_keys),
+                        |s| {
+                            s.fetch(
+                                &shards,
+                                request.after,
+                                request.until,
+                                rc.batch_size,
+                                block_keys,
+                            )
+                        },
                     ) else {
                         break;
                     };
@@ -494,11 +717,22 @@ impl Relay {
                 });
             }
             if rows.is_empty() {
+                if horizon.enabled && !sampled {
+                    fresh_sample_due = true;
+                    continue;
+                }
+                if horizon.holds_back() {
+                    // Rows above the cap wait for the transactions holding smaller ids (at most
+                    // WRITER_WAIT); look again shortly.
+                    shared.wake.wait(Duration::from_millis(2));
+                    continue;
+                }
                 if shared.in_flight() == 0 {
                     if pass.cursor == 0 && self.options.mode == Mode::Drain {
                         break;
                     }
-                    pass.restart(&shared);
+                    let full = self.full_pass_due(&pass, &horizon);
+                    pass.restart(&shared, full, horizon.settled);
                 }
                 progress.tick(&shared, &mut self.reader);
                 shared.wake.wait(poll);
@@ -552,7 +786,11 @@ impl Relay {
             progress.tick(&shared, &mut self.reader);
         }
         progress.finish();
-        Ok(restarts)
+        Ok(LoopCounts {
+            restarts,
+            passes: pass.passes,
+            passes_from_oldest: pass.from_oldest,
+        })
     }
 
     /// Hands one row, already counted in flight, to the producer (waiting while its queue is
@@ -602,17 +840,24 @@ impl Relay {
             "dead-lettering a row",
             |s| s.dead_letter(&shared.relay_id, row.shard, epoch, row.id, error),
         );
-        if moved == Some(true) {
-            shared.dead_lettered.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!(names::RELAY_DEAD_LETTERED).increment(1);
-            tracing::warn!(relay = %shared.relay_id, id = row.id, topic = %row.topic, "dead-lettered: {error}");
-            if let Some(k) = &row.partition_key {
-                shared
-                    .blocked
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(k.clone());
+        match moved {
+            Some(true) => {
+                shared.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(names::RELAY_DEAD_LETTERED).increment(1);
+                tracing::warn!(relay = %shared.relay_id, id = row.id, topic = %row.topic, "dead-lettered: {error}");
             }
+            // Refused (the lease changed under it): the row stays, below the cursor; the next
+            // pass starts at the oldest row.
+            Some(false) => shared.rescan.store(true, Ordering::Release),
+            None => return,
+        }
+        // Either way, the key's later rows in this pass wait.
+        if let Some(k) = &row.partition_key {
+            shared
+                .blocked
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(k.clone());
         }
     }
 }
@@ -658,6 +903,9 @@ fn commit_loop(shared: &Shared, mut store: Store, config: &Config, reports: Rece
                         shared.dead_lettered.fetch_add(1, Ordering::Relaxed);
                         metrics::counter!(names::RELAY_DEAD_LETTERED).increment(1);
                         tracing::warn!(relay = %shared.relay_id, id = row.id, "dead-lettered: {error}");
+                    } else if moved == Some(false) {
+                        // Refused (the lease changed): the row stays, below the cursor.
+                        shared.rescan.store(true, Ordering::Release);
                     }
                     shared.remove_in_flight([row.shard]);
                 }
@@ -716,8 +964,12 @@ fn commit_loop(shared: &Shared, mut store: Store, config: &Config, reports: Rece
 struct FetchRequest {
     shards: Vec<i32>,
     after: i64,
+    /// The highest id to read (the horizon's cap).
+    until: Option<i64>,
     limit: u32,
     block_keys: bool,
+    /// The pass it belongs to: a read-ahead is not used across passes.
+    pass: u64,
 }
 
 type FetchResult = (FetchRequest, Result<Vec<Row>, DbError>);
@@ -741,7 +993,7 @@ impl Prefetcher {
             .name("devour-relay-read-ahead".into())
             .spawn(move || {
                 for r in incoming {
-                    let rows = store.fetch(&r.shards, r.after, r.limit, r.block_keys);
+                    let rows = store.fetch(&r.shards, r.after, r.until, r.limit, r.block_keys);
                     if rows.is_err() {
                         // The reader reads itself (with retries); be ready for the next one.
                         if let Ok(s) = Store::open(&config) {
@@ -773,11 +1025,15 @@ impl Prefetcher {
     fn take(&mut self, request: &FetchRequest) -> Option<Vec<Row>> {
         self.pending.take()?;
         let (asked, rows) = self.results.recv().ok()?;
-        if asked == *request {
-            rows.ok()
-        } else {
-            None
-        }
+        let rows = rows.ok()?;
+        // Read under a lower cap, the rows are still the oldest ones after the cursor (every
+        // id up to that cap was settled, or waited for); if there were none, read again.
+        let lower_cap = asked.until < request.until
+            && FetchRequest {
+                until: request.until,
+                ..asked.clone()
+            } == *request;
+        (asked == *request || (lower_cap && !rows.is_empty())).then_some(rows)
     }
 }
 
@@ -920,12 +1176,20 @@ fn listen_loop(shared: &Shared, url: &str) {
             std::thread::sleep(Duration::from_secs(1));
             continue;
         }
+        // Notifications sent while no connection listened are lost, a rescan request among
+        // them perhaps: look from the oldest row once.
+        shared.rescan.store(true, Ordering::Release);
         let mut last_check = Instant::now();
         'conn: while !shared.threads_stop.load(Ordering::Acquire) {
             let mut woke = false;
             for n in conn.notifications_iter() {
                 match n {
-                    Ok(_) => woke = true,
+                    Ok(n) => {
+                        woke = true;
+                        if n.payload == super::RESCAN {
+                            shared.rescan.store(true, Ordering::Release);
+                        }
+                    }
                     Err(e) => {
                         tracing::warn!(relay = %shared.relay_id, "LISTEN connection lost: {e}");
                         break 'conn;

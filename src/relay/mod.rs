@@ -59,6 +59,11 @@ impl RelayError {
     }
 }
 
+/// The payload of a notification on the outbox's channel that asks relays to start their next
+/// pass at the oldest row: rows came back below their horizon (`devour outbox retry`), or a
+/// dead letter no longer holds its key back (`devour outbox discard`).
+pub(crate) const RESCAN: &str = "rescan";
+
 /// How a relay run ends.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Mode {

@@ -49,6 +49,19 @@ pub(crate) struct Row {
     pub created_ms: i64,
 }
 
+/// The outbox's last id handed out (`last_id`, 0 before the first), when the server started (a
+/// restart or a failover may hand out ids again), and the transactions that held a write lock
+/// on the outbox just after.
+#[derive(Debug, Clone, QueryableByName)]
+pub(crate) struct IdSample {
+    #[diesel(sql_type = BigInt)]
+    pub last_id: i64,
+    #[diesel(sql_type = BigInt)]
+    pub server_started_us: i64,
+    #[diesel(sql_type = diesel::sql_types::Array<Text>)]
+    pub holders: Vec<String>,
+}
+
 #[derive(QueryableByName)]
 struct LeaseRow {
     #[diesel(sql_type = Integer)]
@@ -307,12 +320,49 @@ impl Store {
         Ok(())
     }
 
+    /// The outbox's last id handed out, then the transactions (virtual ids), other than this
+    /// connection's, holding a lock on the outbox that INSERT takes (or a stronger one): the
+    /// only ones that may hold an id not committed yet, prepared transactions among them.
+    /// `None` on SQLite (one writer at a time takes ids and commits) and when sessions cache
+    /// ids (sequence `CACHE` > 1).
+    pub(crate) fn id_sample(&mut self) -> Result<Option<IdSample>, DbError> {
+        match self {
+            #[cfg(feature = "postgres")]
+            Store::Postgres(c) => {
+                // The locks are read in a subquery that depends on the sequence's row, so after
+                // it: a transaction not holding a lock by then takes ids above `last_id`.
+                let rows: Vec<IdSample> = diesel::sql_query(
+                    "SELECT s.last_id, s.server_started_us, ARRAY( \
+                       SELECT DISTINCT l.virtualtransaction FROM pg_locks l \
+                       WHERE s.last_id IS NOT NULL AND l.locktype = 'relation' AND l.granted \
+                         AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                         AND l.relation = 'devour_outbox'::regclass \
+                         AND l.mode IN ('RowExclusiveLock', 'ShareRowExclusiveLock', \
+                                        'ExclusiveLock', 'AccessExclusiveLock') \
+                         AND l.pid IS DISTINCT FROM pg_backend_pid()) AS holders \
+                     FROM (SELECT coalesce(pg_sequence_last_value(q.seqrelid), 0) AS last_id, \
+                             (extract(epoch FROM pg_postmaster_start_time()) * 1000000)::bigint \
+                               AS server_started_us \
+                           FROM pg_sequence q \
+                           WHERE q.seqrelid = pg_get_serial_sequence('devour_outbox', 'id')::regclass \
+                             AND q.seqcache = 1 \
+                           OFFSET 0) s",
+                )
+                .load(c)?;
+                Ok(rows.into_iter().next())
+            }
+            #[cfg(feature = "sqlite")]
+            Store::Sqlite(_) => Ok(None),
+        }
+    }
+
     /// The oldest undelivered rows after `after_id` in `shards`, in id order. With
     /// `skip_blocked_keys`, rows whose key has a dead letter are left out.
     pub(crate) fn fetch(
         &mut self,
         shards: &[i32],
         after_id: i64,
+        until_id: Option<i64>,
         limit: u32,
         skip_blocked_keys: bool,
     ) -> Result<Vec<Row>, DbError> {
@@ -323,17 +373,37 @@ impl Store {
         } else {
             ""
         };
+        // An integer, so written into the text as is.
+        let until = until_id.map_or(String::new(), |u| format!(" AND o.id <= {u}"));
+        let shard_filter_pg = if all { "" } else { " AND o.shard = ANY($3)" };
+        // Under a cap, rows above the last id the sequence handed out are read too: they were
+        // put back under ids of their own (`devour outbox retry` after the sequence was reset),
+        // and no transaction can still take such an id from the sequence. (The sequence is read
+        // once, in a subquery, so that the bound is an index condition.)
+        let pg_query = match until_id {
+            None => format!(
+                "SELECT {PG_ROW} FROM devour_outbox o WHERE o.id > $1{shard_filter_pg}{blocked} \
+                 ORDER BY o.id LIMIT $2"
+            ),
+            Some(u) => format!(
+                "SELECT * FROM ( \
+                   (SELECT {PG_ROW} FROM devour_outbox o \
+                    WHERE o.id > $1{until}{shard_filter_pg}{blocked} ORDER BY o.id LIMIT $2) \
+                   UNION ALL \
+                   (SELECT {PG_ROW} FROM devour_outbox o \
+                    WHERE o.id > greatest($1, {u}, (SELECT coalesce(pg_sequence_last_value( \
+                            pg_get_serial_sequence('devour_outbox', 'id')::regclass), 0))) \
+                      {shard_filter_pg}{blocked} ORDER BY o.id LIMIT $2) \
+                 ) r ORDER BY id LIMIT $2"
+            ),
+        };
         Ok(match self {
             #[cfg(feature = "postgres")]
             Store::Postgres(c) => {
-                let shard_filter = if all { "" } else { " AND o.shard = ANY($3)" };
-                let q = diesel::sql_query(format!(
-                    "SELECT {PG_ROW} FROM devour_outbox o WHERE o.id > $1{shard_filter}{blocked} \
-                     ORDER BY o.id LIMIT $2"
-                ))
-                .into_boxed::<diesel::pg::Pg>()
-                .bind::<BigInt, _>(after_id)
-                .bind::<BigInt, _>(i64::from(limit));
+                let q = diesel::sql_query(pg_query)
+                    .into_boxed::<diesel::pg::Pg>()
+                    .bind::<BigInt, _>(after_id)
+                    .bind::<BigInt, _>(i64::from(limit));
                 if all {
                     q.load(c)?
                 } else {
@@ -349,7 +419,7 @@ impl Store {
                     " AND o.shard IN (SELECT value FROM json_each(?3))"
                 };
                 let q = diesel::sql_query(format!(
-                    "SELECT {SQLITE_ROW} FROM devour_outbox o WHERE o.id > ?1{shard_filter}{blocked} \
+                    "SELECT {SQLITE_ROW} FROM devour_outbox o WHERE o.id > ?1{until}{shard_filter}{blocked} \
                      ORDER BY o.id LIMIT ?2"
                 ))
                 .into_boxed::<diesel::sqlite::Sqlite>()
