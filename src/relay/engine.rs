@@ -723,8 +723,10 @@ impl Relay {
                 }
                 if horizon.holds_back() {
                     // Rows above the cap wait for the transactions holding smaller ids (at most
-                    // WRITER_WAIT); look again shortly.
+                    // WRITER_WAIT); look again shortly, with a fresh sample (the cap is the same
+                    // until one is taken).
                     shared.wake.wait(Duration::from_millis(2));
+                    fresh_sample_due = true;
                     continue;
                 }
                 if shared.in_flight() == 0 {

@@ -375,32 +375,31 @@ impl Store {
         };
         // An integer, so written into the text as is.
         let until = until_id.map_or(String::new(), |u| format!(" AND o.id <= {u}"));
-        let shard_filter_pg = if all { "" } else { " AND o.shard = ANY($3)" };
-        // Under a cap, rows above the last id the sequence handed out are read too: they were
-        // put back under ids of their own (`devour outbox retry` after the sequence was reset),
-        // and no transaction can still take such an id from the sequence. (The sequence is read
-        // once, in a subquery, so that the bound is an index condition.)
-        let pg_query = match until_id {
-            None => format!(
-                "SELECT {PG_ROW} FROM devour_outbox o WHERE o.id > $1{shard_filter_pg}{blocked} \
-                 ORDER BY o.id LIMIT $2"
-            ),
-            Some(u) => format!(
-                "SELECT * FROM ( \
-                   (SELECT {PG_ROW} FROM devour_outbox o \
-                    WHERE o.id > $1{until}{shard_filter_pg}{blocked} ORDER BY o.id LIMIT $2) \
-                   UNION ALL \
-                   (SELECT {PG_ROW} FROM devour_outbox o \
-                    WHERE o.id > greatest($1, {u}, (SELECT coalesce(pg_sequence_last_value( \
-                            pg_get_serial_sequence('devour_outbox', 'id')::regclass), 0))) \
-                      {shard_filter_pg}{blocked} ORDER BY o.id LIMIT $2) \
-                 ) r ORDER BY id LIMIT $2"
-            ),
-        };
         Ok(match self {
             #[cfg(feature = "postgres")]
             Store::Postgres(c) => {
-                let q = diesel::sql_query(pg_query)
+                let shard_filter = if all { "" } else { " AND o.shard = ANY($3)" };
+                let oldest = format!(
+                    "SELECT {PG_ROW} FROM devour_outbox o WHERE o.id > $1{until}{shard_filter}{blocked} \
+                     ORDER BY o.id LIMIT $2"
+                );
+                // Under a cap, rows above the last id the sequence handed out are read too: they
+                // were put back under ids of their own (`devour outbox retry` after the sequence
+                // was reset), and no transaction can still take such an id from the sequence.
+                // (The sequence is read once, in a subquery, so that the bound is an index
+                // condition.)
+                let sql = match until_id {
+                    None => oldest,
+                    Some(u) => format!(
+                        "SELECT * FROM (({oldest}) UNION ALL \
+                           (SELECT {PG_ROW} FROM devour_outbox o \
+                            WHERE o.id > greatest($1, {u}, (SELECT coalesce(pg_sequence_last_value( \
+                                    pg_get_serial_sequence('devour_outbox', 'id')::regclass), 0))) \
+                              {shard_filter}{blocked} ORDER BY o.id LIMIT $2) \
+                         ) r ORDER BY id LIMIT $2"
+                    ),
+                };
+                let q = diesel::sql_query(sql)
                     .into_boxed::<diesel::pg::Pg>()
                     .bind::<BigInt, _>(after_id)
                     .bind::<BigInt, _>(i64::from(limit));
