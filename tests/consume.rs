@@ -670,13 +670,42 @@ fn old_inbox_rows_are_cleaned_at_start() {
 
 #[test]
 fn a_transaction_that_fails_at_commit_dead_letters_only_its_message() {
+    commit_fails(
+        "consume-commit-fails",
+        "max_attempts = 2, initial_backoff_ms = 10",
+        "",
+    );
+}
+
+/// A batch of one is the failing message itself: its attempts are counted (it once retried at
+/// attempt 1 forever).
+#[test]
+fn a_transaction_that_fails_at_commit_in_a_batch_of_one_is_retried_then_dead_lettered() {
+    commit_fails(
+        "consume-commit-fails-one",
+        "max_attempts = 2, initial_backoff_ms = 10",
+        "inbox_batch = 1",
+    );
+}
+
+/// With one attempt, the first failure dead-letters it (this once panicked).
+#[test]
+fn a_transaction_that_fails_at_commit_with_one_attempt_is_dead_lettered() {
+    commit_fails(
+        "consume-commit-fails-once",
+        "max_attempts = 1",
+        "inbox_batch = 1",
+    );
+}
+
+fn commit_fails(topic: &str, retry: &str, extra: &str) {
     let db = TestDb::new(Backend::Postgres, "consume_commit_fails");
     exec(
         &db,
         "CREATE TABLE effects (seq BIGINT NOT NULL, note TEXT NOT NULL); \
          CREATE TABLE once (v INT UNIQUE DEFERRABLE INITIALLY DEFERRED); INSERT INTO once VALUES (1);",
     );
-    let topic = create_topic("consume-commit-fails", 1);
+    let topic = create_topic(topic, 1);
     produce_seqs(&topic, 10, 2);
     let name = "commit";
     let cfg = config(
@@ -684,7 +713,7 @@ fn a_transaction_that_fails_at_commit_dead_letters_only_its_message() {
         &route(
             name,
             &topic,
-            "inbox = true\nretry = { max_attempts = 2, initial_backoff_ms = 10 }",
+            &format!("inbox = true\nretry = {{ {retry} }}\n{extra}"),
         ),
     );
     // Seq 3 breaks a deferred constraint: its statement passes, its COMMIT fails.
@@ -719,4 +748,68 @@ fn a_transaction_that_fails_at_commit_dead_letters_only_its_message() {
         .unwrap()
         .1;
     assert!(error.contains("database"), "{error}");
+}
+
+/// A handler that opens a transaction of its own and panics inside it, or returns with it still
+/// open: the inbox transaction must not go on inside it (every later batch would then only
+/// release a savepoint, never commit, and vanish when the connection closes).
+#[test]
+fn a_handler_leaving_its_own_transaction_open_commits_nothing_of_it() {
+    let db = TestDb::new(Backend::Postgres, "consume_nested_tx");
+    exec(&db, EFFECTS);
+    let topic = create_topic("consume-nested-tx", 1);
+    produce_seqs(&topic, 20, 2);
+    let name = "nested";
+    let cfg = config(
+        &db,
+        &route(
+            name,
+            &topic,
+            "inbox = true\ninbox_batch = 5\nretry = { max_attempts = 3, initial_backoff_ms = 10 }",
+        ),
+    );
+    let behaviour: common::consume::Behaviour = Arc::new(|seen, ctx| {
+        write_effect(seen, ctx)?;
+        let c = ctx.postgres().unwrap();
+        match (seen.seq(), seen.attempt) {
+            // Panics inside its own transaction, once.
+            (3, 1) => c
+                .transaction::<(), diesel::result::Error, _>(|c| {
+                    c.batch_execute("INSERT INTO effects (seq, note) VALUES (3, 'inside')")?;
+                    panic!("panics inside its own transaction")
+                })
+                .unwrap(),
+            // Always leaves a transaction of its own open.
+            (12, _) => {
+                use diesel::connection::{AnsiTransactionManager, TransactionManager};
+                AnsiTransactionManager::begin_transaction(c)?;
+            }
+            _ => {}
+        }
+        Ok(())
+    });
+    let (registry, _) = recording(behaviour);
+    let report = drain(&cfg, name, &registry, T);
+    assert_eq!(
+        (report.processed, report.dead_lettered),
+        (19, 1),
+        "{report:?}"
+    );
+    // Read after the consumer's connections are gone: only committed work is here.
+    let e = effects(&db);
+    let expected: Vec<i64> = (0..20).filter(|s| *s != 12).collect();
+    assert_eq!(e.keys().copied().collect::<Vec<_>>(), expected, "{e:?}");
+    assert!(
+        e.values().all(|n| *n == 1),
+        "effects not exactly once: {e:?}"
+    );
+    let dead = read_all(&format!("{topic}.dlq"), Duration::from_secs(30));
+    assert_eq!(dead.len(), 1);
+    let error = &dead[0]
+        .headers
+        .iter()
+        .find(|(k, _)| k == "devour-dlq-error")
+        .unwrap()
+        .1;
+    assert!(error.contains("transaction of its own open"), "{error}");
 }

@@ -312,10 +312,19 @@ fn two_consumers_in_a_group_one_killed_the_other_takes_over() {
     );
     let (out_a, out_b) = (dir.path().join("a.txt"), dir.path().join("b.txt"));
     let mut a = child(&config, "pair", Some(&out_a), false);
-    let mut b = child(&config, "pair", Some(&out_b), false);
-    // Both are working (the group split the partitions) before one dies.
+    // b joins while a is busy, so a gives partitions away in the middle of its work.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while (lines(&out_a).len() < 200 || lines(&out_b).len() < 200) && Instant::now() < deadline {
+    while lines(&out_a).len() < 200 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut b = child(&config, "pair", Some(&out_b), false);
+    // Both are working (the group split the partitions) before one dies: b has its share,
+    // and a has handled more since.
+    while lines(&out_b).len() < 200 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let a_then = lines(&out_a).len();
+    while lines(&out_a).len() < a_then + 200 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
     let parts = |p: &Path| lines(p).iter().map(|r| r.1).collect::<BTreeSet<i32>>();

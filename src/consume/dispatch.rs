@@ -137,7 +137,7 @@ impl From<diesel::result::Error> for TxError {
 }
 
 /// A connection that can record inbox entries and lend itself to a handler.
-trait InboxConnection: Connection {
+trait InboxConnection: Connection + diesel::r2d2::R2D2Connection {
     fn claim(
         &mut self,
         group: &str,
@@ -415,10 +415,16 @@ impl Dispatcher {
                     *finished += batch.len();
                     return Ok(());
                 }
-                Err(TxError::Db(e)) if batch.len() > 1 && !crate::db::query_is_retriable(&e) => {
+                Err(TxError::Db(e)) if !crate::db::query_is_retriable(&e) => {
                     // The batch's transaction fails for good, and one of its messages is the
-                    // cause: handle them one by one so that only that one fails.
+                    // cause: handle them one by one so that only that one fails. A batch of one
+                    // is that message: this was its first attempt.
                     self.conn = None;
+                    if let [m] = batch {
+                        self.one(m, Some(Failure::Db(e.into())))?;
+                        *finished += 1;
+                        return Ok(());
+                    }
                     for m in batch {
                         self.one(m, None)?;
                         *finished += 1;
@@ -459,13 +465,32 @@ impl Dispatcher {
             .iter()
             .map(|m| inbox_entry(m.meta(&route.name, attempt)))
             .collect();
-        let (handled, skipped) = crate::db::each_backend!(conn, c => {
+        let result = crate::db::each_backend!(conn, c => {
             let c: &mut _ = &mut **c;
-            match run_inbox_tx(c, route, handler, batch, &entries, attempt, false) {
-                Err(TxError::Duplicates) => run_inbox_tx(c, route, handler, batch, &entries, attempt, true)?,
-                other => other?,
-            }
+            let r = match run_inbox_tx(c, route, handler, batch, &entries, attempt, false) {
+                Err(TxError::Duplicates) => run_inbox_tx(c, route, handler, batch, &entries, attempt, true),
+                other => other,
+            };
+            (r, diesel::r2d2::R2D2Connection::is_broken(c))
         });
+        let (handled, skipped) = match result {
+            (r, false) => r?,
+            (r, true) => {
+                // A transaction is still open: a handler opened one of its own and panicked
+                // inside it (or left it unfinished), so the rollback above only went back to a
+                // savepoint, or the commit only released one. Nothing of the batch committed.
+                // Dropping the connection ends the transaction (the pool discards it).
+                self.conn = None;
+                r?;
+                return Err(TxError::Db(diesel::result::Error::DatabaseError(
+                    diesel::result::DatabaseErrorKind::Unknown,
+                    Box::new(
+                        "the handler left a transaction of its own open; nothing was committed"
+                            .to_string(),
+                    ),
+                )));
+            }
+        };
         self.stats.processed.fetch_add(handled, Ordering::Relaxed);
         self.stats.duplicates.fetch_add(skipped, Ordering::Relaxed);
         self.meters.processed.increment(handled);

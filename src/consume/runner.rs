@@ -135,6 +135,9 @@ impl ClientContext for RunnerContext {}
 impl ConsumerContext for RunnerContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
+            // A batch being filled on the polling thread (this callback runs inside its poll)
+            // is dropped, not handled: its partitions are someone else's from now on.
+            self.shared.revocations.fetch_add(1, Ordering::Release);
             // Finish what is in hand, store and commit its offsets, then let the partitions go.
             self.shared.wait_settled();
             self.shared.store(consumer);
@@ -480,12 +483,12 @@ impl<'a> LoopState<'a> {
         let batch_max = self.batch_max();
         let mut batch = Vec::with_capacity(batch_max);
         while !self.stop.load(Ordering::Relaxed) {
+            let revocations = self.shared.revocations.load(Ordering::Acquire);
             match self.poll_once() {
                 Polled::Over => break,
                 Polled::Nothing => continue,
                 Polled::Message(m) => batch.push(m),
             }
-            let revocations = self.shared.revocations.load(Ordering::Acquire);
             while batch.len() < batch_max {
                 match self.consumer.poll(Duration::ZERO) {
                     Some(Ok(m)) => batch.push(m),
@@ -643,8 +646,16 @@ impl<'a> LoopState<'a> {
             }
         }
         drop(senders);
+        // A worker that died (a fault of devour's own: handler panics are caught) ends the run
+        // as a crash, as it would without workers, not as a clean stop that exits 0.
+        let mut died = None;
         for w in workers {
-            let _ = w.join();
+            if let Err(p) = w.join() {
+                died.get_or_insert(p);
+            }
+        }
+        if let Some(p) = died {
+            std::panic::resume_unwind(p);
         }
         self.clock.last = *last_done.lock().expect("clock lock");
     }
