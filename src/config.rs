@@ -33,6 +33,13 @@ pub const DEFAULT_DATABASE_URL: &str = "sqlite://devour.db";
 /// Default `outbox.max_message_bytes`: 1 MiB, the broker's default `message.max.bytes`.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 
+/// librdkafka's `message.max.bytes` for devour's producers, unless configured: 64 MiB. Its own
+/// default (1,000,000) is below the write path's default limit (1 MiB) and the broker's
+/// (1,048,588), so messages the database and the topic accept would fail in the client and be
+/// dead-lettered; the topic's `max.message.bytes` is the limit that counts. 64 MiB keeps any
+/// request well under the broker's `socket.request.max.bytes` (100 MiB).
+pub(crate) const PRODUCER_MESSAGE_MAX_BYTES: &str = "67108864";
+
 /// Where a configuration value came from, for error messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Origin {

@@ -256,6 +256,31 @@ fn too_large_message_is_dead_lettered_while_the_others_flow() {
     common::check_delivery(&msgs, [1, 3, 4]);
 }
 
+/// Anything the write path accepts (up to `outbox.max_message_bytes`, 1 MiB) goes through the
+/// relay's producer to a topic with the broker's default limit; it is not dead-lettered by the
+/// producer's own, smaller default (`message.max.bytes` = 1,000,000).
+#[test]
+fn a_message_as_large_as_the_write_path_allows_is_delivered() {
+    let db = TestDb::new(Backend::Postgres, "relay_big");
+    let topic = common::create_topic("relay-big", 1);
+    let mut c = PgConnection::establish(&db.url).unwrap();
+    let pad = "x".repeat(1_040_000);
+    c.batch_execute(&format!(
+        "INSERT INTO devour_outbox (topic, partition_key, payload) VALUES \
+         ('{topic}', 'k', convert_to('{{\"seq\":1,\"pad\":\"{pad}\"}}', 'UTF8'))"
+    ))
+    .unwrap();
+    let report = common::relay_drain(&common::config(&db, ""));
+    assert_eq!(
+        (report.delivered, report.dead_lettered),
+        (1, 0),
+        "{report:?}; dead letters: {:?}",
+        dead_letters(&mut c)
+    );
+    let msgs = common::consume_seqs(&topic, 1, Duration::from_secs(30));
+    common::check_delivery(&msgs, [1]);
+}
+
 #[test]
 fn block_key_holds_later_rows_until_retry_or_discard() {
     let db = TestDb::new(Backend::Postgres, "dlq_block");

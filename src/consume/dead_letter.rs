@@ -56,6 +56,14 @@ impl DeadLetters {
         c.set("enable.idempotence", "true")
             .set("partitioner", "murmur2_random")
             .set("linger.ms", "0");
+        // A dead letter is the message plus headers: the topic's limit decides, not the
+        // client's default (unless `[kafka.properties]` sets one).
+        if c.get("message.max.bytes").is_none() {
+            c.set(
+                "message.max.bytes",
+                crate::config::PRODUCER_MESSAGE_MAX_BYTES,
+            );
+        }
         let producer = c
             .create_with_context(Context)
             .map_err(|e| ConsumeError::Kafka(format!("dead-letter producer: {e}")))?;

@@ -24,7 +24,11 @@ impl DirectProducer {
         cfg.set("enable.idempotence", "true")
             .set("partitioner", "murmur2_random")
             .set("linger.ms", "0")
-            .set("message.timeout.ms", "30000");
+            .set("message.timeout.ms", "30000")
+            .set(
+                "message.max.bytes",
+                crate::config::PRODUCER_MESSAGE_MAX_BYTES,
+            );
         for (k, v) in kafka.client_properties() {
             cfg.set(k, v);
         }

@@ -110,6 +110,10 @@ pub(crate) fn producer_config(
         ("compression.type", "lz4"),
         ("queue.buffering.max.messages", "1000000"),
         ("queue.buffering.max.kbytes", "1048576"),
+        (
+            "message.max.bytes",
+            crate::config::PRODUCER_MESSAGE_MAX_BYTES,
+        ),
     ] {
         cfg.set(k, v);
     }
