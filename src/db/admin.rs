@@ -319,7 +319,7 @@ impl DbConnection {
                      SELECT {OUTBOX_COLUMNS} FROM d",
                     which.condition("$1")
                 );
-                bind_which!(&q, which, &mut **c)?
+                with_rescan(c, |c| bind_which!(&q, which, c))?
             }
             #[cfg(feature = "sqlite")]
             DbConnection::Sqlite(c) => c.immediate_transaction(|c| {
@@ -340,20 +340,10 @@ impl DbConnection {
         Ok(n)
     }
 
-    /// Rows are back below the relays' horizons, or a key is no longer held back: wakes the
-    /// relays and has their next pass start at the oldest row. (Without it, they find the
-    /// rows within a minute: the change is already committed, so a failure here is only
-    /// logged.)
+    /// Rows are back below the relays' horizons, or a key is no longer held back: has the
+    /// relays of this process start their next pass at the oldest row (on PostgreSQL,
+    /// [`with_rescan`] has told every relay already).
     fn ask_relays_to_rescan(&mut self) {
-        #[cfg(feature = "postgres")]
-        if let DbConnection::Postgres(c) = self {
-            let notify = format!("NOTIFY devour_outbox, '{}'", crate::relay::RESCAN);
-            if let Err(e) = diesel::sql_query(notify).execute(&mut **c) {
-                tracing::warn!(
-                    "could not notify the relays (they find the rows within a minute): {e}"
-                );
-            }
-        }
         crate::relay::notify_local();
     }
 
@@ -365,7 +355,12 @@ impl DbConnection {
             "DELETE FROM devour_dead_letters WHERE {}",
             which.condition(placeholder)
         );
-        let n = each_backend!(self, c => bind_which!(&q, which, &mut **c)?);
+        let n = match self {
+            #[cfg(feature = "postgres")]
+            DbConnection::Postgres(c) => with_rescan(c, |c| bind_which!(&q, which, c))?,
+            #[cfg(feature = "sqlite")]
+            DbConnection::Sqlite(c) => bind_which!(&q, which, &mut **c)?,
+        };
         if n > 0 {
             self.ask_relays_to_rescan();
         }
@@ -409,3 +404,19 @@ macro_rules! bind_which {
     };
 }
 use bind_which;
+
+/// Runs `change` in a transaction that also sends the relays' rescan request, first: they get
+/// it at the commit, together with (and before) the wake-up of any row the change put back, so
+/// none of them reads past such a row without going back for it, and a change whose request
+/// could not be sent does not happen.
+#[cfg(feature = "postgres")]
+fn with_rescan(
+    c: &mut diesel::PgConnection,
+    change: impl FnOnce(&mut diesel::PgConnection) -> diesel::QueryResult<usize>,
+) -> diesel::QueryResult<usize> {
+    c.transaction(|c| {
+        diesel::sql_query(format!("NOTIFY devour_outbox, '{}'", crate::relay::RESCAN))
+            .execute(c)?;
+        change(c)
+    })
+}

@@ -189,7 +189,7 @@ impl DbPool {
             DatabaseUrl::Postgres(url) => Pool::builder()
                 .max_size(config.pool_size)
                 .connection_timeout(timeout)
-                .build(ConnectionManager::new(url.as_str()))
+                .build(ConnectionManager::new(postgres::with_client_timeouts(url)))
                 .map(DbPool::Postgres)
                 .map_err(|e| err(e.to_string())),
             #[cfg(feature = "sqlite")]

@@ -8,6 +8,37 @@ use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use super::{devour_outbox, DbError, MigrateConnection, NewOutboxRow};
 use crate::outbox::{OutboxBackend, OutboxMessage};
 
+/// libpq settings every devour connection gets unless its URL sets them: a server that
+/// vanishes without closing its connections (a failover, a network partition) is noticed in
+/// about half a minute instead of the kernel's hours, so the relay and the consumers fail over
+/// and reconnect instead of waiting in a socket read.
+const CLIENT_TIMEOUTS: [(&str, &str); 5] = [
+    ("connect_timeout", "10"),
+    ("keepalives_idle", "15"),
+    ("keepalives_interval", "5"),
+    ("keepalives_count", "3"),
+    ("tcp_user_timeout", "30000"),
+];
+
+/// `url` with [`CLIENT_TIMEOUTS`] added where it does not set them; both URL
+/// (`postgres://…?k=v`) and keyword (`host=… k=v`) forms.
+pub(crate) fn with_client_timeouts(url: &str) -> String {
+    let uri = url.starts_with("postgres://") || url.starts_with("postgresql://");
+    let mut out = url.trim_end().to_string();
+    for (k, v) in CLIENT_TIMEOUTS {
+        if url.contains(&format!("{k}=")) {
+            continue;
+        }
+        if uri {
+            out.push(if out.contains('?') { '&' } else { '?' });
+        } else {
+            out.push(' ');
+        }
+        out.push_str(&format!("{k}={v}"));
+    }
+    out
+}
+
 /// devour's PostgreSQL migrations, embedded in the binary.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
 
@@ -59,4 +90,27 @@ macro_rules! __model_store_postgres {
     ($model:ty, $table:expr, $conflict:expr) => {
         $crate::__model_store!($crate::__private::Pg, $model, $table, $conflict);
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_client_timeouts;
+
+    #[test]
+    fn client_timeouts_are_added_unless_set() {
+        assert_eq!(
+            with_client_timeouts("postgres://u:p@h/db"),
+            "postgres://u:p@h/db?connect_timeout=10&keepalives_idle=15&keepalives_interval=5\
+             &keepalives_count=3&tcp_user_timeout=30000"
+        );
+        assert_eq!(
+            with_client_timeouts("postgresql://h/db?sslmode=require&connect_timeout=3&keepalives_idle=60&keepalives_interval=1&keepalives_count=9"),
+            "postgresql://h/db?sslmode=require&connect_timeout=3&keepalives_idle=60&keepalives_interval=1&keepalives_count=9&tcp_user_timeout=30000"
+        );
+        assert_eq!(
+            with_client_timeouts("host=h dbname=db tcp_user_timeout=0"),
+            "host=h dbname=db tcp_user_timeout=0 connect_timeout=10 keepalives_idle=15 \
+             keepalives_interval=5 keepalives_count=3"
+        );
+    }
 }

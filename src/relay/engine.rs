@@ -743,7 +743,14 @@ impl Relay {
             // Count the whole batch in flight at once (a row that is not sent is taken back).
             shared.add_in_flight(rows.iter().map(|r| r.shard));
             let mut topic_limit: Option<(String, Option<usize>)> = None;
-            for row in rows {
+            let mut rows = rows.into_iter();
+            while let Some(row) = rows.next() {
+                if shared.stopping() {
+                    // Nothing after an unsent row may go: its key's order would break.
+                    shared
+                        .remove_in_flight(std::iter::once(row.shard).chain(rows.map(|r| r.shard)));
+                    break;
+                }
                 pass.cursor = row.id;
                 if let Some(k) = &row.partition_key {
                     if block_keys
@@ -783,7 +790,12 @@ impl Relay {
                         continue;
                     }
                 }
-                self.send(producer, &row, epoch);
+                if !self.send(producer, &row, epoch) {
+                    // Not handed over (a stop, or a restart to come): the rest of the batch
+                    // waits too, so no later row of its key goes first.
+                    shared.remove_in_flight(rows.map(|r| r.shard));
+                    break;
+                }
             }
             progress.tick(&shared, &mut self.reader);
         }
@@ -796,8 +808,9 @@ impl Relay {
     }
 
     /// Hands one row, already counted in flight, to the producer (waiting while its queue is
-    /// full); takes it back out of the count if it cannot be sent.
-    fn send(&mut self, producer: &RelayProducer, row: &Row, epoch: i64) {
+    /// full, unless a stop comes); takes it back out of the count if it cannot be sent. Returns
+    /// whether the batch may go on: the row was sent or dead-lettered.
+    fn send(&mut self, producer: &RelayProducer, row: &Row, epoch: i64) -> bool {
         let mut record = kafka::record(row, epoch, kafka::headers(row));
         if let Some(k) = &row.partition_key {
             record = record.key(k.as_str());
@@ -811,21 +824,27 @@ impl Relay {
         let shared = &self.shared;
         loop {
             match producer.send(record) {
-                Ok(()) => return,
+                Ok(()) => return true,
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    // The queue stays full while the broker is away: a stop must not wait
+                    // for it (the row stays in the outbox).
+                    if shared.stopping() {
+                        shared.remove_in_flight([row.shard]);
+                        return false;
+                    }
                     record = r;
                     std::thread::sleep(Duration::from_millis(1));
                 }
                 Err((KafkaError::MessageProduction(code), _)) if kafka::is_permanent(code) => {
                     shared.remove_in_flight([row.shard]);
                     self.dead_letter_now(row, epoch, &format!("{code} ({code:?})"));
-                    return;
+                    return true;
                 }
                 Err((e, _)) => {
                     tracing::warn!(relay = %shared.relay_id, id = row.id, "cannot hand row to the producer: {e}");
                     shared.remove_in_flight([row.shard]);
                     shared.restart.store(true, Ordering::Release);
-                    return;
+                    return false;
                 }
             }
         }
@@ -891,7 +910,7 @@ fn commit_loop(shared: &Shared, mut store: Store, config: &Config, reports: Rece
                         .record(ms.max(1) as u64);
                     acked.push(report.row)
                 }
-                Outcome::Rejected(error) => {
+                Outcome::Rejected(error, key) => {
                     let row = report.row;
                     let moved = with_retry(
                         shared,
@@ -908,6 +927,15 @@ fn commit_loop(shared: &Shared, mut store: Store, config: &Config, reports: Rece
                     } else if moved == Some(false) {
                         // Refused (the lease changed): the row stays, below the cursor.
                         shared.rescan.store(true, Ordering::Release);
+                    }
+                    // With `block_key`, the key's rows read after this report wait (those
+                    // already in the producer's queue cannot be called back).
+                    if let Some(k) = key {
+                        shared
+                            .blocked
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(k);
                     }
                     shared.remove_in_flight([row.shard]);
                 }
@@ -1165,7 +1193,9 @@ fn lease_loop(shared: &Shared, mut store: Store, config: &Config) {
 fn listen_loop(shared: &Shared, url: &str) {
     use diesel::prelude::*;
     while !shared.threads_stop.load(Ordering::Acquire) {
-        let mut conn = match diesel::PgConnection::establish(url) {
+        let mut conn = match diesel::PgConnection::establish(
+            &crate::db::postgres::with_client_timeouts(url),
+        ) {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(relay = %shared.relay_id, "LISTEN connection failed (polling meanwhile): {e}");

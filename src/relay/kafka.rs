@@ -9,7 +9,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
 use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
 
 use super::store::Row;
@@ -37,8 +37,9 @@ pub(crate) struct Report {
 pub(crate) enum Outcome {
     /// The broker acknowledged it.
     Delivered,
-    /// The broker will never take it (too large, topic missing, not authorized, …).
-    Rejected(String),
+    /// The broker will never take it (too large, topic missing, not authorized, …); with the
+    /// message's key.
+    Rejected(String, Option<String>),
     /// It failed for a reason that may pass (or the producer broke down): send it again.
     Failed(String),
 }
@@ -75,8 +76,11 @@ impl ProducerContext for RelayContext {
     fn delivery(&self, result: &DeliveryResult<'_>, row: Self::DeliveryOpaque) {
         let outcome = match result {
             Ok(_) => Outcome::Delivered,
-            Err((KafkaError::MessageProduction(code), _)) if is_permanent(*code) => {
-                Outcome::Rejected(format!("{code} ({code:?})"))
+            Err((KafkaError::MessageProduction(code), m)) if is_permanent(*code) => {
+                Outcome::Rejected(
+                    format!("{code} ({code:?})"),
+                    m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                )
             }
             Err((e, _)) => Outcome::Failed(e.to_string()),
         };

@@ -113,7 +113,8 @@ impl Store {
         match url {
             #[cfg(feature = "postgres")]
             DatabaseUrl::Postgres(u) => Ok(Store::Postgres(
-                diesel::PgConnection::establish(u).map_err(err)?,
+                diesel::PgConnection::establish(&crate::db::postgres::with_client_timeouts(u))
+                    .map_err(err)?,
             )),
             #[cfg(feature = "sqlite")]
             DatabaseUrl::Sqlite(path) => {
