@@ -74,9 +74,34 @@ fn database_rejects_invalid_topics<C: TestConn>(db: &TestDb) {
     assert_eq!(c.count("devour_outbox"), 0);
 }
 
+/// A shard outside 0–255 has no lease: no relay would ever deliver the row.
+fn database_rejects_shards_out_of_range<C: TestConn>(db: &TestDb) {
+    let mut c = C::open(db);
+    for bad in [-1, 256, 100_000] {
+        let sql = format!(
+            "INSERT INTO devour_outbox (topic, partition_key, shard) VALUES ('t', 'k', {bad})"
+        );
+        assert!(
+            c.batch_execute(&sql).is_err(),
+            "shard {bad} accepted by the database"
+        );
+    }
+    c.batch_execute(
+        "INSERT INTO devour_outbox (topic, partition_key, shard) VALUES ('t', 'k', 255)",
+    )
+    .unwrap();
+    assert!(
+        c.batch_execute("UPDATE devour_outbox SET shard = -3")
+            .is_err(),
+        "an update to shard -3 accepted by the database"
+    );
+    assert_eq!(c.count("devour_outbox"), 1);
+}
+
 both_backends!(
     documented_insert_is_delivered_as_written,
-    database_rejects_invalid_topics
+    database_rejects_invalid_topics,
+    database_rejects_shards_out_of_range
 );
 
 #[derive(QueryableByName)]

@@ -79,3 +79,45 @@ fn unreachable_postgres_is_a_retriable_connect_error_without_the_password() {
         "{msg}"
     );
 }
+
+/// Relays and apps starting together on a fresh database all run the migrations: they take
+/// turns, each migration is applied once, and none fails.
+#[test]
+fn migrations_started_at_once_on_a_fresh_postgres_database_all_succeed() {
+    let name = format!("devour_t_{}", common::unique("migrate_race"));
+    let admin_url = common::pg_admin_url();
+    let mut admin = PgConnection::establish(&admin_url).unwrap();
+    diesel::sql_query(format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .unwrap();
+    let (server, _) = admin_url.rsplit_once('/').unwrap();
+    let url = format!("{server}/{name}");
+    let start = std::sync::Arc::new(std::sync::Barrier::new(4));
+    let runners: Vec<_> = (0..4)
+        .map(|_| {
+            let (url, start) = (url.clone(), start.clone());
+            std::thread::spawn(move || {
+                let mut c = PgConnection::establish(&url).unwrap();
+                start.wait();
+                devour::run_migrations(&mut c).map_err(|e| e.to_string())
+            })
+        })
+        .collect();
+    let results: Vec<_> = runners.into_iter().map(|r| r.join().unwrap()).collect();
+    diesel::sql_query(format!("DROP DATABASE {name} WITH (FORCE)"))
+        .execute(&mut admin)
+        .unwrap();
+    let applied: Vec<String> = results
+        .iter()
+        .flat_map(|r| {
+            r.clone()
+                .unwrap_or_else(|e| panic!("a runner failed: {e}; all: {results:?}"))
+        })
+        .collect();
+    let distinct: std::collections::BTreeSet<&String> = applied.iter().collect();
+    assert_eq!(distinct.len(), applied.len(), "applied twice: {applied:?}");
+    assert!(
+        applied.iter().any(|m| m.ends_with("_shard_range")),
+        "{applied:?}"
+    );
+}

@@ -72,14 +72,32 @@ impl OutboxBackend for Pg {
     }
 }
 
+/// Key of the advisory lock held while devour's migrations run ("devour" in ASCII).
+const MIGRATION_LOCK: i64 = 0x6465_766f_7572;
+
 impl MigrateConnection for diesel::PgConnection {
+    /// Under an advisory lock: relays and apps starting at once on a fresh database take turns
+    /// (Diesel takes none), and the later ones find the migrations applied instead of failing
+    /// on `CREATE FUNCTION`.
     fn run_devour_migrations(&mut self) -> Result<Vec<String>, DbError> {
-        self.run_pending_migrations(MIGRATIONS)
+        let err = |reason: String| DbError::Migrate {
+            url: "PostgreSQL".into(),
+            reason,
+        };
+        let lock = |c: &mut Self, f: &str| {
+            diesel::sql_query(format!("SELECT {f}({MIGRATION_LOCK})"))
+                .execute(c)
+                .map_err(|e| err(e.to_string()))
+        };
+        lock(self, "pg_advisory_lock")?;
+        let applied = self
+            .run_pending_migrations(MIGRATIONS)
             .map(|applied| super::migration_names::<Pg>(&MIGRATIONS, &applied))
-            .map_err(|e| DbError::Migrate {
-                url: "PostgreSQL".into(),
-                reason: e.to_string(),
-            })
+            .map_err(|e| err(e.to_string()));
+        let unlocked = lock(self, "pg_advisory_unlock");
+        let applied = applied?;
+        unlocked?;
+        Ok(applied)
     }
 }
 

@@ -1,0 +1,1 @@
+ALTER TABLE devour_outbox DROP CONSTRAINT devour_outbox_shard_range;

@@ -1,0 +1,5 @@
+-- A shard outside 0–255 has no lease: no relay would ever deliver the row (and `--drain`
+-- would never end). Rows already written so get the shard the contract gives them; new ones
+-- are refused.
+UPDATE devour_outbox SET shard = devour_shard(partition_key, id) WHERE shard < 0 OR shard >= 256;
+ALTER TABLE devour_outbox ADD CONSTRAINT devour_outbox_shard_range CHECK (shard >= 0 AND shard < 256);

@@ -1,0 +1,2 @@
+DROP TRIGGER devour_outbox_shard_range_update;
+DROP TRIGGER devour_outbox_shard_range;
