@@ -42,7 +42,7 @@ impl ConfigOpts {
     /// Loads and validates the configuration, honouring `--config`, and sets up logging as
     /// its `[log]` section says.
     pub fn load(&self) -> Result<Config, ConfigError> {
-        let mut env: Vec<(String, String)> = std::env::vars().collect();
+        let mut env = crate::config::process_env();
         if let Some(path) = &self.config {
             env.retain(|(k, _)| k != CONFIG_ENV);
             env.push((CONFIG_ENV.to_string(), path.display().to_string()));

@@ -190,19 +190,38 @@ impl fmt::Display for DatabaseUrl {
     }
 }
 
+/// libpq parameters that hold a password.
+const URL_SECRETS: [&str; 2] = ["password", "sslpassword"];
+
+/// `url` with every password masked: the one in `user:password@`, and the `password` and
+/// `sslpassword` parameters (`?password=…`).
 fn redact_url_password(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
     let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
     let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
+    let authority = match authority.rsplit_once('@') {
         Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
-            None => url.to_string(),
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None => authority.to_string(),
         },
-        None => url.to_string(),
-    }
+        None => authority.to_string(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let params: Vec<String> = query
+                .split('&')
+                .map(|p| match p.split_once('=') {
+                    Some((k, _)) if URL_SECRETS.contains(&k) => format!("{k}=***"),
+                    _ => p.to_string(),
+                })
+                .collect();
+            format!("{path}?{}", params.join("&"))
+        }
+        None => tail.to_string(),
+    };
+    format!("{scheme}://{authority}{tail}")
 }
 
 /// `[kafka]`: the seed's `KAFKA_CONFIG`, mapped onto librdkafka properties.
@@ -356,7 +375,12 @@ pub enum LogFormat {
 /// Properties whose values are secrets: never printed, never logged.
 pub fn is_secret_property(name: &str) -> bool {
     let n = name.to_ascii_lowercase();
-    n.contains("password") || n.contains("secret") || n.contains("token") || n.ends_with(".key.pem")
+    n.contains("password")
+        || n.contains("passphrase")
+        || n.contains("secret")
+        || n.contains("token")
+        || n.ends_with(".key.pem")
+        || n == "sasl.oauthbearer.config"
 }
 
 impl KafkaConfig {
@@ -513,6 +537,23 @@ pub fn route_keys() -> impl Iterator<Item = String> {
         .chain(consumers::RETRY_KEYS.iter().map(|k| format!("retry.{k}")))
 }
 
+/// The process environment as text, for [`Config::load_with_env`]. `std::env::vars` panics on
+/// a variable that is not UTF-8 (anyone's, not only devour's); such variables are left out,
+/// except devour's own (`DEVOUR_*`), which are kept with the bad bytes replaced, so that the
+/// key's validation names them.
+pub fn process_env() -> Vec<(String, String)> {
+    std::env::vars_os()
+        .filter_map(|(k, v)| {
+            let k = k.into_string().ok()?;
+            match v.into_string() {
+                Ok(v) => Some((k, v)),
+                Err(v) if k.starts_with("DEVOUR_") => Some((k, v.to_string_lossy().into_owned())),
+                Err(_) => None,
+            }
+        })
+        .collect()
+}
+
 /// The environment variable that overrides a dotted key.
 pub fn env_var_for(key: &str) -> String {
     format!("DEVOUR_{}", key.replace('.', "_").to_ascii_uppercase())
@@ -525,7 +566,7 @@ impl Config {
     /// `DEVOUR_CONFIG`, else `./devour.toml` if it exists, else defaults; then `DEVOUR_*`
     /// overrides from the process environment; then validation.
     pub fn load() -> Result<Config, ConfigError> {
-        Self::load_with_env(std::env::vars())
+        Self::load_with_env(process_env())
     }
 
     /// [`load`](Self::load) with an explicit environment (tests, embedding).
@@ -1081,7 +1122,12 @@ impl Origins {
     }
 }
 
-fn env_value(raw: &str) -> Value {
+fn env_value(raw: &str, kind: Kind) -> Value {
+    // Text keys take the text as it is: read as TOML, `1_000` would become `1000`, `0.10`
+    // `0.1`, and a quoted password would lose its quotes.
+    if kind == Kind::Str || (kind == Kind::StrOrList && !raw.trim_start().starts_with('[')) {
+        return Value::String(raw.to_string());
+    }
     // A TOML value where the text is one (`10`, `true`, `["a", "b"]`), else a plain string.
     format!("v = {raw}")
         .parse::<Table>()
@@ -1121,7 +1167,7 @@ fn apply_env_overrides(
                 reason: "cannot override a key inside a value that is not a table".into(),
             });
         };
-        t.insert(last.to_string(), env_value(raw));
+        t.insert(last.to_string(), env_value(raw, *kind));
         origins.env_keys.insert(key.to_string(), var);
     }
     for (var, raw) in env {
@@ -1342,8 +1388,19 @@ impl Reader<'_> {
     /// A table of librdkafka properties: every value a string, number or boolean.
     fn properties(&self, key: &str) -> Result<BTreeMap<String, String>, ConfigError> {
         let mut out = BTreeMap::new();
-        let Some(Value::Table(props)) = self.get(key) else {
-            return Ok(out);
+        let props = match self.get(key) {
+            None => return Ok(out),
+            Some(Value::Table(props)) => props,
+            Some(other) => {
+                return Err(self.err(
+                    key,
+                    format!(
+                        "wrong type: expected a table of librdkafka properties \
+                         (`{key} = {{ \"name\" = \"value\" }}` or a `[{key}]` section), found {}",
+                        other.type_str()
+                    ),
+                ))
+            }
         };
         for (name, value) in props {
             let v = match value {
@@ -1433,6 +1490,24 @@ mod tests {
         assert_eq!(c.kafka.properties["linger.ms"], "20");
     }
 
+    /// Text keys keep the variable's text exactly (not read as a TOML number or string).
+    #[test]
+    fn env_overrides_of_text_keys_keep_the_text() {
+        let c = Config::from_toml_str(
+            "[kafka]\nhosts = \"a:1\"\n",
+            Origin::File("t.toml".into()),
+            &env(&[
+                ("DEVOUR_KAFKA_BROKER_VERSION", "0.10"),
+                ("DEVOUR_KAFKA_CLIENT_ID", "1_000"),
+                ("DEVOUR_RELAY_RELAY_ID", "'quoted'"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.kafka.broker_version.as_deref(), Some("0.10"));
+        assert_eq!(c.kafka.client_id.as_deref(), Some("1_000"));
+        assert_eq!(c.relay.relay_id.as_deref(), Some("'quoted'"));
+    }
+
     #[test]
     fn url_password_is_redacted() {
         assert_eq!(
@@ -1440,6 +1515,10 @@ mod tests {
             "postgres://u:***@h:5432/db?x=1"
         );
         assert_eq!(redact_url_password("postgres://h/db"), "postgres://h/db");
+        assert_eq!(
+            redact_url_password("postgresql://u@h/db?password=s&sslmode=require&sslpassword=t"),
+            "postgresql://u@h/db?password=***&sslmode=require&sslpassword=***"
+        );
     }
 
     #[test]

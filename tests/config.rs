@@ -395,8 +395,10 @@ fn config_check_prints_effective_config_with_secrets_redacted() {
     let dir = tempfile::tempdir().unwrap();
     let ca = write(dir.path(), "ca.pem", b"x");
     let text = format!(
-        "[database]\nurl = \"postgres://app:dbsecret@127.0.0.1/app\"\n[kafka]\nhosts = \"a:1\"\n\
-         [kafka.ssl_config]\ncafile = \"{}\"\npassword = \"keysecret\"\n[kafka.properties]\n\"sasl.password\" = \"saslsecret\"\n",
+        "[database]\nurl = \"postgres://app:dbsecret@127.0.0.1/app?sslpassword=sslkeysecret&sslmode=require&password=paramsecret\"\n\
+         [kafka]\nhosts = \"a:1\"\n\
+         [kafka.ssl_config]\ncafile = \"{}\"\npassword = \"keysecret\"\n[kafka.properties]\n\"sasl.password\" = \"saslsecret\"\n\
+         \"sasl.oauthbearer.assertion.private.key.passphrase\" = \"phrasesecret\"\n",
         ca.display()
     );
     let path = write(dir.path(), "devour.toml", text.as_bytes());
@@ -411,8 +413,20 @@ fn config_check_prints_effective_config_with_secrets_redacted() {
     assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
     assert!(out.contains("127.0.0.1:19092"), "env override shown: {out}");
     assert!(out.contains("\"sasl.username\" = \"bob\""), "{out}");
-    assert!(out.contains("postgres://app:***@127.0.0.1/app"), "{out}");
-    for secret in ["dbsecret", "keysecret", "saslsecret"] {
+    assert!(
+        out.contains(
+            "postgres://app:***@127.0.0.1/app?sslpassword=***&sslmode=require&password=***"
+        ),
+        "{out}"
+    );
+    for secret in [
+        "dbsecret",
+        "sslkeysecret",
+        "paramsecret",
+        "keysecret",
+        "saslsecret",
+        "phrasesecret",
+    ] {
         assert!(
             !out.contains(secret) && !err.contains(secret),
             "{secret} leaked:\n{out}\n{err}"
@@ -439,6 +453,23 @@ fn config_check_exits_2_naming_the_key() {
 fn bad_usage_exits_2() {
     let (code, _, err) = devour(&["config", "frobnicate"], &[]);
     assert_eq!(code, 2, "{err}");
+}
+
+/// `properties = "k=v"` (a string where a table belongs) is refused, not read as empty.
+#[test]
+fn properties_that_are_not_a_table_name_the_key() {
+    assert_names(
+        "[kafka]\nhosts = \"127.0.0.1:9092\"\nproperties = \"security.protocol=ssl\"\n",
+        &[],
+        Some("kafka.properties"),
+        &["wrong type", "expected a table", "found string"],
+    );
+    assert_names(
+        &format!("{OK}[relay]\nproducer = [\"linger.ms=5\"]\n"),
+        &[],
+        Some("relay.producer"),
+        &["wrong type", "expected a table", "found array"],
+    );
 }
 
 #[test]
@@ -542,6 +573,7 @@ fn bad_routes_name_the_key() {
         ("[consumers.a]\ntopic = \"t\"\ninbox_batch = 20000\n", "consumers.a.inbox_batch", &["at most 10000"]),
         ("[consumers.a]\ntopic = \"t\"\ncommand = [\"x\"]\n", "consumers.a.command", &["only used by `handler = \"exec\"`"]),
         ("[consumers.a]\ntopic = \"t\"\nhandler = \"exec\"\ncommand = [\"\"]\n", "consumers.a.command", &["missing"]),
+        ("[consumers.a]\ntopic = \"t\"\nproperties = \"fetch.min.bytes=1\"\n", "consumers.a.properties", &["expected a table"]),
         ("[consumers.a]\ntopic = \"t\"\n[consumers.a.properties]\n\"auto.offset.reset\" = \"latest\"\n", "consumers.a.properties.auto.offset.reset", &["`start_from`"]),
         ("[consumers.a]\ntopic = \"t\"\n[consumers.a.properties]\n\"enable.auto.offset.store\" = true\n", "consumers.a.properties.enable.auto.offset.store", &["only after the handler succeeded"]),
         ("[consumers]\na = 1\n", "consumers.a", &["a route is a table"]),
@@ -671,4 +703,26 @@ fn an_exec_route_must_fit_its_attempts_in_the_poll_interval() {
     )
     .unwrap();
     assert_eq!(c.consumers["a"].exec_timeout_ms, 60000);
+}
+
+/// A variable that is not UTF-8 in the environment (anyone's) does not crash devour.
+#[test]
+fn config_check_survives_a_non_utf8_environment_variable() {
+    use std::os::unix::ffi::OsStrExt;
+    let out = Command::new(env!("CARGO_BIN_EXE_devour"))
+        .args(["config", "check"])
+        .env_clear()
+        .env("DEVOUR_KAFKA_HOSTS", "127.0.0.1:19092")
+        .env(
+            std::ffi::OsStr::from_bytes(b"LEGACY_LATIN1"),
+            std::ffi::OsStr::from_bytes(b"caf\xe9"),
+        )
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
