@@ -83,6 +83,16 @@ fn bad_route_handler_or_dump_exits_2_with_a_clear_message() {
             "`consumers.a.command`: missing",
         ),
         (
+            "[consumers.a]\ntopic = \"t\"\nhandler = \"exec\"\ncommand = [\"no-such-program-for-devour\"]\n",
+            &["consume", "a"],
+            "`command` program `no-such-program-for-devour` is not an executable file, nor found on PATH",
+        ),
+        (
+            "[consumers.a]\ntopic = \"t\"\nhandler = \"exec\"\ncommand = \"sh -c true\"\n",
+            &["consume", "a"],
+            "is the program and its arguments as a list, e.g. [\"sh\", \"-c\", \"true\"]",
+        ),
+        (
             "[consumers.a]\nhandler = \"print\"\n",
             &["consume", "a"],
             "`consumers.a.topic`: missing",
@@ -218,6 +228,50 @@ fn exec_runs_the_command_per_message_and_exit_65_dead_letters() {
         .find(|(k, _)| k == "devour-dlq-attempts")
         .unwrap();
     assert_eq!(attempts.1, "1", "exit 65 gives up at once");
+}
+
+/// A key that is not clean text reaches the command as DEVOUR_KEY_BASE64 (a NUL byte cannot go
+/// into an environment variable: every run failed to start and the message was
+/// dead-lettered). A command that outlives `exec_timeout_ms` is killed with everything it
+/// started, and a child that holds stdin without reading it does not hang the consumer.
+#[test]
+fn exec_passes_binary_keys_in_base64_and_a_timeout_kills_the_whole_group() {
+    let topic = create_topic("consume-exec-group", 1);
+    let big = Out {
+        payload: Some(vec![b'x'; 300_000]),
+        ..Out::seq("slow", 1)
+    };
+    produce(&topic, &[Out::seq("a\0b", 0), big, Out::seq("c", 2)]);
+    let dir = setup(&format!(
+        "[consumers.run]\ntopic = \"{topic}\"\nhandler = \"exec\"\ndump = \"raw\"\nexec_timeout_ms = 500\n\
+         retry = {{ max_attempts = 1 }}\n\
+         command = [\"sh\", \"-c\", \"if [ \\\"$DEVOUR_KEY\\\" = slow ]; then sleep 30 | sleep 30; fi; \
+         printf '%s|%s\\\\n' \\\"$DEVOUR_KEY\\\" \\\"${{DEVOUR_KEY_BASE64:-}}\\\" >> out.txt\"]\n"
+    ));
+    let t = Instant::now();
+    let (code, _, stderr) = run(dir.path(), &["consume", "run", "--drain"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "the timed-out command held the consumer for {:?}",
+        t.elapsed()
+    );
+    let out = std::fs::read_to_string(dir.path().join("out.txt")).unwrap();
+    assert_eq!(out, "|YQBi\nc|\n", "{stderr}");
+    assert!(stderr.contains("2 processed, 1 dead-lettered"), "{stderr}");
+    assert!(
+        stderr.contains("ran longer than exec_timeout_ms"),
+        "{stderr}"
+    );
+    let sleeping = Command::new("pgrep")
+        .args(["-f", "sleep 30"])
+        .output()
+        .unwrap();
+    assert!(
+        sleeping.stdout.is_empty(),
+        "the timed-out command's children were left running: {}",
+        String::from_utf8_lossy(&sleeping.stdout)
+    );
 }
 
 #[test]

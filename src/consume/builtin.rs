@@ -101,10 +101,12 @@ pub const EXEC_GIVE_UP_STATUS: i32 = 65;
 
 /// `handler = "exec"`: runs the route's `command` once per message, with the payload on stdin
 /// (`dump = "raw"`: the bytes; `"json"`: the JSON, compact) and the metadata in environment
-/// variables: `DEVOUR_ROUTE`, `DEVOUR_TOPIC`, `DEVOUR_PARTITION`, `DEVOUR_OFFSET`, `DEVOUR_KEY`,
+/// variables: `DEVOUR_ROUTE`, `DEVOUR_TOPIC`, `DEVOUR_PARTITION`, `DEVOUR_OFFSET`, `DEVOUR_KEY`
+/// (a key that is not UTF-8 text, or holds a NUL byte, comes as `DEVOUR_KEY_BASE64` instead),
 /// `DEVOUR_TIMESTAMP_MS`, `DEVOUR_EVENT`, `DEVOUR_MESSAGE_ID`, `DEVOUR_ATTEMPT` and
 /// `DEVOUR_HEADERS` (a JSON object). Exit 0 = done; exit 65 = give up (dead letter now); any
-/// other status, a signal, or running longer than `exec_timeout_ms` = an error, retried.
+/// other status, a signal, or running longer than `exec_timeout_ms` = an error, retried. The
+/// command runs in a process group of its own, which a timeout kills whole.
 /// The command's stdout and stderr are the consumer's; it inherits the consumer's environment
 /// without devour's own `DEVOUR_*` variables (they may hold secrets).
 pub struct Exec {
@@ -119,11 +121,64 @@ impl Exec {
             .command
             .split_first()
             .ok_or("the `exec` handler needs `command`")?;
+        if find_program(program).is_none() {
+            let hint = if program.contains(char::is_whitespace) {
+                format!(
+                    "; `command` is the program and its arguments as a list, e.g. {:?}",
+                    program.split_whitespace().collect::<Vec<_>>()
+                )
+            } else {
+                String::new()
+            };
+            return Err(format!(
+                "`command` program `{program}` is not an executable file, nor found on PATH{hint}"
+            ));
+        }
         Ok(Exec {
             program: program.clone(),
             args: args.to_vec(),
             timeout: Duration::from_millis(route.exec_timeout_ms),
         })
+    }
+}
+
+/// Where `program` runs from: itself when it holds a `/`, else the first executable file of that
+/// name on `PATH`.
+fn find_program(program: &str) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let runnable = |p: &std::path::Path| {
+        p.metadata()
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        let p = std::path::PathBuf::from(program);
+        return runnable(&p).then_some(p);
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(program))
+        .find(|p| runnable(p))
+}
+
+/// Kills the process group `child` leads (the command and whatever it started).
+fn kill_group(child: &mut std::process::Child) {
+    if let Some(group) = i32::try_from(child.id())
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    {
+        let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+    }
+    let _ = child.kill();
+}
+
+/// Waits at most a second for the stdin feeder: a process that inherited stdin and never reads
+/// it may keep the pipe full for as long as it lives; the feeder is then left to end with it.
+fn finish_feeder(feeder: std::thread::JoinHandle<()>) {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while !feeder.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    if feeder.is_finished() {
+        let _ = feeder.join();
     }
 }
 
@@ -146,6 +201,20 @@ impl Consumer for Exec {
         let text = |v: Option<&str>| v.unwrap_or("").to_string();
         let headers = headers_json(meta);
         let mut command = Command::new(&self.program);
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        match meta.key {
+            Some(k) => match std::str::from_utf8(k) {
+                Ok(k) if !k.contains('\0') => command.env("DEVOUR_KEY", k),
+                _ => {
+                    use base64::Engine;
+                    command.env(
+                        "DEVOUR_KEY_BASE64",
+                        base64::engine::general_purpose::STANDARD.encode(k),
+                    )
+                }
+            },
+            None => command.env("DEVOUR_KEY", ""),
+        };
         // devour's own settings (database URL, SASL password, …) are not the command's business.
         for (name, _) in std::env::vars_os() {
             if name.to_string_lossy().starts_with("DEVOUR_") {
@@ -158,13 +227,6 @@ impl Consumer for Exec {
             .env("DEVOUR_TOPIC", meta.topic)
             .env("DEVOUR_PARTITION", meta.partition.to_string())
             .env("DEVOUR_OFFSET", meta.offset.to_string())
-            .env(
-                "DEVOUR_KEY",
-                meta.key
-                    .map(String::from_utf8_lossy)
-                    .unwrap_or_default()
-                    .as_ref(),
-            )
             .env(
                 "DEVOUR_TIMESTAMP_MS",
                 meta.timestamp_ms.map(|t| t.to_string()).unwrap_or_default(),
@@ -191,9 +253,9 @@ impl Consumer for Exec {
             match child.try_wait() {
                 Ok(Some(status)) => break status,
                 Ok(None) if started.elapsed() >= self.timeout => {
-                    let _ = child.kill();
+                    kill_group(&mut child);
                     let _ = child.wait();
-                    let _ = feeder.join();
+                    finish_feeder(feeder);
                     return Err(DigestError::retry(format!(
                         "`{}` ran longer than exec_timeout_ms ({} ms) and was killed",
                         self.program,
@@ -207,7 +269,7 @@ impl Consumer for Exec {
                 Err(e) => return Err(DigestError::retry(e)),
             }
         };
-        let _ = feeder.join();
+        finish_feeder(feeder);
         match status.code() {
             Some(0) => Ok(()),
             Some(EXEC_GIVE_UP_STATUS) => Err(DigestError::give_up(format!(
