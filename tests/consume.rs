@@ -813,3 +813,43 @@ fn a_handler_leaving_its_own_transaction_open_commits_nothing_of_it() {
         .1;
     assert!(error.contains("transaction of its own open"), "{error}");
 }
+
+/// A route's own brokers and credentials (`bootstrap.*`, `sasl.*`, … in its properties) are the
+/// dead-letter producer's too: here `[kafka] hosts` leads nowhere, and a dead letter sent there
+/// would wait forever while the partition stood still.
+#[test]
+fn dead_letters_go_through_the_route_s_own_connection_settings() {
+    let db = TestDb::new(Backend::Sqlite, "consume_dlq_route_conn");
+    let topic = create_topic("consume-dlq-route-conn", 1);
+    produce(
+        &topic,
+        &[Out::seq("a", 0), Out::seq("b", 1), Out::seq("c", 2)],
+    );
+    let name = "own";
+    let cfg = devour::Config::from_toml_str(
+        &format!(
+            "[database]\nurl = \"{}\"\n[kafka]\nhosts = \"127.0.0.1:9\"\n{}\
+             [consumers.{name}.properties]\n\"bootstrap.servers\" = \"{}\"\n",
+            db.url,
+            route(name, &topic, "retry = { max_attempts = 1 }"),
+            common::kafka_hosts()
+        ),
+        devour::config::Origin::Defaults,
+        &Default::default(),
+    )
+    .unwrap();
+    let behaviour: common::consume::Behaviour = Arc::new(|seen, _| match seen.seq() {
+        1 => Err(DigestError::give_up("never")),
+        _ => Ok(()),
+    });
+    let (registry, _) = recording(behaviour);
+    let report = drain(&cfg, name, &registry, T);
+    assert_eq!(
+        (report.processed, report.dead_lettered),
+        (2, 1),
+        "{report:?}"
+    );
+    let dead = read_all(&format!("{topic}.dlq"), Duration::from_secs(30));
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].key.as_deref(), Some("b"));
+}

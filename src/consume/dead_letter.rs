@@ -53,6 +53,8 @@ pub(crate) struct DeadLetters {
 impl DeadLetters {
     pub(crate) fn new(config: &Config, route: &ConsumerRoute) -> Result<DeadLetters, ConsumeError> {
         let mut c = config.kafka.client_config();
+        // The route's brokers and credentials (a principal allowed on its topic and `.dlq`).
+        super::route_connection(&mut c, route);
         c.set("enable.idempotence", "true")
             .set("partitioner", "murmur2_random")
             .set("linger.ms", "0");

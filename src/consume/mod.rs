@@ -61,6 +61,37 @@ pub(crate) fn consumer_config(
     c
 }
 
+/// Whether librdkafka property `k` says how to reach and log in to the brokers (as opposed to
+/// how a consumer or a producer behaves).
+pub(crate) fn is_connection_property(k: &str) -> bool {
+    [
+        "bootstrap.",
+        "security.",
+        "sasl.",
+        "ssl.",
+        "client.",
+        "socket.",
+        "broker.",
+    ]
+    .iter()
+    .any(|p| k.starts_with(p))
+}
+
+/// Sets the route's own connection properties (its brokers, its credentials) on `c`: every
+/// client of the route, not only its consumer, talks to the brokers as the route says.
+pub(crate) fn route_connection(
+    c: &mut rdkafka::ClientConfig,
+    route: &crate::config::ConsumerRoute,
+) {
+    for (k, v) in route
+        .properties
+        .iter()
+        .filter(|(k, _)| is_connection_property(k))
+    {
+        c.set(k, v);
+    }
+}
+
 /// Why `devour consume` could not run.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

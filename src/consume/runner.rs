@@ -215,27 +215,12 @@ pub fn run(
     {
         // The connection settings only (a producer-side check would warn about consumer ones).
         let mut c = rdkafka::ClientConfig::new();
-        let connection = |k: &str| {
-            [
-                "bootstrap.",
-                "security.",
-                "sasl.",
-                "ssl.",
-                "client.",
-                "socket.",
-                "broker.",
-            ]
-            .iter()
-            .any(|p| k.starts_with(p))
-        };
         for (k, v) in config.kafka.client_properties() {
-            if connection(&k) || !config.kafka.properties.contains_key(&k) {
+            if super::is_connection_property(&k) || !config.kafka.properties.contains_key(&k) {
                 c.set(k, v);
             }
         }
-        for (k, v) in route.properties.iter().filter(|(k, _)| connection(k)) {
-            c.set(k, v);
-        }
+        super::route_connection(&mut c, &route);
         crate::broker::check_access(&c, Duration::from_secs(10))
             .map_err(|e| ConsumeError::Kafka(format!("the brokers refused the connection: {e}")))?;
     }
