@@ -187,6 +187,46 @@ fn print_writes_one_json_line_per_message() {
     assert!(stderr.contains("2 processed, 0 dead-lettered"), "{stderr}");
 }
 
+/// `devour consume x | head -n 1`: once stdout is closed, `print` stops the consumer (exit 1)
+/// instead of retrying and dead-lettering the rest of the topic; nothing unprinted is committed.
+#[test]
+fn print_stops_the_consumer_when_stdout_is_closed() {
+    use std::io::BufRead;
+    let topic = create_topic("consume-print-pipe", 1);
+    let msgs: Vec<Out<'_>> = (0..2000).map(|i| Out::seq("k", i)).collect();
+    produce(&topic, &msgs);
+    let group = common::unique("pipe");
+    let dir = setup(&format!(
+        "[consumers.show]\ntopic = \"{topic}\"\ngroup = \"{group}\"\nhandler = \"print\"\n"
+    ));
+    let mut child = devour(dir.path(), &["consume", "show", "--drain"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    // The reader is dropped here: stdout is a closed pipe from now on.
+    assert!(first.contains("\"offset\":0"), "{first}");
+    let t = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(t.elapsed() < Duration::from_secs(20), "{stderr}");
+    assert!(
+        stderr.contains("the handler stopped the consumer: cannot write to stdout"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("dead-letter"), "{stderr}");
+    let committed_to = committed(&offsets_reader(&group), &topic, 1)[0];
+    assert!(
+        committed_to < 2000,
+        "messages never printed were committed (up to {committed_to})"
+    );
+}
+
 #[test]
 fn exec_runs_the_command_per_message_and_exit_65_dead_letters() {
     let topic = create_topic("consume-exec", 1);

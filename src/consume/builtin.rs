@@ -87,11 +87,13 @@ impl Consumer for Print {
         line.insert("message".into(), message);
         let mut text = serde_json::to_vec(&Value::Object(line)).map_err(DigestError::give_up)?;
         text.push(b'\n');
-        // Written and flushed before `digest` returns, so before the offset is stored.
+        // Written and flushed before `digest` returns, so before the offset is stored. Output
+        // that cannot be written (a closed pipe: `devour consume x | head`) stops the consumer:
+        // retrying or dead-lettering would move the rest of the topic away unseen.
         let mut out = self.out.lock();
-        out.write_all(&text)?;
-        out.flush()?;
-        Ok(())
+        out.write_all(&text)
+            .and_then(|()| out.flush())
+            .map_err(|e| DigestError::stop(format!("cannot write to stdout: {e}")))
     }
 }
 

@@ -68,6 +68,8 @@ pub(crate) struct Stats {
     pub dead_lettered: AtomicU64,
     pub duplicates: AtomicU64,
     pub retries: AtomicU64,
+    /// Why a handler stopped the run ([`DigestError::stop`](super::DigestError::stop)).
+    pub stopped_by: std::sync::Mutex<Option<String>>,
 }
 
 /// The route's counters in the installed `metrics` recorder (no-ops without one).
@@ -336,6 +338,19 @@ impl Dispatcher {
             }
             Failure::Handler(e, Action::GiveUp) => {
                 return self.dead_letter(m, attempt, &format!("gave up: {e}"));
+            }
+            Failure::Handler(e, Action::Stop) => {
+                tracing::error!(
+                    route = %self.route.name, topic = meta.topic, partition = meta.partition, offset = meta.offset,
+                    "the handler stopped the consumer: {e}"
+                );
+                self.stats
+                    .stopped_by
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_or_insert(e);
+                self.stop.store(true, Ordering::Relaxed);
+                return Err(Stopped);
             }
             Failure::Handler(e, Action::Retry(after)) => (e, after),
         };

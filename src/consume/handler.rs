@@ -278,6 +278,7 @@ pub struct DigestError {
 pub(crate) enum Action {
     Retry(Option<Duration>),
     GiveUp,
+    Stop,
 }
 
 impl DigestError {
@@ -302,6 +303,17 @@ impl DigestError {
         DigestError {
             error: error.to_string(),
             action: Action::GiveUp,
+        }
+    }
+
+    /// The consumer itself cannot go on (its output is gone, a resource it needs for every
+    /// message is lost): the message is not finished and its offset is not committed; the run
+    /// stops as on SIGTERM, commits what was finished, and ends with this error (`devour
+    /// consume` exits 1). Neither retried nor dead-lettered.
+    pub fn stop(error: impl fmt::Display) -> DigestError {
+        DigestError {
+            error: error.to_string(),
+            action: Action::Stop,
         }
     }
 

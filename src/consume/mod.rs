@@ -110,6 +110,9 @@ pub enum ConsumeError {
     /// The inbox table is missing.
     #[error("{0}")]
     Inbox(String),
+    /// A handler stopped the run ([`DigestError::stop`]); what it finished is committed.
+    #[error("the handler stopped the consumer: {0}")]
+    Stopped(String),
     /// The database failed.
     #[error("{0}")]
     Db(#[from] DbError),

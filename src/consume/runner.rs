@@ -310,6 +310,14 @@ pub fn run(
         done.store(true, Ordering::Relaxed);
         let _ = thread.join();
     }
+    if let Some(why) = stats
+        .stopped_by
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+    {
+        return Err(ConsumeError::Stopped(why));
+    }
     Ok(report(&stats, started, &clock))
 }
 
