@@ -165,14 +165,17 @@ fn small_topic(tag: &str) -> String {
 }
 
 fn raise_limit(topic: &str) {
+    set_limit(topic, "200000");
+}
+
+fn set_limit(topic: &str, bytes: &str) {
     use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
     use rdkafka::client::DefaultClientContext;
     let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", common::kafka_hosts())
         .create()
         .unwrap();
-    let alter =
-        AlterConfig::new(ResourceSpecifier::Topic(topic)).set("max.message.bytes", "200000");
+    let alter = AlterConfig::new(ResourceSpecifier::Topic(topic)).set("max.message.bytes", bytes);
     for r in
         futures::executor::block_on(admin.alter_configs([&alter], &AdminOptions::new())).unwrap()
     {
@@ -279,6 +282,71 @@ fn a_message_as_large_as_the_write_path_allows_is_delivered() {
     );
     let msgs = common::consume_seqs(&topic, 1, Duration::from_secs(30));
     common::check_delivery(&msgs, [1]);
+}
+
+/// A topic's max.message.bytes bounds each record batch the broker takes, not only each
+/// message: a backlog of rows that each fit must not be rejected (and dead-lettered) batch by
+/// batch because the producer packed more of them together than the topic allows.
+#[test]
+fn a_backlog_for_a_topic_with_a_small_limit_is_delivered_not_dead_lettered() {
+    let db = TestDb::new(Backend::Postgres, "relay_small_batches");
+    let topic = small_topic("relay-small-batches");
+    let mut c = PgConnection::establish(&db.url).unwrap();
+    insert_random_rows(&mut c, &topic, 1..=2000);
+    let report = common::relay_drain(&common::config(&db, ""));
+    let dl = dead_letters(&mut c);
+    assert_eq!(
+        (report.delivered, report.dead_lettered),
+        (2000, 0),
+        "{report:?}; first dead letters: {:?}",
+        &dl[..dl.len().min(3)]
+    );
+    let msgs = common::consume_seqs(&topic, 2000, Duration::from_secs(60));
+    common::check_delivery(&msgs, 1..=2000);
+}
+
+/// Rows of ~1.5 KB each that the topic takes one by one (random hex, so lz4 cannot shrink a
+/// batch of them much).
+fn insert_random_rows(c: &mut PgConnection, topic: &str, seqs: std::ops::RangeInclusive<i64>) {
+    c.batch_execute(&format!(
+        "INSERT INTO devour_outbox (topic, partition_key, payload) \
+         SELECT '{topic}', 'k' || (i % 20), convert_to('{{\"seq\":' || i || ',\"pad\":\"' || \
+           (SELECT string_agg(md5(random()::text || i || j), '') FROM generate_series(1, 45) j) || '\"}}', 'UTF8') \
+         FROM generate_series({}, {}) i",
+        seqs.start(),
+        seqs.end()
+    ))
+    .unwrap();
+}
+
+/// The same when the relay does not know the topic's limit (here: lowered after the relay
+/// asked): batches the broker refuses are sent again, smaller, not dead-lettered.
+#[test]
+fn batches_a_topic_refuses_are_sent_again_smaller() {
+    let db = TestDb::new(Backend::Postgres, "relay_shrink_batches");
+    let topic = common::create_topic("relay-shrink-batches", 1);
+    let mut c = PgConnection::establish(&db.url).unwrap();
+    let handle = relay::start(&common::config(&db, ""), RunOptions::default()).unwrap();
+    insert_random_rows(&mut c, &topic, 1..=100);
+    handle.wake();
+    wait_for("the first rows", || c.count("devour_outbox") == 0);
+    set_limit(&topic, "20000");
+    std::thread::sleep(Duration::from_secs(1));
+    insert_random_rows(&mut c, &topic, 101..=2100);
+    handle.wake();
+    wait_for("the outbox to empty", || c.count("devour_outbox") == 0);
+    handle.shutdown();
+    let report = handle.join().unwrap();
+    let dl = dead_letters(&mut c);
+    assert_eq!(
+        (report.delivered, report.dead_lettered),
+        (2100, 0),
+        "{report:?}; first dead letters: {:?}",
+        &dl[..dl.len().min(3)]
+    );
+    assert!(report.restarts >= 1, "{report:?}");
+    let msgs = common::consume_seqs(&topic, 2100, Duration::from_secs(60));
+    common::check_delivery(&msgs, 1..=2100);
 }
 
 #[test]

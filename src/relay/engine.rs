@@ -3,7 +3,7 @@
 //! keeper, and on PostgreSQL a listener for wake-ups.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -83,6 +83,10 @@ struct Shared {
     latency: Mutex<hdrhistogram::Histogram<u64>>,
     /// The lease keeper and committer stop after the reader.
     threads_stop: AtomicBool,
+    /// The producer's `batch.size`, and the smaller one asked for (a topic takes smaller
+    /// record batches): the next restart builds the producer with it.
+    batch_size: AtomicUsize,
+    wanted_batch_size: AtomicUsize,
 }
 
 impl Shared {
@@ -430,6 +434,7 @@ impl Relay {
         let reader = Store::open(config)?;
         let producer_config = super::producer_config(config);
         crate::broker::check_access(&producer_config, ACCESS_CHECK).map_err(RelayError::Refused)?;
+        let batch_size = kafka::batch_size(&producer_config);
         let relay_id = rc.relay_id.clone().unwrap_or_else(default_relay_id);
         let shared = Arc::new(Shared {
             relay_id,
@@ -453,6 +458,8 @@ impl Relay {
                 hdrhistogram::Histogram::new_with_bounds(1, 3_600_000, 2).expect("valid bounds"),
             ),
             threads_stop: AtomicBool::new(false),
+            batch_size: AtomicUsize::new(batch_size),
+            wanted_batch_size: AtomicUsize::new(batch_size),
         });
         Ok(Relay {
             shared,
@@ -607,6 +614,12 @@ impl Relay {
                 tracing::warn!(relay = %shared.relay_id, "delivery failure: starting over from the oldest undelivered row");
                 let _ = producer.flush(Duration::from_millis(rc.shutdown_timeout_ms));
                 shared.wait_in_flight_at_most(0, Duration::from_millis(rc.shutdown_timeout_ms));
+                let wanted = shared.wanted_batch_size.load(Ordering::Acquire);
+                if wanted < shared.batch_size.load(Ordering::Acquire) {
+                    tracing::warn!(relay = %shared.relay_id, "a topic takes smaller record batches: the producer's batch.size is now {wanted} bytes");
+                    self.producer_config.set("batch.size", wanted.to_string());
+                    shared.batch_size.store(wanted, Ordering::Release);
+                }
                 *producer = kafka::create_producer(&self.producer_config, tx.clone())?;
                 pass.restart(&shared, true, horizon.settled);
             }
@@ -778,6 +791,18 @@ impl Relay {
                 };
                 if let Some(limit) = limit {
                     let size = kafka::row_size(&row);
+                    let fits = kafka::batch_size_for_limit(limit);
+                    if fits < shared.batch_size.load(Ordering::Acquire) && size <= limit {
+                        // The broker would refuse whole batches for this topic: start over
+                        // with a producer that builds smaller ones (nothing after this row is
+                        // sent meanwhile, so no key's order changes).
+                        shared.wanted_batch_size.fetch_min(fits, Ordering::AcqRel);
+                        shared.restart.store(true, Ordering::Release);
+                        shared.remove_in_flight(
+                            std::iter::once(row.shard).chain(rows.map(|r| r.shard)),
+                        );
+                        break;
+                    }
                     // A cached limit may be old: ask again before refusing a row for good.
                     if size > limit && limits.refresh(&row.topic).is_none_or(|l| size > l) {
                         let error = format!(
@@ -811,7 +836,12 @@ impl Relay {
     /// full, unless a stop comes); takes it back out of the count if it cannot be sent. Returns
     /// whether the batch may go on: the row was sent or dead-lettered.
     fn send(&mut self, producer: &RelayProducer, row: &Row, epoch: i64) -> bool {
-        let mut record = kafka::record(row, epoch, kafka::headers(row));
+        let mut record = kafka::record(
+            row,
+            epoch,
+            kafka::headers(row),
+            self.shared.batch_size.load(Ordering::Relaxed),
+        );
         if let Some(k) = &row.partition_key {
             record = record.key(k.as_str());
         }
@@ -941,6 +971,14 @@ fn commit_loop(shared: &Shared, mut store: Store, config: &Config, reports: Rece
                 }
                 Outcome::Failed(error) => {
                     tracing::warn!(relay = %shared.relay_id, id = report.row.id, "delivery failed: {error}");
+                    shared.restart.store(true, Ordering::Release);
+                    shared.remove_in_flight([report.row.shard]);
+                }
+                Outcome::BatchTooLarge(error) => {
+                    tracing::debug!(relay = %shared.relay_id, id = report.row.id, "delivery failed: {error}");
+                    shared
+                        .wanted_batch_size
+                        .fetch_min((report.row.batch / 2).max(1024), Ordering::AcqRel);
                     shared.restart.store(true, Ordering::Release);
                     shared.remove_in_flight([report.row.shard]);
                 }

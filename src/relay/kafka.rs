@@ -23,6 +23,10 @@ pub(crate) struct InFlight {
     pub shard: i32,
     pub epoch: i64,
     pub created_ms: i64,
+    /// [`row_size`] of the row.
+    pub size: usize,
+    /// The producer's `batch.size` when it was sent.
+    pub batch: usize,
 }
 
 /// A delivery report, as the relay's committer receives it.
@@ -42,6 +46,9 @@ pub(crate) enum Outcome {
     Rejected(String, Option<String>),
     /// It failed for a reason that may pass (or the producer broke down): send it again.
     Failed(String),
+    /// The broker refused it as too large, but it is small against the producer's batches:
+    /// the batch it went in was too large for the topic. Send it again in smaller batches.
+    BatchTooLarge(String),
 }
 
 /// Errors that no retry can fix: the row goes to the dead letters.
@@ -76,6 +83,16 @@ impl ProducerContext for RelayContext {
     fn delivery(&self, result: &DeliveryResult<'_>, row: Self::DeliveryOpaque) {
         let outcome = match result {
             Ok(_) => Outcome::Delivered,
+            // The broker checks `max.message.bytes` against whole record batches; librdkafka
+            // fails every message of a batch it refused, and splits nothing.
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), _))
+                if row.size * 2 <= row.batch =>
+            {
+                Outcome::BatchTooLarge(format!(
+                    "a batch of up to {} bytes was too large for the topic",
+                    row.batch
+                ))
+            }
             Err((KafkaError::MessageProduction(code), m)) if is_permanent(*code) => {
                 Outcome::Rejected(
                     format!("{code} ({code:?})"),
@@ -92,6 +109,22 @@ impl ProducerContext for RelayContext {
 /// The relay's producer.
 pub(crate) type RelayProducer = ThreadedProducer<RelayContext>;
 
+/// librdkafka's default `batch.size`.
+const DEFAULT_BATCH_SIZE: usize = 1_000_000;
+
+/// The largest record batch (`batch.size`) `cfg` lets the producer build.
+pub(crate) fn batch_size(cfg: &ClientConfig) -> usize {
+    cfg.get("batch.size")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DEFAULT_BATCH_SIZE)
+}
+
+/// The `batch.size` that keeps record batches within a topic's `max.message.bytes` (with room
+/// for the batch's framing and for compression that does not shrink the data).
+pub(crate) fn batch_size_for_limit(limit: usize) -> usize {
+    (limit / 10 * 9).max(1024)
+}
+
 /// librdkafka settings of the relay's producer, lowest precedence first: devour's defaults,
 /// then `[kafka]` (with `[kafka.properties]`), then `[relay.producer]`.
 pub(crate) fn producer_config(
@@ -102,6 +135,10 @@ pub(crate) fn producer_config(
     for (k, v) in [
         // Ordered, gapless, exactly-once per partition session; acks=all.
         ("enable.idempotence", "true"),
+        // A batch the broker refuses for good (too large for the topic, …) stops the producer
+        // instead of letting the later batches of its partition through: those fail too, and
+        // are sent again after it, from the oldest row, so no key's order changes.
+        ("enable.gapless.guarantee", "true"),
         // Keys land where the Java client puts them.
         ("partitioner", "murmur2_random"),
         // Never give up on a message: a broker outage is waited out, so nothing is reordered
@@ -187,6 +224,7 @@ pub(crate) fn record<'a>(
     row: &'a Row,
     epoch: i64,
     headers: OwnedHeaders,
+    batch: usize,
 ) -> BaseRecord<'a, str, [u8], Box<InFlight>> {
     BaseRecord::with_opaque_to(
         &row.topic,
@@ -195,6 +233,8 @@ pub(crate) fn record<'a>(
             shard: row.shard,
             epoch,
             created_ms: row.created_ms,
+            size: row_size(row),
+            batch,
         }),
     )
     .headers(headers)
