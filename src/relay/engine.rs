@@ -233,6 +233,9 @@ pub(crate) const WRITER_WAIT: Duration = Duration::from_secs(2);
 /// How old the horizon's last sample may be for a read that finds rows.
 const SAMPLE_EVERY: Duration = Duration::from_millis(10);
 
+/// Samples older than this are thinned to one per this much age (see [`Horizon::thin`]).
+const THIN_AFTER: Duration = Duration::from_millis(100);
+
 /// A sample: the last id handed out, then the transactions that held a write lock on the outbox
 /// (every id at or below `last_id` not committed yet is one of theirs).
 struct Sample {
@@ -254,6 +257,8 @@ struct Horizon {
     settled: i64,
     server_started_us: Option<i64>,
     warned: bool,
+    /// Where the time slots of [`thin`](Self::thin) start.
+    origin: Instant,
 }
 
 impl Horizon {
@@ -266,6 +271,7 @@ impl Horizon {
             settled: 0,
             server_started_us: None,
             warned: false,
+            origin: Instant::now(),
         }
     }
 
@@ -307,13 +313,14 @@ impl Horizon {
             self.settled = 0;
         }
         self.server_started_us = Some(sample.server_started_us);
-        let holders = sample.holders;
+        let holders: HashSet<String> = sample.holders.iter().cloned().collect();
         self.samples.push_back(Sample {
             last_id: sample.last_id,
-            holders: holders.clone(),
+            holders: sample.holders,
             taken: Instant::now(),
         });
-        // The newest sample whose lock holders have all ended settles every id up to it.
+        // The newest sample whose lock holders have all ended (this one, if it has none)
+        // settles every id up to it.
         if let Some(i) = self
             .samples
             .iter()
@@ -322,10 +329,39 @@ impl Horizon {
             self.settled = self.settled.max(self.samples[i].last_id);
             self.samples.drain(..i);
         }
-        if self.samples.len() > 10_000 {
-            self.samples.pop_front();
-        }
+        self.thin();
         went_back
+    }
+
+    /// Keeps few samples while a transaction holds a write lock for long (they would pile up
+    /// at one per read): of those older than `THIN_AFTER`, the newest of each `THIN_AFTER` time
+    /// slot, and of those older than `WRITER_WAIT` only the newest (the one
+    /// [`cap`](Self::cap) uses). Dropping samples only makes the horizon later to settle, never
+    /// wrong.
+    fn thin(&mut self) {
+        self.thin_at(Instant::now());
+    }
+
+    fn thin_at(&mut self, now: Instant) {
+        let mut bucket = None;
+        let mut kept = std::collections::VecDeque::with_capacity(self.samples.len());
+        for s in self.samples.drain(..).rev() {
+            let age = now.duration_since(s.taken);
+            if age >= THIN_AFTER {
+                // Slots are fixed in time (not in age), so that a kept sample grows old.
+                let b = if age >= WRITER_WAIT {
+                    u128::MAX
+                } else {
+                    s.taken.duration_since(self.origin).as_millis() / THIN_AFTER.as_millis()
+                };
+                if bucket == Some(b) {
+                    continue;
+                }
+                bucket = Some(b);
+            }
+            kept.push_front(s);
+        }
+        self.samples = kept;
     }
 
     /// The highest id a read may reach: the settled horizon, or past a transaction that has
@@ -601,6 +637,8 @@ impl Relay {
         pass.restart(&shared, true, horizon.settled);
         let mut restarts = 0;
         let mut fresh_sample_due = false;
+        // Since when reads have found only rows held back behind an open transaction.
+        let mut held_since: Option<Instant> = None;
         let mut progress = Progress::new(&self.options);
         let mut standby_logged = false;
         let mut prefetch = Prefetcher::start(&self.config)?;
@@ -737,11 +775,20 @@ impl Relay {
                 if horizon.holds_back() {
                     // Rows above the cap wait for the transactions holding smaller ids (at most
                     // WRITER_WAIT); look again shortly, with a fresh sample (the cap is the same
-                    // until one is taken).
-                    shared.wake.wait(Duration::from_millis(2));
+                    // until one is taken): every 2 ms at first (a short transaction commits
+                    // soon), then at the sampling pace, so that a transaction left open does
+                    // not cost 500 samples (pg_locks reads) a second.
+                    let since = *held_since.get_or_insert_with(Instant::now);
+                    let wait = if since.elapsed() < Duration::from_millis(20) {
+                        Duration::from_millis(2)
+                    } else {
+                        SAMPLE_EVERY
+                    };
+                    shared.wake.wait(wait);
                     fresh_sample_due = true;
                     continue;
                 }
+                held_since = None;
                 if shared.in_flight() == 0 {
                     if pass.cursor == 0 && self.options.mode == Mode::Drain {
                         break;
@@ -753,8 +800,20 @@ impl Relay {
                 shared.wake.wait(poll);
                 continue;
             }
+            held_since = None;
             // Count the whole batch in flight at once (a row that is not sent is taken back).
             shared.add_in_flight(rows.iter().map(|r| r.shard));
+            // The leases as they are now, after the rows count in flight: the lease keeper hands
+            // a shard back only once the reader can have seen it marked, and then only with
+            // nothing in flight on it, so either this view shows it going or the keeper waits.
+            // (The view the read began with may be older than a slow read.)
+            let view = shared.leases();
+            let valid = Instant::now() < view.valid_until;
+            let sendable = |shard: i32| {
+                valid
+                    && !view.releasing.contains(&shard)
+                    && view.owned.get(&shard) == pass.leases.get(&shard)
+            };
             let mut topic_limit: Option<(String, Option<usize>)> = None;
             let mut rows = rows.into_iter();
             while let Some(row) = rows.next() {
@@ -777,7 +836,10 @@ impl Relay {
                         continue;
                     }
                 }
-                let Some(&epoch) = view.owned.get(&row.shard) else {
+                // A shard going back, lost, or held under a new epoch since the pass began: its
+                // rows wait (a new epoch makes the next pass start at the oldest row).
+                let Some(&epoch) = view.owned.get(&row.shard).filter(|_| sendable(row.shard))
+                else {
                     shared.remove_in_flight([row.shard]);
                     continue;
                 };
@@ -1127,8 +1189,10 @@ fn lease_loop(shared: &Shared, mut store: Store, config: &Config) {
             let live = store.heartbeat(&id, ttl)?;
             let mut owned = store.renew(&id, ttl)?;
             let mut standby = None;
+            // Only shards the reader could already see as going are handed back this tick.
             let mut releasing = shared.leases().releasing;
             releasing.retain(|s| owned.contains_key(s));
+            let announced = releasing.clone();
             if !stopping {
                 if shares {
                     let target = (SHARDS as usize).div_ceil(live);
@@ -1153,7 +1217,7 @@ fn lease_loop(shared: &Shared, mut store: Store, config: &Config) {
                     standby = holder;
                 }
                 // Hand back the shards whose rows in flight are all removed.
-                let done: Vec<i32> = releasing
+                let done: Vec<i32> = announced
                     .iter()
                     .copied()
                     .filter(|s| shared.in_flight_on(*s) == 0)
@@ -1326,5 +1390,46 @@ impl Progress {
         if let Some(bar) = self.bar.take() {
             bar.finish_and_clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sample every 10 ms for 3 s, each held by one transaction left open (plus a writer of
+    /// its own), thinned after each as `refresh` does: a few dozen stay instead of 300, they
+    /// grow old, and the cap is the newest sample older than `WRITER_WAIT`, as without
+    /// thinning.
+    #[test]
+    fn thinning_keeps_few_samples_that_grow_old() {
+        let now = Instant::now();
+        let start = now - Duration::from_millis(3000);
+        let mut h = Horizon {
+            enabled: true,
+            refreshed: Some(now),
+            ever_worked: true,
+            samples: std::collections::VecDeque::new(),
+            settled: 999,
+            server_started_us: None,
+            warned: false,
+            origin: start,
+        };
+        for i in 0..=300 {
+            let taken = start + Duration::from_millis(10 * i as u64);
+            h.samples.push_back(Sample {
+                last_id: 1000 + i,
+                holders: vec!["1/7".into(), format!("2/{i}")],
+                taken,
+            });
+            h.thin_at(taken);
+        }
+        assert!(h.samples.len() <= 40, "{} samples kept", h.samples.len());
+        let ids: Vec<i64> = h.samples.iter().map(|s| s.last_id).collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+        assert_eq!(ids.last(), Some(&1300), "the newest stays");
+        // Taken 2 s (200 samples) before the newest: within one thinning slot of it.
+        let cap = h.cap().unwrap();
+        assert!((1090..=1100).contains(&cap), "cap {cap}; kept {ids:?}");
     }
 }
