@@ -650,8 +650,18 @@ impl Relay {
                 // may be broken).
                 restarts += 1;
                 tracing::warn!(relay = %shared.relay_id, "delivery failure: starting over from the oldest undelivered row");
-                let _ = producer.flush(Duration::from_millis(rc.shutdown_timeout_ms));
-                shared.wait_in_flight_at_most(0, Duration::from_millis(rc.shutdown_timeout_ms));
+                // Within shutdown_timeout_ms, and not past a stop (which has its own bound: a
+                // stop during a broker outage must not wait here first).
+                let deadline = Instant::now() + Duration::from_millis(rc.shutdown_timeout_ms);
+                while Instant::now() < deadline && !shared.stopping() {
+                    let _ = producer.flush(Duration::from_millis(100));
+                    if shared.wait_in_flight_at_most(0, Duration::from_millis(50)) {
+                        break;
+                    }
+                }
+                if shared.stopping() {
+                    continue;
+                }
                 let wanted = shared.wanted_batch_size.load(Ordering::Acquire);
                 if wanted < shared.batch_size.load(Ordering::Acquire) {
                     tracing::warn!(relay = %shared.relay_id, "a topic takes smaller record batches: the producer's batch.size is now {wanted} bytes");
