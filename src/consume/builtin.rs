@@ -204,6 +204,13 @@ impl Consumer for Exec {
         let headers = headers_json(meta);
         let mut command = Command::new(&self.program);
         std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        // devour's own settings (database URL, SASL password, …) are not the command's business.
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("DEVOUR_") {
+                command.env_remove(name);
+            }
+        }
+        // After the removals above, which would undo it.
         match meta.key {
             Some(k) => match std::str::from_utf8(k) {
                 Ok(k) if !k.contains('\0') => command.env("DEVOUR_KEY", k),
@@ -217,12 +224,6 @@ impl Consumer for Exec {
             },
             None => command.env("DEVOUR_KEY", ""),
         };
-        // devour's own settings (database URL, SASL password, …) are not the command's business.
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("DEVOUR_") {
-                command.env_remove(name);
-            }
-        }
         let mut child = command
             .args(&self.args)
             .env("DEVOUR_ROUTE", meta.route)

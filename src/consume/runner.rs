@@ -116,6 +116,22 @@ impl Shared {
     }
 }
 
+/// A worker's queue. When the worker ends (a panic included), what is still queued for it is
+/// no longer in flight, so that a revoke waiting for in-flight messages does not wait forever.
+struct Queue {
+    rx: crossbeam_channel::Receiver<OwnedMessage>,
+    shared: Arc<Shared>,
+}
+
+impl Drop for Queue {
+    fn drop(&mut self) {
+        let n = self.rx.try_iter().count();
+        if n > 0 {
+            self.shared.finished(n);
+        }
+    }
+}
+
 /// Marks `n` messages as no longer in flight when dropped.
 struct Settle<'a>(&'a Shared, usize);
 
@@ -493,10 +509,25 @@ impl<'a> LoopState<'a> {
                 }
             }
             if self.shared.revocations.load(Ordering::Acquire) != revocations {
-                // A poll above gave partitions away: what the batch holds may be another
-                // member's now. Nothing of it was handled or stored; it is read again.
-                batch.clear();
-                continue;
+                // A poll above gave partitions away: what the batch holds of them is another
+                // member's now (nothing of it was handled or stored; its new owner reads it).
+                // The rest stays: with cooperative rebalancing, the partitions kept go on from
+                // where they were, so dropping their messages would skip them.
+                let kept: std::collections::HashSet<(String, i32)> =
+                    match self.consumer.assignment() {
+                        Ok(a) => a
+                            .elements()
+                            .iter()
+                            .map(|e| (e.topic().to_string(), e.partition()))
+                            .collect(),
+                        Err(_) => Default::default(),
+                    };
+                let before = batch.len();
+                batch.retain(|m| kept.contains(&(m.topic().to_string(), m.partition())));
+                tracing::debug!(route = %self.route.name, "revoke during a batch: {} of {before} message(s) dropped", before - batch.len());
+                if batch.is_empty() {
+                    continue;
+                }
             }
             let finished = dispatcher.handle(&batch);
             self.shared.mark(&batch[..finished]);
@@ -597,6 +628,11 @@ impl<'a> LoopState<'a> {
                 std::thread::Builder::new()
                     .name(name)
                     .spawn(move || {
+                        let queue = Queue {
+                            rx,
+                            shared: shared.clone(),
+                        };
+                        let rx = &queue.rx;
                         let mut batch = Vec::with_capacity(batch_max);
                         while let Ok(m) = rx.recv() {
                             batch.push(m);
@@ -627,6 +663,10 @@ impl<'a> LoopState<'a> {
                 Polled::Message(m) => m,
             };
             let worker = worker_for(m.topic(), m.partition(), n);
+            if workers[worker].is_finished() {
+                // It died (it ends otherwise only when its queue closes, below).
+                break;
+            }
             *self.shared.in_flight.lock().expect("in-flight lock") += 1;
             if senders[worker].send(m.detach()).is_err() {
                 self.shared.finished(1);

@@ -20,13 +20,15 @@ const CLIENT_TIMEOUTS: [(&str, &str); 5] = [
     ("tcp_user_timeout", "30000"),
 ];
 
-/// `url` with [`CLIENT_TIMEOUTS`] added where it does not set them; both URL
-/// (`postgres://…?k=v`) and keyword (`host=… k=v`) forms.
+/// `url` with [`CLIENT_TIMEOUTS`] added where it does not set them (nor `PGCONNECT_TIMEOUT`
+/// the connect timeout); both URL (`postgres://…?k=v`) and keyword (`host=… k=v`) forms.
 pub(crate) fn with_client_timeouts(url: &str) -> String {
     let uri = url.starts_with("postgres://") || url.starts_with("postgresql://");
     let mut out = url.trim_end().to_string();
     for (k, v) in CLIENT_TIMEOUTS {
-        if url.contains(&format!("{k}=")) {
+        if url.contains(&format!("{k}="))
+            || (k == "connect_timeout" && std::env::var_os("PGCONNECT_TIMEOUT").is_some())
+        {
             continue;
         }
         if uri {

@@ -818,10 +818,14 @@ impl Relay {
             // nothing in flight on it, so either this view shows it going or the keeper waits.
             // (The view the read began with may be older than a slow read.)
             let view = shared.leases();
-            let valid = Instant::now() < view.valid_until;
+            if Instant::now() >= view.valid_until {
+                // The leases ran out during the read: send nothing, and read these rows again
+                // once they are renewed (the cursor stays where it was).
+                shared.remove_in_flight(rows.iter().map(|r| r.shard));
+                continue;
+            }
             let sendable = |shard: i32| {
-                valid
-                    && !view.releasing.contains(&shard)
+                !view.releasing.contains(&shard)
                     && view.owned.get(&shard) == pass.leases.get(&shard)
             };
             let mut topic_limit: Option<(String, Option<usize>)> = None;
@@ -1050,7 +1054,7 @@ fn commit_loop(shared: &Shared, mut store: Store, config: &Config, reports: Rece
                     tracing::debug!(relay = %shared.relay_id, id = report.row.id, "delivery failed: {error}");
                     shared
                         .wanted_batch_size
-                        .fetch_min((report.row.batch / 2).max(1024), Ordering::AcqRel);
+                        .fetch_min((report.row.batch / 2).max(1), Ordering::AcqRel);
                     shared.restart.store(true, Ordering::Release);
                     shared.remove_in_flight([report.row.shard]);
                 }

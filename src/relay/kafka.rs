@@ -85,8 +85,10 @@ impl ProducerContext for RelayContext {
             Ok(_) => Outcome::Delivered,
             // The broker checks `max.message.bytes` against whole record batches; librdkafka
             // fails every message of a batch it refused, and splits nothing.
+            // A row smaller than the batch limit may have shared its batch: it goes again in
+            // smaller ones (halving until each row travels alone, then a refusal is the row's).
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), _))
-                if row.size * 2 <= row.batch =>
+                if row.size < row.batch =>
             {
                 Outcome::BatchTooLarge(format!(
                     "a batch of up to {} bytes was too large for the topic",
@@ -119,10 +121,11 @@ pub(crate) fn batch_size(cfg: &ClientConfig) -> usize {
         .unwrap_or(DEFAULT_BATCH_SIZE)
 }
 
-/// The `batch.size` that keeps record batches within a topic's `max.message.bytes` (with room
-/// for the batch's framing and for compression that does not shrink the data).
+/// The largest `batch.size` whose record batches a topic with `max.message.bytes` = `limit`
+/// takes (with room for the batch's framing and for compression that does not shrink the
+/// data): the broker's default limit (1,048,588) takes librdkafka's default batches.
 pub(crate) fn batch_size_for_limit(limit: usize) -> usize {
-    (limit / 10 * 9).max(1024)
+    limit.saturating_sub(limit / 50 + 512).max(1)
 }
 
 /// librdkafka settings of the relay's producer, lowest precedence first: devour's defaults,
