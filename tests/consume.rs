@@ -739,15 +739,21 @@ fn commit_fails(topic: &str, retry: &str, extra: &str) {
         vec![0, 1, 2, 4, 5, 6, 7, 8, 9]
     );
     assert!(e.values().all(|n| *n == 1), "{e:?}");
+    let error = the_one_dead_letter_error(&topic);
+    assert!(error.contains("database"), "{error}");
+}
+
+/// The `devour-dlq-error` header of the one message in `topic`'s dead-letter topic.
+fn the_one_dead_letter_error(topic: &str) -> String {
     let dead = read_all(&format!("{topic}.dlq"), Duration::from_secs(30));
-    assert_eq!(dead.len(), 1);
-    let error = &dead[0]
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    dead[0]
         .headers
         .iter()
         .find(|(k, _)| k == "devour-dlq-error")
-        .unwrap()
-        .1;
-    assert!(error.contains("database"), "{error}");
+        .expect("devour-dlq-error header")
+        .1
+        .clone()
 }
 
 /// A handler that opens a transaction of its own and panics inside it, or returns with it still
@@ -803,14 +809,7 @@ fn a_handler_leaving_its_own_transaction_open_commits_nothing_of_it() {
         e.values().all(|n| *n == 1),
         "effects not exactly once: {e:?}"
     );
-    let dead = read_all(&format!("{topic}.dlq"), Duration::from_secs(30));
-    assert_eq!(dead.len(), 1);
-    let error = &dead[0]
-        .headers
-        .iter()
-        .find(|(k, _)| k == "devour-dlq-error")
-        .unwrap()
-        .1;
+    let error = the_one_dead_letter_error(&topic);
     assert!(error.contains("transaction of its own open"), "{error}");
 }
 
