@@ -852,6 +852,23 @@ impl Config {
             relay.relay_id = Some(id);
         }
         relay.producer = r.properties("relay.producer")?;
+        // More rows in flight than the producer's queue holds would wait on a full queue for
+        // good (the relay's default queue is 1,000,000 messages).
+        let queue = relay
+            .producer
+            .get("queue.buffering.max.messages")
+            .or_else(|| kafka.properties.get("queue.buffering.max.messages"))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(1_000_000);
+        if u64::from(relay.max_in_flight) > queue {
+            return Err(r.err(
+                "relay.max_in_flight",
+                format!(
+                    "must be at most the producer's queue.buffering.max.messages ({queue}), found {}",
+                    relay.max_in_flight
+                ),
+            ));
+        }
 
         let consumers = consumers::parse(&r, &kafka.properties, database.pool_size)?;
 

@@ -499,6 +499,12 @@ fn relay_keys_are_validated() {
         &["at least relay.batch_size (500)"],
     );
     assert_names(
+        &format!("{OK}[relay]\nmax_in_flight = 2000000\n"),
+        &[],
+        Some("relay.max_in_flight"),
+        &["at most the producer's queue.buffering.max.messages (1000000)"],
+    );
+    assert_names(
         &format!("{OK}[relay]\nbatch_sise = 5\n"),
         &[],
         Some("relay.batch_sise"),
