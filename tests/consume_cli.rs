@@ -360,3 +360,54 @@ fn sigterm_finishes_the_message_in_hand_commits_and_exits_0() {
         "the committed offset is exactly what was handled\n{stderr}"
     );
 }
+
+/// A dead letter its topic cannot take (larger than the dead-letter topic's max.message.bytes)
+/// is not dropped: the partition waits, nothing is committed past it, and the log says what to
+/// raise.
+#[test]
+fn a_dead_letter_too_large_for_its_topic_waits_and_says_what_to_raise() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let topic = create_topic("consume-dlq-small", 1);
+    let dlq = format!("{topic}.dlq");
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", common::kafka_hosts())
+        .create()
+        .unwrap();
+    let t = NewTopic::new(&dlq, 1, TopicReplication::Fixed(1)).set("max.message.bytes", "20000");
+    for r in futures::executor::block_on(admin.create_topics([&t], &AdminOptions::new())).unwrap() {
+        r.unwrap();
+    }
+    let big = Out {
+        payload: Some(vec![b'x'; 50_000]),
+        ..Out::seq("big", 0)
+    };
+    produce(&topic, &[big, Out::seq("after", 1)]);
+    let group = common::unique("dlq-small");
+    let dir = setup(&format!(
+        "[consumers.run]\ntopic = \"{topic}\"\ngroup = \"{group}\"\nhandler = \"exec\"\ndump = \"raw\"\n\
+         command = [\"sh\", \"-c\", \"[ \\\"$DEVOUR_KEY\\\" != big ] || exit 65; cat >> out.txt\"]\n"
+    ));
+    let child = devour(dir.path(), &["consume", "run"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(8));
+    let _ = Command::new("kill").arg(child.id().to_string()).status(); // SIGTERM
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("raise the max.message.bytes of {dlq}")),
+        "{stderr}"
+    );
+    assert!(
+        !dir.path().join("out.txt").exists(),
+        "the message after it was handled first"
+    );
+    let at = committed(&offsets_reader(&group), &topic, 1)[0];
+    assert!(
+        at <= 0,
+        "offset {at} committed past the message that was not dead-lettered"
+    );
+}

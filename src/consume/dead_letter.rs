@@ -117,6 +117,20 @@ impl DeadLetters {
                 value: Some(v.as_bytes()),
             });
         }
+        let size = payload.map_or(0, <[u8]>::len)
+            + meta.key.map_or(0, <[u8]>::len)
+            + extra.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+        // The one failure that waiting does not cure: say what would.
+        let hint = |e: &str| {
+            if e.contains("too large") {
+                format!(
+                    " (the message with its headers is about {size} bytes: raise the \
+                     max.message.bytes of {topic}; the partition waits until then)"
+                )
+            } else {
+                String::new()
+            }
+        };
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let mut record: BaseRecord<'_, [u8], [u8], _> =
             BaseRecord::with_opaque_to(&topic, Box::new(tx)).headers(headers);
@@ -126,16 +140,19 @@ impl DeadLetters {
         if let Some(p) = payload {
             record = record.payload(p);
         }
-        self.producer
-            .send(record)
-            .map_err(|(e, _)| format!("cannot queue the dead letter for {topic}: {e}"))?;
+        self.producer.send(record).map_err(|(e, _)| {
+            let e = e.to_string();
+            format!("cannot queue the dead letter for {topic}: {e}{}", hint(&e))
+        })?;
         // message.timeout.ms (default 300 s) bounds the wait; a little more for the callback.
         // A stop ends the wait: the message is not finished, so it is read again later.
         let deadline = std::time::Instant::now() + Duration::from_secs(330);
         loop {
             match rx.recv_timeout(Duration::from_millis(100)) {
                 Ok(Ok(())) => return Ok(topic),
-                Ok(Err(e)) => return Err(format!("dead letter to {topic} failed: {e}")),
+                Ok(Err(e)) => {
+                    return Err(format!("dead letter to {topic} failed: {e}{}", hint(&e)))
+                }
                 Err(_) if stop.load(std::sync::atomic::Ordering::Relaxed) => {
                     return Err(format!(
                         "dead letter to {topic}: stopping before its acknowledgement"
