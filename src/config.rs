@@ -190,24 +190,37 @@ impl fmt::Display for DatabaseUrl {
     }
 }
 
+/// Splits a `postgres://` URL after its user info the way libpq reads it: the user info ends at
+/// the first `@` before the first `/` (so a `?` in a password is part of it). Returns (user
+/// info including its `@`, or empty; the rest: host, path, query).
+pub(crate) fn split_userinfo(url: &str) -> (&str, &str) {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let rest = &url[start..];
+    let slash = rest.find('/').unwrap_or(rest.len());
+    match rest[..slash].find('@') {
+        Some(at) => (&rest[..=at], &rest[at + 1..]),
+        None => ("", rest),
+    }
+}
+
 /// libpq parameters that hold a password.
 const URL_SECRETS: [&str; 2] = ["password", "sslpassword"];
 
 /// `url` with every password masked: the one in `user:password@`, and the `password` and
 /// `sslpassword` parameters (`?password=…`).
 fn redact_url_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
+    let Some(scheme_end) = url.find("://") else {
         return url.to_string();
     };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    let authority = match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{user}:***@{host}"),
-            None => authority.to_string(),
-        },
-        None => authority.to_string(),
+    let scheme = &url[..scheme_end];
+    let (userinfo, rest) = split_userinfo(url);
+    let userinfo = match userinfo.split_once(':') {
+        Some((user, _)) => format!("{user}:***@"),
+        None => userinfo.to_string(),
     };
+    let host_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (host, tail) = rest.split_at(host_end);
+    let authority = format!("{userinfo}{host}");
     let tail = match tail.split_once('?') {
         Some((path, query)) => {
             let params: Vec<String> = query
@@ -1535,6 +1548,11 @@ mod tests {
         assert_eq!(
             redact_url_password("postgresql://u@h/db?password=s&sslmode=require&sslpassword=t"),
             "postgresql://u@h/db?password=***&sslmode=require&sslpassword=***"
+        );
+        // libpq reads the user info up to the first `@` before the first `/`.
+        assert_eq!(
+            redact_url_password("postgres://app:pa?ss@db:5432/app?sslmode=require"),
+            "postgres://app:***@db:5432/app?sslmode=require"
         );
     }
 

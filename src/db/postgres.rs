@@ -24,6 +24,8 @@ const CLIENT_TIMEOUTS: [(&str, &str); 5] = [
 /// the connect timeout); both URL (`postgres://…?k=v`) and keyword (`host=… k=v`) forms.
 pub(crate) fn with_client_timeouts(url: &str) -> String {
     let uri = url.starts_with("postgres://") || url.starts_with("postgresql://");
+    // A `?` in the user info (a password) does not start the query.
+    let mut query = uri && crate::config::split_userinfo(url).1.contains('?');
     let mut out = url.trim_end().to_string();
     for (k, v) in CLIENT_TIMEOUTS {
         if url.contains(&format!("{k}="))
@@ -32,7 +34,8 @@ pub(crate) fn with_client_timeouts(url: &str) -> String {
             continue;
         }
         if uri {
-            out.push(if out.contains('?') { '&' } else { '?' });
+            out.push(if query { '&' } else { '?' });
+            query = true;
         } else {
             out.push(' ');
         }
@@ -126,6 +129,11 @@ mod tests {
         assert_eq!(
             with_client_timeouts("postgresql://h/db?sslmode=require&connect_timeout=3&keepalives_idle=60&keepalives_interval=1&keepalives_count=9"),
             "postgresql://h/db?sslmode=require&connect_timeout=3&keepalives_idle=60&keepalives_interval=1&keepalives_count=9&tcp_user_timeout=30000"
+        );
+        assert_eq!(
+            with_client_timeouts("postgres://u:p?w@h/db"),
+            "postgres://u:p?w@h/db?connect_timeout=10&keepalives_idle=15&keepalives_interval=5\
+             &keepalives_count=3&tcp_user_timeout=30000"
         );
         assert_eq!(
             with_client_timeouts("host=h dbname=db tcp_user_timeout=0"),

@@ -536,6 +536,11 @@ impl Relay {
             Box::new(move |shared, store, config| commit_loop(shared, store, config, rx)),
         )?;
         let lease_keeper = spawn("devour-relay-lease", Box::new(lease_loop))?;
+        // Counting is a pass over the outbox (long under a big backlog): on its own thread and
+        // connection, only when someone reads the metrics, and never waited for at a stop.
+        if self.config.metrics.listen.is_some() {
+            drop(spawn("devour-relay-backlog", Box::new(backlog_loop))?);
+        }
         let listener = match &self.config.database.url {
             #[cfg(feature = "postgres")]
             crate::config::DatabaseUrl::Postgres(url) => {
@@ -1187,6 +1192,33 @@ const ACCESS_CHECK: Duration = Duration::from_secs(10);
 /// How often the lease keeper counts the backlog for the metrics.
 const BACKLOG_EVERY: Duration = Duration::from_secs(10);
 
+/// Sets the backlog gauges (rows in the outbox, age of the oldest) every `BACKLOG_EVERY`.
+fn backlog_loop(shared: &Shared, mut store: Store, config: &Config) {
+    let mut last = Instant::now() - BACKLOG_EVERY;
+    while !shared.threads_stop.load(Ordering::Acquire) {
+        if last.elapsed() >= BACKLOG_EVERY {
+            last = Instant::now();
+            match store.backlog().and_then(|n| Ok((n, store.oldest_age_s()?))) {
+                Ok((n, age)) => {
+                    metrics::gauge!(names::RELAY_BACKLOG_ROWS).set(n as f64);
+                    metrics::gauge!(names::RELAY_OLDEST_AGE).set(age);
+                }
+                Err(e) => {
+                    tracing::debug!(relay = %shared.relay_id, "counting the backlog: {e}");
+                    // A broken connection is opened again at the next count.
+                    if !e.is_retriable() {
+                        continue;
+                    }
+                    if let Ok(s) = Store::open(config) {
+                        store = s;
+                    }
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Keeps the leases: heartbeat, renew, take a fair share, hand back the excess (after its rows
 /// in flight are removed), and on stop release everything.
 fn lease_loop(shared: &Shared, mut store: Store, config: &Config) {
@@ -1194,8 +1226,6 @@ fn lease_loop(shared: &Shared, mut store: Store, config: &Config) {
     let period = Duration::from_millis(ttl / 3);
     let id = shared.relay_id.clone();
     let shares = store.shares_shards();
-    let mut last_backlog = Instant::now() - BACKLOG_EVERY;
-    let metrics_served = config.metrics.listen.is_some();
     while !shared.threads_stop.load(Ordering::Acquire) {
         let started = Instant::now();
         let stopping = shared.stopping();
@@ -1266,17 +1296,6 @@ fn lease_loop(shared: &Shared, mut store: Store, config: &Config) {
                     None => format!("{held} shard(s) held"),
                 };
                 health.report("work", held > 0, work);
-                // Counting is a pass over the outbox: only when someone reads the metrics.
-                if metrics_served && last_backlog.elapsed() >= BACKLOG_EVERY {
-                    last_backlog = Instant::now();
-                    match store.backlog().and_then(|n| Ok((n, store.oldest_age_s()?))) {
-                        Ok((n, age)) => {
-                            metrics::gauge!(names::RELAY_BACKLOG_ROWS).set(n as f64);
-                            metrics::gauge!(names::RELAY_OLDEST_AGE).set(age);
-                        }
-                        Err(e) => tracing::debug!(relay = %id, "counting the backlog: {e}"),
-                    }
-                }
             }
             Err(e) => {
                 tracing::warn!(relay = %id, "lease renewal failed: {e}");
