@@ -445,6 +445,17 @@ fn second_relay_on_sqlite_stands_by_until_the_first_stops() {
     let mut c = SqliteConnection::open(&db);
     common::insert_rows(&mut c, &topic, 0, 100, 10);
     common::consume_seqs(&topic, 100, Duration::from_secs(30));
+    // A drain cannot wait for the holder forever: it says who drains the outbox instead.
+    let t = Instant::now();
+    let drain = RunOptions {
+        mode: relay::Mode::Drain,
+        progress: false,
+    };
+    let err = relay::start(&config, drain)
+        .and_then(|h| h.join())
+        .expect_err("a drain while another relay holds the SQLite outbox");
+    assert!(matches!(err, relay::RelayError::Standby(_)), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
     first.shutdown();
     let r1 = first.join().unwrap();
     assert_eq!(r1.delivered, 100, "the first relay did the work");

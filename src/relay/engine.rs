@@ -645,7 +645,7 @@ impl Relay {
         // Since when reads have found only rows held back behind an open transaction.
         let mut held_since: Option<Instant> = None;
         let mut progress = Progress::new(&self.options);
-        let mut standby_logged = false;
+        let mut standby_since: Option<Instant> = None;
         let mut prefetch = Prefetcher::start(&self.config)?;
 
         while !shared.stopping() {
@@ -678,14 +678,21 @@ impl Relay {
             }
             let view = shared.leases();
             if let Some(holder) = &view.standby {
-                if !standby_logged {
+                let since = *standby_since.get_or_insert_with(|| {
                     tracing::info!(relay = %shared.relay_id, "relay {holder} holds this SQLite outbox; standing by");
-                    standby_logged = true;
+                    Instant::now()
+                });
+                // A drain stands by only as long as the holder's lease could still run out (it
+                // may be stopping): past that, the holder is alive and drains the rows itself.
+                if self.options.mode == Mode::Drain
+                    && since.elapsed() > Duration::from_millis(2 * rc.lease_ttl_ms)
+                {
+                    return Err(RelayError::Standby(holder.clone()));
                 }
                 shared.wake.wait(poll);
                 continue;
             }
-            standby_logged = false;
+            standby_since = None;
             let shards: Vec<i32> = if Instant::now() < view.valid_until {
                 view.owned
                     .keys()

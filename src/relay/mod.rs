@@ -46,6 +46,10 @@ pub enum RelayError {
     /// A relay thread panicked.
     #[error("relay thread panicked: {0}")]
     Panicked(String),
+    /// `--drain` on SQLite while another relay holds the outbox: that relay delivers the rows,
+    /// this one could only wait.
+    #[error("relay {0} holds this SQLite outbox and delivers its rows; a drain here cannot (stop it first, or let it drain)")]
+    Standby(String),
 }
 
 impl RelayError {
@@ -53,7 +57,7 @@ impl RelayError {
     pub fn is_retriable(&self) -> bool {
         match self {
             RelayError::Db(e) => e.is_retriable(),
-            RelayError::Kafka(_) => true,
+            RelayError::Kafka(_) | RelayError::Standby(_) => true,
             RelayError::Config(_) | RelayError::Refused(_) | RelayError::Panicked(_) => false,
         }
     }
