@@ -394,7 +394,21 @@ fn run(cli: Cli, registry: &crate::consume::Registry) -> Result<(), Failure> {
                 config.metrics.listen = Some(a);
             }
             let _server = match config.metrics.listen {
-                Some(addr) => Some(crate::telemetry::serve(addr, &config)?),
+                Some(addr) => {
+                    // The readiness probe reaches the brokers as the route does (its own
+                    // brokers and credentials, if it has them).
+                    let mut probe = config.clone();
+                    if let Some(route) = config.consumers.get(&args.name) {
+                        probe.kafka.properties.extend(
+                            route
+                                .properties
+                                .iter()
+                                .filter(|(k, _)| crate::consume::is_connection_property(k))
+                                .map(|(k, v)| (k.clone(), v.clone())),
+                        );
+                    }
+                    Some(crate::telemetry::serve(addr, &probe)?)
+                }
                 None => None,
             };
             let stop = stop_on_signals()?;

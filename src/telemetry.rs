@@ -94,9 +94,12 @@ struct Check {
 #[derive(Debug, Default)]
 pub struct Health {
     checks: Mutex<BTreeMap<&'static str, Check>>,
+    /// Milliseconds after which a passing check counts as failing; 0: [`STALE`].
+    stale_ms: std::sync::atomic::AtomicU64,
 }
 
-/// A passing check older than this counts as failing (its reporter stopped reporting).
+/// A passing check older than this counts as failing (its reporter stopped reporting), unless
+/// a reporter reports less often ([`Health::report_every`]).
 const STALE: Duration = Duration::from_secs(30);
 
 impl Health {
@@ -115,13 +118,26 @@ impl Health {
             );
     }
 
-    /// Whether every check passed within the last 30 s, with each check's state as JSON.
+    /// A reporter that reports only every `period` (the relay, once per lease tick): its checks
+    /// stay fresh for three periods, and at least 30 s.
+    pub fn report_every(&self, period: Duration) {
+        let ms = u64::try_from((3 * period).max(STALE).as_millis()).unwrap_or(u64::MAX);
+        self.stale_ms
+            .fetch_max(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether every check passed recently (30 s, or three report periods), with each check's
+    /// state as JSON.
     pub fn ready(&self) -> (bool, serde_json::Value) {
+        let stale = match self.stale_ms.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => STALE,
+            ms => Duration::from_millis(ms),
+        };
         let checks = self.checks.lock().unwrap_or_else(|p| p.into_inner());
         let mut all = !checks.is_empty();
         let mut out = serde_json::Map::new();
         for (name, c) in checks.iter() {
-            let fresh = c.at.elapsed() < STALE;
+            let fresh = c.at.elapsed() < stale;
             let ok = c.ok && fresh;
             all &= ok;
             out.insert(
@@ -282,4 +298,29 @@ fn probe_broker(config: &Config, stop: std::sync::Arc<std::sync::atomic::AtomicB
                 }
             }
         });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A check reported 40 s ago is stale for a reporter that reports every few seconds, but
+    /// not for one that reports every 20 s (a relay with lease_ttl_ms = 60000).
+    #[test]
+    fn checks_of_a_slow_reporter_stay_fresh_for_three_periods() {
+        let h = Health::default();
+        h.checks.lock().unwrap().insert(
+            "database",
+            Check {
+                ok: true,
+                at: Instant::now() - Duration::from_secs(40),
+                detail: "leases renewed".into(),
+            },
+        );
+        assert!(!h.ready().0, "stale after 30 s by default");
+        h.report_every(Duration::from_secs(20));
+        assert!(h.ready().0, "fresh for 60 s when reports come every 20 s");
+        h.report_every(Duration::from_secs(1));
+        assert!(h.ready().0, "a faster reporter does not shorten it");
+    }
 }

@@ -1231,6 +1231,7 @@ fn backlog_loop(shared: &Shared, mut store: Store, config: &Config) {
 fn lease_loop(shared: &Shared, mut store: Store, config: &Config) {
     let ttl = shared.config.lease_ttl_ms;
     let period = Duration::from_millis(ttl / 3);
+    crate::telemetry::health().report_every(period);
     let id = shared.relay_id.clone();
     let shares = store.shares_shards();
     while !shared.threads_stop.load(Ordering::Acquire) {
