@@ -344,7 +344,7 @@ impl DbConnection {
     /// relays of this process start their next pass at the oldest row (on PostgreSQL,
     /// [`with_rescan`] has told every relay already).
     fn ask_relays_to_rescan(&mut self) {
-        crate::relay::notify_local();
+        crate::relay::rescan_local();
     }
 
     /// Deletes dead letters for good (the later rows of their keys are then delivered).

@@ -676,6 +676,9 @@ impl Relay {
                 *producer = kafka::create_producer(&self.producer_config, tx.clone())?;
                 pass.restart(&shared, true, horizon.settled);
             }
+            if shared.wake.take_rescan() {
+                shared.rescan.store(true, Ordering::Release);
+            }
             let view = shared.leases();
             if let Some(holder) = &view.standby {
                 let since = *standby_since.get_or_insert_with(|| {

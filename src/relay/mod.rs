@@ -94,12 +94,20 @@ pub(crate) struct Wake {
     cv: Condvar,
     /// Until when to poll eagerly: a local write was just made and may commit any moment.
     eager_until: Mutex<Option<Instant>>,
+    /// Rows came back below the cursor (`devour outbox retry|discard` in this process): the
+    /// next pass starts at the oldest row.
+    rescan: std::sync::atomic::AtomicBool,
 }
 
 impl Wake {
     pub(crate) fn wake(&self) {
         *self.woken.lock().unwrap_or_else(|p| p.into_inner()) = true;
         self.cv.notify_all();
+    }
+
+    /// Takes a rescan request made in this process.
+    pub(crate) fn take_rescan(&self) -> bool {
+        self.rescan.swap(false, Ordering::AcqRel)
     }
 
     fn wake_eager(&self) {
@@ -148,6 +156,20 @@ pub fn notify_local() {
     }
     let l = LOCAL.lock().unwrap_or_else(|p| p.into_inner());
     for w in l.iter().filter_map(Weak::upgrade) {
+        w.wake_eager();
+    }
+}
+
+/// Tells relays running in this process that rows came back below their cursor (a retried
+/// dead letter) or a key is no longer held back: their next pass starts at the oldest row.
+/// (On PostgreSQL, relays anywhere get the same request through NOTIFY.)
+pub(crate) fn rescan_local() {
+    if !ANY_LOCAL.load(Ordering::Acquire) {
+        return;
+    }
+    let l = LOCAL.lock().unwrap_or_else(|p| p.into_inner());
+    for w in l.iter().filter_map(Weak::upgrade) {
+        w.rescan.store(true, Ordering::Release);
         w.wake_eager();
     }
 }
