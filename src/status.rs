@@ -21,6 +21,9 @@ pub struct Status {
     pub dead_letters: Backlog,
     /// Relays that heartbeat, with the shards they hold.
     pub relays: Vec<RelayState>,
+    /// A relay whose last heartbeat is older than this (`relay.lease_ttl_ms`) is silent: it
+    /// crashed or was stopped without leaving (its row stays until another relay clears it).
+    pub silent_after_s: f64,
     /// Shards held by no relay under an unexpired lease.
     pub unheld_shards: i64,
     /// Each consumer route's lag.
@@ -112,6 +115,7 @@ pub fn gather(config: &Config, timeout: Duration) -> Result<Status, DbError> {
         shards,
         dead_letters,
         relays,
+        silent_after_s: config.relay.lease_ttl_ms as f64 / 1000.0,
         unheld_shards: i64::from(crate::outbox::SHARDS) - held,
         consumers,
     })
@@ -186,20 +190,28 @@ pub fn render(s: &Status) -> String {
     for t in &s.dead_letters.topics {
         let _ = writeln!(o, "  {:<32} {:>10}", t.topic, t.rows);
     }
+    let silent = |r: &RelayState| r.heartbeat_age_s > s.silent_after_s;
+    let n_silent = s.relays.iter().filter(|r| silent(r)).count();
     let _ = writeln!(
         o,
-        "relays: {} heartbeating; shards held: {} of {}",
-        s.relays.len(),
+        "relays: {} heartbeating{}; shards held: {} of {}",
+        s.relays.len() - n_silent,
+        if n_silent > 0 {
+            format!(", {n_silent} silent (crashed, or stopped without leaving)")
+        } else {
+            String::new()
+        },
         i64::from(crate::outbox::SHARDS) - s.unheld_shards,
         crate::outbox::SHARDS
     );
     for r in &s.relays {
         let _ = writeln!(
             o,
-            "  {:<40} {:>4} shard(s)  heartbeat {} ago",
+            "  {:<40} {:>4} shard(s)  heartbeat {} ago{}",
             r.relay_id,
             r.shards,
-            age(Some(r.heartbeat_age_s))
+            age(Some(r.heartbeat_age_s)),
+            if silent(r) { "  (silent)" } else { "" }
         );
     }
     if s.consumers.is_empty() {

@@ -116,6 +116,12 @@ fn status_counts_backlog_dead_letters_and_consumer_lag() {
     common::insert_rows(&mut c, "status-a", 0, 30, 7);
     common::insert_rows(&mut c, "status-b", 30, 20, 5);
     dead_letters(&mut c, "status-a", &[(1_000_001, "k1")]);
+    // A relay that crashed an hour ago: its row stays until another relay clears it.
+    c.batch_execute(
+        "INSERT INTO devour_relays (relay_id, started_at, heartbeat_at) \
+         VALUES ('crashed-relay', now() - interval '2 hours', now() - interval '1 hour')",
+    )
+    .unwrap();
     let topic = create_topic("ops-lag", 2);
     produce_seqs(&topic, 10, 4);
     let group = common::unique("lag");
@@ -166,6 +172,16 @@ fn status_counts_backlog_dead_letters_and_consumer_lag() {
     assert_eq!(code, 0, "{err}");
     assert!(table.contains("outbox: 50 undelivered row(s)"), "{table}");
     assert!(table.contains("dead letters: 1"), "{table}");
+    assert!(
+        table.contains("relays: 0 heartbeating, 1 silent"),
+        "a relay silent for an hour is not heartbeating: {table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("crashed-relay") && l.ends_with("(silent)")),
+        "{table}"
+    );
     assert!(
         table
             .lines()
