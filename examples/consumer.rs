@@ -3,9 +3,10 @@
 //! and `consume NAME` routes to its handlers.
 //!
 //! Two handlers:
-//! - `order-totals` (`dump = "obj"`, `inbox = true`): adds each order to its customer's total in
-//!   table `order_totals`, in the inbox transaction, so every order counts exactly once even
-//!   when Kafka or the relay delivers it twice;
+//! - `order-totals` (`dump = "obj"`, `inbox = true`): keeps each customer's order count and total
+//!   in table `order_totals` (an order counts once, as it is now: an `update` replaces its old
+//!   total, a `delete` takes it out), in the inbox transaction, so a message Kafka or the relay
+//!   delivers twice counts once too;
 //! - `audit`: prints one line per message (any `dump`).
 //!
 //! ```toml
@@ -36,28 +37,37 @@ struct Order {
     event: Option<String>,
 }
 
-const TOTALS: &str = "CREATE TABLE IF NOT EXISTS order_totals \
-    (customer_id BIGINT PRIMARY KEY, orders BIGINT NOT NULL, total_cents BIGINT NOT NULL)";
+const TABLES: &str = "CREATE TABLE IF NOT EXISTS order_totals \
+    (customer_id BIGINT PRIMARY KEY, orders BIGINT NOT NULL, total_cents BIGINT NOT NULL); \
+    CREATE TABLE IF NOT EXISTS order_lines \
+    (id BIGINT PRIMARY KEY, customer_id BIGINT NOT NULL, total_cents BIGINT NOT NULL)";
 
 /// Keeps `order_totals` up to date, exactly once per order message.
 struct OrderTotals;
 
 impl OrderTotals {
     fn apply(conn: &mut impl SimpleConnection, order: &Order) -> Result<(), DigestError> {
-        // A delete takes the order back out of the total.
-        let sign = if order.event.as_deref() == Some("delete") {
-            -1
-        } else {
-            1
-        };
-        conn.batch_execute(TOTALS)?;
+        conn.batch_execute(TABLES)?;
+        // Take the order's last known line (if any) out of its customer's total…
         conn.batch_execute(&format!(
-            "INSERT INTO order_totals (customer_id, orders, total_cents) VALUES ({c}, {sign}, {t}) \
-             ON CONFLICT (customer_id) DO UPDATE SET orders = order_totals.orders + {sign}, \
-             total_cents = order_totals.total_cents + {t}",
-            c = order.customer_id,
-            t = sign * order.total_cents,
+            "UPDATE order_totals SET orders = orders - 1, \
+               total_cents = total_cents - (SELECT total_cents FROM order_lines WHERE id = {id}) \
+             WHERE customer_id = (SELECT customer_id FROM order_lines WHERE id = {id}); \
+             DELETE FROM order_lines WHERE id = {id}",
+            id = order.id,
         ))?;
+        // …then, unless it was deleted, put it back as it is now.
+        if order.event.as_deref() != Some("delete") {
+            conn.batch_execute(&format!(
+                "INSERT INTO order_lines (id, customer_id, total_cents) VALUES ({id}, {c}, {t}); \
+                 INSERT INTO order_totals (customer_id, orders, total_cents) VALUES ({c}, 1, {t}) \
+                 ON CONFLICT (customer_id) DO UPDATE SET orders = order_totals.orders + 1, \
+                 total_cents = order_totals.total_cents + {t}",
+                id = order.id,
+                c = order.customer_id,
+                t = order.total_cents,
+            ))?;
+        }
         Ok(())
     }
 }

@@ -78,16 +78,22 @@ fn consumer_example_counts_each_order_once() {
     let bin = consumer_example();
     let db = TestDb::new(Backend::Sqlite, "example_consumer");
     let topic = create_topic("example-orders", 2);
-    let order = |id: i64, customer: i64, cents: i64| {
+    let order = |id: i64, customer: i64, cents: i64, event: &str| {
         format!(
-            r#"{{"id":{id},"customer_id":{customer},"total_cents":{cents},"status":"placed","event":"create"}}"#
+            r#"{{"id":{id},"customer_id":{customer},"total_cents":{cents},"status":"placed","event":"{event}"}}"#
         )
     };
     let (o1, o2, o3, bad) = (
-        order(1, 7, 1000),
-        order(2, 7, 250),
-        order(3, 8, 99),
-        order(4, 8, -5),
+        order(1, 7, 1000, "create"),
+        order(2, 7, 250, "create"),
+        order(3, 8, 99, "create"),
+        order(4, 8, -5, "create"),
+    );
+    // Order 1 changes (1000 → 1200), order 5 comes and goes: each order counts once, as it is.
+    let (o1b, o5, o5d) = (
+        order(1, 7, 1200, "update"),
+        order(5, 8, 500, "create"),
+        order(5, 8, 500, "delete"),
     );
     let msg = |body: &str, id: &'static str| Out {
         key: Some("7"),
@@ -103,6 +109,9 @@ fn consumer_example_counts_each_order_once() {
             msg(&o3, "m3"),
             msg(&o2, "m2"),
             msg(&bad, "m4"),
+            msg(&o1b, "m5"),
+            msg(&o5, "m6"),
+            msg(&o5d, "m7"),
         ],
     );
     let dir = tempfile::tempdir().unwrap();
@@ -132,7 +141,7 @@ fn consumer_example_counts_each_order_once() {
     run(&["migrate"]);
     let log = run(&["consume", "totals", "--drain"]);
     assert!(
-        log.contains("3 processed, 1 dead-lettered, 1 duplicate(s) skipped"),
+        log.contains("6 processed, 1 dead-lettered, 1 duplicate(s) skipped"),
         "{log}"
     );
     #[derive(QueryableByName, Debug, PartialEq)]
@@ -153,7 +162,7 @@ fn consumer_example_counts_each_order_once() {
         Total {
             customer_id: 7,
             orders: 2,
-            total_cents: 1250,
+            total_cents: 1450,
         },
         Total {
             customer_id: 8,
@@ -166,7 +175,7 @@ fn consumer_example_counts_each_order_once() {
     rewind(&group, &topic, 2);
     let log = run(&["consume", "totals", "--drain"]);
     assert!(
-        log.contains("0 processed, 1 dead-lettered, 4 duplicate(s) skipped"),
+        log.contains("0 processed, 1 dead-lettered, 7 duplicate(s) skipped"),
         "{log}"
     );
     assert_eq!(totals(), expected);

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{Account, Note, Tagged, TestConn, TestDb};
+use common::{Account, Audit, Note, Stamp, Tag, Tagged, TestConn, TestDb};
 use devour::outbox::{shard_for_key, HEADER_TRACEPARENT};
 use devour::prelude::*;
 use devour::{ProduceError, Producer};
@@ -12,6 +12,8 @@ both_backends!(
     commit_writes_model_and_outbox_row,
     rollback_writes_neither,
     save_twice_is_create_then_update,
+    a_save_with_nothing_to_set_is_an_update,
+    a_model_field_named_event_is_an_error_not_overwritten,
     delete_produces_delete,
     delete_of_missing_row_is_an_error_and_writes_nothing,
     produce_false_suppresses,
@@ -93,6 +95,55 @@ where
     assert!(rows[0].id < rows[1].id);
     assert_eq!(rows[1].payload.as_ref().unwrap()["name"], "ada lovelace");
     assert_eq!(rows[1].payload.as_ref().unwrap()["event"], "update");
+}
+
+/// A model whose other fields are all `None` without `treat_none_as_null` gives Diesel nothing to
+/// set: saving it again is still an update (it was an error).
+fn a_save_with_nothing_to_set_is_an_update<C: TestConn>(db: &TestDb)
+where
+    Tag: ModelStore<C::Backend>,
+{
+    let mut c = C::open(db);
+    let t = Tag { id: 1, color: None };
+    let events: Vec<Event> = (0..2)
+        .map(|_| t.save(&mut c, SaveOptions::new()).unwrap().event)
+        .collect();
+    assert_eq!(events, [Event::Create, Event::Update]);
+    let red = Tag {
+        id: 2,
+        color: Some("red".into()),
+    };
+    red.save(&mut c, SaveOptions::new()).unwrap();
+    // `None` means "leave it" here (Diesel's default): the row keeps its colour.
+    let saved = Tag { id: 2, color: None }
+        .save(&mut c, SaveOptions::new())
+        .unwrap();
+    assert_eq!((saved.event, saved.model), (Event::Update, red));
+    let events: Vec<_> = c
+        .outbox()
+        .iter()
+        .map(|r| r.event.clone().unwrap())
+        .collect();
+    assert_eq!(events, ["create", "update", "create", "update"]);
+}
+
+/// A model's own `event` column would silently become create/update/delete in the message:
+/// the save fails instead, and writes nothing.
+fn a_model_field_named_event_is_an_error_not_overwritten<C: TestConn>(db: &TestDb)
+where
+    Audit: ModelStore<C::Backend>,
+{
+    let mut c = C::open(db);
+    let a = Audit {
+        id: 1,
+        event: "login".into(),
+    };
+    let err = a.save(&mut c, SaveOptions::new()).unwrap_err();
+    assert!(
+        err.to_string().contains("has a field `event` of its own"),
+        "{err}"
+    );
+    assert_eq!((c.count("audits"), c.count("devour_outbox")), (0, 0));
 }
 
 fn delete_produces_delete<C: TestConn>(db: &TestDb)
@@ -424,4 +475,25 @@ where
     assert!(matches!(err, ProduceError::TooLarge { .. }), "{err}");
     assert_eq!(c.count("accounts"), 0);
     assert_eq!(c.count("devour_outbox"), 0);
+}
+
+/// A model with a PostgreSQL-only column type (`timestamptz`) and
+/// `#[diesel(check_for_backend(diesel::pg::Pg))]` compiles (the derive generates no SQLite
+/// store for it) and saves.
+#[test]
+fn a_postgres_only_model_saves() {
+    use diesel::Connection;
+    let db = TestDb::new(common::Backend::Postgres, "pg_only_model");
+    let mut c = diesel::PgConnection::establish(&db.url).unwrap();
+    let at = chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap();
+    let saved = Stamp { id: 1, at }
+        .save(&mut c, SaveOptions::new())
+        .unwrap();
+    assert_eq!(saved.event, Event::Create);
+    let rows = c.outbox();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        rows[0].payload.as_ref().unwrap()["at"],
+        "2023-11-14T22:13:20+00:00"
+    );
 }

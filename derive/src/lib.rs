@@ -55,6 +55,7 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
 
     let mut table: Option<Path> = None;
     let mut primary_key: Vec<Ident> = Vec::new();
+    let mut backends: Vec<&str> = Vec::new();
     let mut s = Settings::default();
     for attr in &input.attrs {
         if attr.path().is_ident("diesel") {
@@ -66,10 +67,45 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
                         primary_key.push(pk.path.require_ident()?.clone());
                         Ok(())
                     })?;
+                } else if meta.path.is_ident("check_for_backend") {
+                    // The model's backends: only their stores are generated (a column type of
+                    // one backend has no meaning on the other).
+                    let content;
+                    syn::parenthesized!(content in meta.input);
+                    let paths = content
+                        .parse_terminated(syn::Path::parse_mod_style, syn::Token![,])?;
+                    for path in paths {
+                        let last = path.segments.last().map(|s| s.ident.to_string());
+                        match last.as_deref() {
+                            Some("Pg") => backends.push("postgres"),
+                            Some("Sqlite") => backends.push("sqlite"),
+                            _ => {
+                                return Err(syn::Error::new_spanned(
+                                    &path,
+                                    "devour supports the backends diesel::pg::Pg and diesel::sqlite::Sqlite",
+                                ))
+                            }
+                        }
+                    }
                 } else {
-                    // Other Diesel options are Diesel's business: skip their tokens.
+                    // Other Diesel options are Diesel's business: skip their tokens, up to the
+                    // next comma outside any `<…>` (a type such as `Select<t, (a, b)>`).
                     if meta.input.peek(syn::Token![=]) {
-                        let _: syn::Expr = meta.value()?.parse()?;
+                        let input = meta.value()?;
+                        let mut depth = 0usize;
+                        loop {
+                            let at_end = input.is_empty() || (depth == 0 && input.peek(syn::Token![,]));
+                            if at_end {
+                                break;
+                            }
+                            match input.parse::<proc_macro2::TokenTree>()? {
+                                proc_macro2::TokenTree::Punct(p) if p.as_char() == '<' => depth += 1,
+                                proc_macro2::TokenTree::Punct(p) if p.as_char() == '>' => {
+                                    depth = depth.saturating_sub(1)
+                                }
+                                _ => {}
+                            }
+                        }
                     } else if meta.input.peek(syn::token::Paren) {
                         let _content;
                         syn::parenthesized!(_content in meta.input);
@@ -133,12 +169,40 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
         quote!((#(#table::#primary_key),*))
     };
 
+    if s.customize {
+        let set: Vec<&str> = [
+            ("topic", s.topic.is_some()),
+            ("partition_key", s.partition_key.is_some()),
+            ("auto_produce", s.auto_produce.is_some()),
+            ("producer_type", s.producer_type.is_some()),
+            ("max_message_bytes", s.max_message_bytes.is_some()),
+        ]
+        .iter()
+        .filter(|(_, set)| *set)
+        .map(|(k, _)| *k)
+        .collect();
+        if !set.is_empty() {
+            return Err(syn::Error::new_spanned(
+                ident,
+                format!(
+                    "with #[devour(customize)] your `impl Producer` says everything: {} would be ignored; \
+                     set it in that impl's CONFIG instead",
+                    set.join(", ")
+                ),
+            ));
+        }
+    }
+    let both = backends.is_empty();
+    let postgres = (both || backends.contains(&"postgres"))
+        .then(|| quote!(::devour::__model_store_postgres!(#ident, #table::table, #conflict);));
+    let sqlite = (both || backends.contains(&"sqlite"))
+        .then(|| quote!(::devour::__model_store_sqlite!(#ident, #table::table, #conflict);));
     let mut out = quote! {
         impl ::devour::ModelTable for #ident {
             const TABLE: &'static str = #table_name;
         }
-        ::devour::__model_store_postgres!(#ident, #table::table, #conflict);
-        ::devour::__model_store_sqlite!(#ident, #table::table, #conflict);
+        #postgres
+        #sqlite
     };
     if !s.customize {
         let mut config = quote!(::devour::ProducerConfig::new());

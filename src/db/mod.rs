@@ -379,11 +379,25 @@ macro_rules! __model_store {
                 C: $crate::__private::LoadConnection<Backend = $backend>,
             {
                 use $crate::__private::*;
-                diesel::update(self)
+                match diesel::update(self)
                     .set(self)
                     .returning(<Self as SelectableHelper<$backend>>::as_select())
                     .get_result::<Self>(conn)
                     .optional()
+                {
+                    // Nothing to set (every other field is `None` without
+                    // `treat_none_as_null`, or skipped): the save changes nothing, and the row
+                    // is updated if it is there.
+                    Err(diesel::result::Error::QueryBuilderError(e))
+                        if e.is::<diesel::result::EmptyChangeset>() =>
+                    {
+                        diesel::QueryDsl::find($table, diesel::Identifiable::id(self))
+                            .select(<Self as SelectableHelper<$backend>>::as_select())
+                            .get_result::<Self>(conn)
+                            .optional()
+                    }
+                    other => other,
+                }
             }
             fn delete_existing<C>(
                 &self,

@@ -75,6 +75,13 @@ pub enum ProduceError {
         /// The JSON type found.
         found: &'static str,
     },
+    /// A model's message has a field `event` of its own, which devour's `event`
+    /// (create/update/delete) would replace.
+    #[error("the message for `{what}` has a field `event` of its own, which devour sets to create/update/delete: rename it (#[serde(rename = \"...\")]) or set `event` in the extras")]
+    EventField {
+        /// Which model.
+        what: String,
+    },
     /// The field named by `partition_key` is not in the message.
     #[error("partition_key field `{field}` is not in the message for `{what}`")]
     MissingKeyField {

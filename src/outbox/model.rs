@@ -136,7 +136,14 @@ pub trait ProducerModel: ModelTable + Serialize + Sized {
         extras: &Extras,
         context: &Context,
     ) -> Result<OutboxMessage, ProduceError> {
-        let body = compose_body(Self::TABLE, self.get_schema(event, context)?, extras, event)?;
+        let schema = self.get_schema(event, context)?;
+        // A column named `event` would be replaced without a word: say so instead.
+        if schema.get("event").is_some() && !extras.contains_key("event") {
+            return Err(ProduceError::EventField {
+                what: Self::TABLE.to_string(),
+            });
+        }
+        let body = compose_body(Self::TABLE, schema, extras, event)?;
         let topic = self.get_topic(event, context)?;
         let key = self.get_partition_key(event, context, &body)?;
         Draft {

@@ -129,7 +129,100 @@ const MODELS: &str = "
 CREATE TABLE accounts (id BIGINT PRIMARY KEY, name TEXT NOT NULL, email TEXT, version INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE notes (id BIGINT PRIMARY KEY, body TEXT NOT NULL);
 CREATE TABLE tagged (id BIGINT PRIMARY KEY, label TEXT NOT NULL);
+CREATE TABLE tags (id BIGINT PRIMARY KEY, color TEXT);
+CREATE TABLE stamps (id BIGINT PRIMARY KEY, at TIMESTAMPTZ NOT NULL);
+CREATE TABLE audits (id BIGINT PRIMARY KEY, event TEXT NOT NULL);
 ";
+
+diesel::table! {
+    audits (id) {
+        id -> BigInt,
+        event -> Text,
+    }
+}
+
+/// A model with a column named `event`, which devour's own `event` would replace.
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Queryable,
+    Selectable,
+    Insertable,
+    AsChangeset,
+    Identifiable,
+    Serialize,
+    ProducerModel,
+)]
+#[diesel(table_name = audits)]
+#[devour(topic = "audits", partition_key = "id")]
+pub struct Audit {
+    pub id: i64,
+    pub event: String,
+}
+
+diesel::table! {
+    tags (id) {
+        id -> BigInt,
+        color -> Nullable<Text>,
+    }
+}
+diesel::table! {
+    stamps (id) {
+        id -> BigInt,
+        at -> Timestamptz,
+    }
+}
+
+/// A model whose only other field is an `Option` without `treat_none_as_null`: saved with
+/// `None`, Diesel has nothing to set.
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Queryable,
+    Selectable,
+    Insertable,
+    AsChangeset,
+    Identifiable,
+    Serialize,
+    ProducerModel,
+)]
+#[diesel(table_name = tags)]
+#[devour(topic = "tags", partition_key = "id")]
+pub struct Tag {
+    pub id: i64,
+    pub color: Option<String>,
+}
+
+/// A PostgreSQL-only model (a `timestamptz` column): with `check_for_backend`, the derive
+/// generates its PostgreSQL store only.
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Queryable,
+    Selectable,
+    Insertable,
+    AsChangeset,
+    Identifiable,
+    Serialize,
+    ProducerModel,
+)]
+#[diesel(table_name = stamps, check_for_backend(diesel::pg::Pg))]
+#[devour(topic = "stamps", partition_key = "id")]
+pub struct Stamp {
+    pub id: i64,
+    #[serde(serialize_with = "rfc3339")]
+    pub at: chrono::DateTime<chrono::Utc>,
+}
+
+fn rfc3339<S: serde::Serializer>(
+    t: &chrono::DateTime<chrono::Utc>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&t.to_rfc3339())
+}
 
 diesel::table! {
     accounts (id) {
