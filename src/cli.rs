@@ -400,10 +400,7 @@ fn run(cli: Cli, registry: &crate::consume::Registry) -> Result<(), Failure> {
                     let mut probe = config.clone();
                     if let Some(route) = config.consumers.get(&args.name) {
                         probe.kafka.properties.extend(
-                            route
-                                .properties
-                                .iter()
-                                .filter(|(k, _)| crate::consume::is_connection_property(k))
+                            crate::consume::route_connection_properties(route)
                                 .map(|(k, v)| (k.clone(), v.clone())),
                         );
                     }

@@ -366,18 +366,9 @@ fn sigterm_finishes_the_message_in_hand_commits_and_exits_0() {
 /// raise.
 #[test]
 fn a_dead_letter_too_large_for_its_topic_waits_and_says_what_to_raise() {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    use rdkafka::client::DefaultClientContext;
     let topic = create_topic("consume-dlq-small", 1);
     let dlq = format!("{topic}.dlq");
-    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", common::kafka_hosts())
-        .create()
-        .unwrap();
-    let t = NewTopic::new(&dlq, 1, TopicReplication::Fixed(1)).set("max.message.bytes", "20000");
-    for r in futures::executor::block_on(admin.create_topics([&t], &AdminOptions::new())).unwrap() {
-        r.unwrap();
-    }
+    common::create_named_topic(&dlq, 1, &[("max.message.bytes", "20000")]);
     let big = Out {
         payload: Some(vec![b'x'; 50_000]),
         ..Out::seq("big", 0)

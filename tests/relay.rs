@@ -150,17 +150,8 @@ fn rows_inserted_with_psql_are_delivered() {
 
 /// A topic whose max.message.bytes is 20,000.
 fn small_topic(tag: &str) -> String {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    use rdkafka::client::DefaultClientContext;
     let name = common::unique(tag).replace('_', "-");
-    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", common::kafka_hosts())
-        .create()
-        .unwrap();
-    let t = NewTopic::new(&name, 1, TopicReplication::Fixed(1)).set("max.message.bytes", "20000");
-    for r in futures::executor::block_on(admin.create_topics([&t], &AdminOptions::new())).unwrap() {
-        r.unwrap();
-    }
+    common::create_named_topic(&name, 1, &[("max.message.bytes", "20000")]);
     name
 }
 

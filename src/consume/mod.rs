@@ -77,17 +77,23 @@ pub(crate) fn is_connection_property(k: &str) -> bool {
     .any(|p| k.starts_with(p))
 }
 
-/// Sets the route's own connection properties (its brokers, its credentials) on `c`: every
-/// client of the route, not only its consumer, talks to the brokers as the route says.
+/// The route's own connection properties (its brokers, its credentials): every client of the
+/// route, not only its consumer, talks to the brokers as the route says.
+pub(crate) fn route_connection_properties(
+    route: &crate::config::ConsumerRoute,
+) -> impl Iterator<Item = (&String, &String)> {
+    route
+        .properties
+        .iter()
+        .filter(|(k, _)| is_connection_property(k))
+}
+
+/// Sets [`route_connection_properties`] on `c`.
 pub(crate) fn route_connection(
     c: &mut rdkafka::ClientConfig,
     route: &crate::config::ConsumerRoute,
 ) {
-    for (k, v) in route
-        .properties
-        .iter()
-        .filter(|(k, _)| is_connection_property(k))
-    {
+    for (k, v) in route_connection_properties(route) {
         c.set(k, v);
     }
 }

@@ -20,12 +20,11 @@ const CLIENT_TIMEOUTS: [(&str, &str); 5] = [
     ("tcp_user_timeout", "30000"),
 ];
 
-/// `url` with [`CLIENT_TIMEOUTS`] added where it does not set them (nor `PGCONNECT_TIMEOUT`
-/// the connect timeout); both URL (`postgres://…?k=v`) and keyword (`host=… k=v`) forms.
+/// `url` (a `postgres://` URL, as `database.url` must be) with [`CLIENT_TIMEOUTS`] added as
+/// query parameters where it does not set them (nor `PGCONNECT_TIMEOUT` the connect timeout).
 pub(crate) fn with_client_timeouts(url: &str) -> String {
-    let uri = url.starts_with("postgres://") || url.starts_with("postgresql://");
     // A `?` in the user info (a password) does not start the query.
-    let mut query = uri && crate::config::split_userinfo(url).1.contains('?');
+    let mut query = crate::config::split_userinfo(url).1.contains('?');
     let mut out = url.trim_end().to_string();
     for (k, v) in CLIENT_TIMEOUTS {
         if url.contains(&format!("{k}="))
@@ -33,12 +32,8 @@ pub(crate) fn with_client_timeouts(url: &str) -> String {
         {
             continue;
         }
-        if uri {
-            out.push(if query { '&' } else { '?' });
-            query = true;
-        } else {
-            out.push(' ');
-        }
+        out.push(if query { '&' } else { '?' });
+        query = true;
         out.push_str(&format!("{k}={v}"));
     }
     out
@@ -134,11 +129,6 @@ mod tests {
             with_client_timeouts("postgres://u:p?w@h/db"),
             "postgres://u:p?w@h/db?connect_timeout=10&keepalives_idle=15&keepalives_interval=5\
              &keepalives_count=3&tcp_user_timeout=30000"
-        );
-        assert_eq!(
-            with_client_timeouts("host=h dbname=db tcp_user_timeout=0"),
-            "host=h dbname=db tcp_user_timeout=0 connect_timeout=10 keepalives_idle=15 \
-             keepalives_interval=5 keepalives_count=3"
         );
     }
 }

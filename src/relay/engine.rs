@@ -73,9 +73,6 @@ struct Shared {
     drained: Condvar,
     /// A delivery failed in a way that may have left a gap: start over from the oldest row.
     restart: AtomicBool,
-    /// Rows may have come back below the horizon (a dead letter retried or discarded, or
-    /// notifications missed): the next pass starts at the oldest row.
-    rescan: AtomicBool,
     /// Keys dead-lettered during this pass (policy `block_key`): their later rows wait.
     blocked: Mutex<HashSet<String>>,
     delivered: AtomicU64,
@@ -486,7 +483,6 @@ impl Relay {
             in_flight: Mutex::new(InFlightRows::default()),
             drained: Condvar::new(),
             restart: AtomicBool::new(false),
-            rescan: AtomicBool::new(false),
             blocked: Mutex::new(HashSet::new()),
             delivered: AtomicU64::new(0),
             dead_lettered: AtomicU64::new(0),
@@ -617,7 +613,7 @@ impl Relay {
     /// drain), when asked to (`devour outbox retry|discard`), and every `FULL_PASS_EVERY`.
     fn full_pass_due(&self, pass: &Pass, horizon: &Horizon) -> bool {
         // Taken first, so that a request is used up by whichever pass starts next.
-        let asked = self.shared.rescan.swap(false, Ordering::AcqRel);
+        let asked = self.shared.wake.take_rescan();
         asked
             || !horizon.enabled
             || self.options.mode == Mode::Drain
@@ -676,9 +672,6 @@ impl Relay {
                 *producer = kafka::create_producer(&self.producer_config, tx.clone())?;
                 pass.restart(&shared, true, horizon.settled);
             }
-            if shared.wake.take_rescan() {
-                shared.rescan.store(true, Ordering::Release);
-            }
             let view = shared.leases();
             if let Some(holder) = &view.standby {
                 let since = *standby_since.get_or_insert_with(|| {
@@ -716,7 +709,7 @@ impl Relay {
             let gained = shards
                 .iter()
                 .any(|s| pass.leases.get(s) != view.owned.get(s));
-            if pass.cursor > 0 && (gained || shared.rescan.load(Ordering::Acquire)) {
+            if pass.cursor > 0 && (gained || shared.wake.rescan_asked()) {
                 if !shared.wait_in_flight_at_most(0, poll) {
                     continue;
                 }
@@ -748,7 +741,7 @@ impl Relay {
             if sampled && horizon.refresh(&mut self.reader, &shared.relay_id) {
                 // Ids went back (the sequence was reset, or another server answers): rows may
                 // be below every cursor.
-                shared.rescan.store(true, Ordering::Release);
+                shared.wake.ask_rescan();
                 continue;
             }
             let request = FetchRequest {
@@ -839,10 +832,6 @@ impl Relay {
                 shared.remove_in_flight(rows.iter().map(|r| r.shard));
                 continue;
             }
-            let sendable = |shard: i32| {
-                !view.releasing.contains(&shard)
-                    && view.owned.get(&shard) == pass.leases.get(&shard)
-            };
             let mut topic_limit: Option<(String, Option<usize>)> = None;
             let mut rows = rows.into_iter();
             while let Some(row) = rows.next() {
@@ -867,8 +856,9 @@ impl Relay {
                 }
                 // A shard going back, lost, or held under a new epoch since the pass began: its
                 // rows wait (a new epoch makes the next pass start at the oldest row).
-                let Some(&epoch) = view.owned.get(&row.shard).filter(|_| sendable(row.shard))
-                else {
+                let Some(&epoch) = view.owned.get(&row.shard).filter(|e| {
+                    !view.releasing.contains(&row.shard) && pass.leases.get(&row.shard) == Some(e)
+                }) else {
                     shared.remove_in_flight([row.shard]);
                     continue;
                 };
@@ -990,7 +980,7 @@ impl Relay {
             }
             // Refused (the lease changed under it): the row stays, below the cursor; the next
             // pass starts at the oldest row.
-            Some(false) => shared.rescan.store(true, Ordering::Release),
+            Some(false) => shared.wake.ask_rescan(),
             None => return,
         }
         // Either way, the key's later rows in this pass wait.
@@ -1047,7 +1037,7 @@ fn commit_loop(shared: &Shared, mut store: Store, config: &Config, reports: Rece
                         tracing::warn!(relay = %shared.relay_id, id = row.id, "dead-lettered: {error}");
                     } else if moved == Some(false) {
                         // Refused (the lease changed): the row stays, below the cursor.
-                        shared.rescan.store(true, Ordering::Release);
+                        shared.wake.ask_rescan();
                     }
                     // With `block_key`, the key's rows read after this report wait (those
                     // already in the producer's queue cannot be called back).
@@ -1356,7 +1346,7 @@ fn listen_loop(shared: &Shared, url: &str) {
         }
         // Notifications sent while no connection listened are lost, a rescan request among
         // them perhaps: look from the oldest row once.
-        shared.rescan.store(true, Ordering::Release);
+        shared.wake.ask_rescan();
         let mut last_check = Instant::now();
         'conn: while !shared.threads_stop.load(Ordering::Acquire) {
             let mut woke = false;
@@ -1365,7 +1355,7 @@ fn listen_loop(shared: &Shared, url: &str) {
                     Ok(n) => {
                         woke = true;
                         if n.payload == super::RESCAN {
-                            shared.rescan.store(true, Ordering::Release);
+                            shared.wake.ask_rescan();
                         }
                     }
                     Err(e) => {

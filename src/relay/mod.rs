@@ -94,9 +94,9 @@ pub(crate) struct Wake {
     cv: Condvar,
     /// Until when to poll eagerly: a local write was just made and may commit any moment.
     eager_until: Mutex<Option<Instant>>,
-    /// Rows came back below the cursor (`devour outbox retry|discard` in this process): the
-    /// next pass starts at the oldest row.
-    rescan: std::sync::atomic::AtomicBool,
+    /// Rows may have come back below the horizon (a dead letter retried or discarded, here or
+    /// through NOTIFY, or notifications missed): the next pass starts at the oldest row.
+    rescan: AtomicBool,
 }
 
 impl Wake {
@@ -105,7 +105,17 @@ impl Wake {
         self.cv.notify_all();
     }
 
-    /// Takes a rescan request made in this process.
+    /// Asks for the next pass to start at the oldest row.
+    pub(crate) fn ask_rescan(&self) {
+        self.rescan.store(true, Ordering::Release);
+    }
+
+    /// Whether a rescan was asked for (and not yet taken).
+    pub(crate) fn rescan_asked(&self) -> bool {
+        self.rescan.load(Ordering::Acquire)
+    }
+
+    /// Takes a rescan request.
     pub(crate) fn take_rescan(&self) -> bool {
         self.rescan.swap(false, Ordering::AcqRel)
     }
@@ -151,26 +161,27 @@ fn register_local(wake: &Arc<Wake>) {
 /// Tells relays running in this process that rows were written (called by the write path; cheap
 /// when no relay runs here). They poll eagerly for a moment, to see the rows once committed.
 pub fn notify_local() {
-    if !ANY_LOCAL.load(Ordering::Acquire) {
-        return;
-    }
-    let l = LOCAL.lock().unwrap_or_else(|p| p.into_inner());
-    for w in l.iter().filter_map(Weak::upgrade) {
-        w.wake_eager();
-    }
+    each_local(Wake::wake_eager);
 }
 
 /// Tells relays running in this process that rows came back below their cursor (a retried
 /// dead letter) or a key is no longer held back: their next pass starts at the oldest row.
 /// (On PostgreSQL, relays anywhere get the same request through NOTIFY.)
 pub(crate) fn rescan_local() {
+    each_local(|w| {
+        w.ask_rescan();
+        w.wake_eager();
+    });
+}
+
+/// Calls `f` on every relay running in this process (nothing to do, cheaply, when none runs).
+fn each_local(f: impl Fn(&Wake)) {
     if !ANY_LOCAL.load(Ordering::Acquire) {
         return;
     }
     let l = LOCAL.lock().unwrap_or_else(|p| p.into_inner());
     for w in l.iter().filter_map(Weak::upgrade) {
-        w.rescan.store(true, Ordering::Release);
-        w.wake_eager();
+        f(&w);
     }
 }
 

@@ -482,21 +482,29 @@ macro_rules! both_backends {
 
 /// A topic of its own for one test, created with `partitions` partitions.
 pub fn create_topic(tag: &str, partitions: i32) -> String {
+    let name = unique(tag).replace('_', "-");
+    create_named_topic(&name, partitions, &[]);
+    name
+}
+
+/// Creates topic `name` with topic `configs` (e.g. `max.message.bytes`).
+pub fn create_named_topic(name: &str, partitions: i32, configs: &[(&str, &str)]) {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     use rdkafka::client::DefaultClientContext;
-    let name = unique(tag).replace('_', "-");
     let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", kafka_hosts())
         .create()
         .unwrap();
-    let topic = NewTopic::new(&name, partitions, TopicReplication::Fixed(1));
+    let topic = configs.iter().fold(
+        NewTopic::new(name, partitions, TopicReplication::Fixed(1)),
+        |t, (k, v)| t.set(k, v),
+    );
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let res = futures::executor::block_on(admin.create_topics([&topic], &opts))
         .unwrap_or_else(|e| panic!("creating topic on {} (run bin/test): {e}", kafka_hosts()));
     for r in res {
         r.unwrap_or_else(|(t, e)| panic!("creating topic {t}: {e}"));
     }
-    name
 }
 
 /// A Kafka message as read back.
