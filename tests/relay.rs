@@ -218,6 +218,21 @@ fn dead_letters(c: &mut PgConnection) -> Vec<(i64, String)> {
         .collect()
 }
 
+/// Runs `devour outbox ACTION ID` (another process) on `db`; fails the test if it fails.
+fn outbox_cli(db: &TestDb, action: &str, id: i64) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_devour"))
+        .args(["outbox", action, &id.to_string()])
+        .env("DEVOUR_DATABASE_URL", &db.url)
+        .env("DEVOUR_KAFKA_HOSTS", common::kafka_hosts())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{action}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !f() {
@@ -373,17 +388,7 @@ fn block_key_holds_later_rows_until_retry_or_discard() {
     // Once the topic takes the message, a retry delivers it, then the row that waited.
     raise_limit(&topic);
     std::thread::sleep(Duration::from_millis(500));
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_devour"))
-        .args(["outbox", "retry", &big_id.to_string()])
-        .env("DEVOUR_DATABASE_URL", &db.url)
-        .env("DEVOUR_KAFKA_HOSTS", common::kafka_hosts())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "retry: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    outbox_cli(&db, "retry", big_id);
     handle.wake();
     wait_for("the outbox to empty", || c.count("devour_outbox") == 0);
     handle.shutdown();
@@ -423,6 +428,129 @@ fn discarding_the_dead_letter_releases_its_key() {
     handle.join().unwrap();
     let msgs = common::consume_seqs(&topic, 3, Duration::from_secs(30));
     common::check_delivery(&msgs, [1, 3, 4]);
+}
+
+/// k1's dead letter is retried or discarded (`devour outbox ACTION`, another process) while
+/// new rows of k1 keep coming: every row of k1 goes in order. The rows of k1 written while it
+/// was held back lie below the relay's cursor; the ones written after the release are above it,
+/// and must not go first. (Before reads carried `devour_key_releases`, a relay in another
+/// process on SQLite sent them first, for up to a second.)
+fn released_key_keeps_its_order_under_writes<C: TestConn + Send + 'static>(
+    db: &TestDb,
+    action: &str,
+) {
+    let topic = small_topic(&format!("released-{action}"));
+    let blob = if std::any::type_name::<C>().contains("Pg") {
+        "bytea"
+    } else {
+        "BLOB"
+    };
+    let insert = move |c: &mut C, topic: &str, key: &str, seq: i64, pad: usize| {
+        c.batch_execute(&format!(
+            "INSERT INTO devour_outbox (topic, partition_key, payload, event, shard) VALUES \
+             ('{topic}', '{key}', CAST('{{\"seq\":{seq},\"pad\":\"{}\"}}' AS {blob}), 'create', {})",
+            "x".repeat(pad),
+            devour::outbox::shard_for_key(key)
+        ))
+        .unwrap()
+    };
+    let open = || {
+        let mut c = C::open(db);
+        if blob == "BLOB" {
+            c.batch_execute("PRAGMA busy_timeout = 10000").unwrap();
+        }
+        c
+    };
+    let mut c = open();
+    for (key, seq, pad) in [("k1", 1, 0), ("k1", 2, 50_000), ("k1", 3, 0), ("k2", 4, 0)] {
+        insert(&mut c, &topic, key, seq, pad);
+    }
+    let big_id = c
+        .outbox()
+        .into_iter()
+        .find(|r| r.payload.as_ref().is_some_and(|p| p["seq"] == 2))
+        .unwrap()
+        .id;
+    let config = common::config(db, "on_dead_letter = \"block_key\"");
+    let handle = relay::start(&config, RunOptions::default()).unwrap();
+    common::check_delivery(
+        &common::consume_seqs(&topic, 2, Duration::from_secs(30)),
+        [1, 4],
+    );
+    wait_for("the dead letter", || c.count("devour_dead_letters") == 1);
+    if action == "retry" {
+        raise_limit(&topic);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    // Rows keep coming, k1's among them, faster than reads find none (a read that finds
+    // none makes the relay start over at the oldest row); the release comes in the middle.
+    const BATCHES: i64 = 300;
+    const PER_BATCH: i64 = 20;
+    let written = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let writer = {
+        let topic = topic.clone();
+        let written = written.clone();
+        let mut w = open();
+        std::thread::spawn(move || {
+            for b in 0..BATCHES {
+                let values: Vec<String> = (0..PER_BATCH)
+                    .map(|i| {
+                        let seq = 5 + b * PER_BATCH + i;
+                        let key = format!("k{}", 1 + seq % 5);
+                        format!(
+                            "('{topic}', '{key}', CAST('{{\"seq\":{seq}}}' AS {blob}), 'create', {})",
+                            devour::outbox::shard_for_key(&key)
+                        )
+                    })
+                    .collect();
+                w.batch_execute(&format!(
+                    "INSERT INTO devour_outbox (topic, partition_key, payload, event, shard) VALUES {}",
+                    values.join(",")
+                ))
+                .unwrap();
+                written.store(b + 1, std::sync::atomic::Ordering::Release);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    wait_for("rows written", || {
+        written.load(std::sync::atomic::Ordering::Acquire) >= BATCHES / 4
+    });
+    outbox_cli(db, action, big_id);
+    assert!(
+        written.load(std::sync::atomic::Ordering::Acquire) < BATCHES,
+        "the release came after the last write: the machine is too slow for this test"
+    );
+    writer.join().unwrap();
+    wait_for("the outbox to empty", || c.count("devour_outbox") == 0);
+    handle.shutdown();
+    handle.join().unwrap();
+    let mut expected: Vec<i64> = (1..5 + BATCHES * PER_BATCH).collect();
+    if action == "discard" {
+        expected.retain(|s| *s != 2);
+    }
+    let msgs = common::consume_seqs(&topic, expected.len(), Duration::from_secs(30));
+    // Per key, first deliveries in order, none lost (one partition: the topic's order).
+    common::check_delivery(&msgs, expected);
+}
+
+#[test]
+fn a_retried_key_keeps_its_order_under_writes_sqlite() {
+    let db = TestDb::new(Backend::Sqlite, "released_retry");
+    released_key_keeps_its_order_under_writes::<SqliteConnection>(&db, "retry");
+}
+
+#[test]
+fn a_discarded_key_keeps_its_order_under_writes_sqlite() {
+    let db = TestDb::new(Backend::Sqlite, "released_discard");
+    released_key_keeps_its_order_under_writes::<SqliteConnection>(&db, "discard");
+}
+
+#[test]
+fn a_retried_key_keeps_its_order_under_writes_postgres() {
+    let db = TestDb::new(Backend::Postgres, "released_retry");
+    released_key_keeps_its_order_under_writes::<PgConnection>(&db, "retry");
 }
 
 #[test]

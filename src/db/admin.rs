@@ -319,7 +319,7 @@ impl DbConnection {
                      SELECT {OUTBOX_COLUMNS} FROM d",
                     which.condition("$1")
                 );
-                with_rescan(c, |c| bind_which!(&q, which, c))?
+                with_rescan(c, |c| releasing_keys!(c, bind_which!(&q, which, c)?))?
             }
             #[cfg(feature = "sqlite")]
             DbConnection::Sqlite(c) => c.immediate_transaction(|c| {
@@ -331,7 +331,7 @@ impl DbConnection {
                 let n = bind_which!(&insert, which, c)?;
                 let delete = format!("DELETE FROM devour_dead_letters WHERE {cond}");
                 bind_which!(&delete, which, c)?;
-                Ok::<_, diesel::result::Error>(n)
+                releasing_keys!(c, n)
             })?,
         };
         if n > 0 {
@@ -357,9 +357,14 @@ impl DbConnection {
         );
         let n = match self {
             #[cfg(feature = "postgres")]
-            DbConnection::Postgres(c) => with_rescan(c, |c| bind_which!(&q, which, c))?,
+            DbConnection::Postgres(c) => {
+                with_rescan(c, |c| releasing_keys!(c, bind_which!(&q, which, c)?))?
+            }
             #[cfg(feature = "sqlite")]
-            DbConnection::Sqlite(c) => bind_which!(&q, which, &mut **c)?,
+            DbConnection::Sqlite(c) => c.immediate_transaction(|c| {
+                let n = bind_which!(&q, which, c)?;
+                releasing_keys!(c, n)
+            })?,
         };
         if n > 0 {
             self.ask_relays_to_rescan();
@@ -404,6 +409,21 @@ macro_rules! bind_which {
     };
 }
 use bind_which;
+
+/// After `$n` dead letters were retried or discarded (in the transaction on `$c`), counts a
+/// key release if there were any: relays reading past rows of a released key (left out while it
+/// was held back) see the count change in their next read and start over at the oldest row,
+/// so that those rows go before any later one of the key. Evaluates to `Ok($n)`.
+macro_rules! releasing_keys {
+    ($c:expr, $n:expr) => {{
+        let n: usize = $n;
+        if n > 0 {
+            diesel::sql_query("UPDATE devour_key_releases SET n = n + 1").execute($c)?;
+        }
+        Ok::<_, diesel::result::Error>(n)
+    }};
+}
+use releasing_keys;
 
 /// Runs `change` in a transaction that also sends the relays' rescan request, first: they get
 /// it at the commit, together with (and before) the wake-up of any row the change put back, so

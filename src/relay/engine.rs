@@ -177,6 +177,9 @@ struct Pass {
     horizon: i64,
     /// When the last pass from the oldest row began.
     full_at: Instant,
+    /// How many times keys had been released (`devour_key_releases`) when the last read from
+    /// the oldest row was taken.
+    key_releases: Option<i64>,
     passes: u64,
     from_oldest: u64,
 }
@@ -189,6 +192,7 @@ impl Pass {
             leases: Leases::new(),
             horizon: 0,
             full_at: Instant::now(),
+            key_releases: None,
             passes: 0,
             from_oldest: 0,
         }
@@ -819,6 +823,16 @@ impl Relay {
                 continue;
             }
             held_since = None;
+            // Keys released since the last read from the oldest row (their dead letters
+            // retried or discarded): rows of theirs that reads left out lie below the cursor,
+            // and must go before any later row of the key. Send nothing of this read; start
+            // over at the oldest row, once what is in flight is removed.
+            if request.after == 0 {
+                pass.key_releases = Some(rows[0].key_releases);
+            } else if pass.key_releases != Some(rows[0].key_releases) {
+                shared.wake.ask_rescan();
+                continue;
+            }
             // Count the whole batch in flight at once (a row that is not sent is taken back).
             shared.add_in_flight(rows.iter().map(|r| r.shard));
             // The leases as they are now, after the rows count in flight: the lease keeper hands

@@ -47,6 +47,9 @@ pub(crate) struct Row {
     /// `created_at` in Unix milliseconds.
     #[diesel(sql_type = BigInt)]
     pub created_ms: i64,
+    /// `devour_key_releases.n` as the read saw it (0 when reads do not hold keys back).
+    #[diesel(sql_type = BigInt)]
+    pub key_releases: i64,
 }
 
 /// The outbox's last id handed out (`last_id`, 0 before the first), when the server started (a
@@ -358,7 +361,8 @@ impl Store {
     }
 
     /// The oldest undelivered rows after `after_id` in `shards`, in id order. With
-    /// `skip_blocked_keys`, rows whose key has a dead letter are left out.
+    /// `skip_blocked_keys`, rows whose key has a dead letter are left out, and each row carries
+    /// how many times keys were released (`devour_key_releases`) as this read saw it.
     pub(crate) fn fetch(
         &mut self,
         shards: &[i32],
@@ -374,6 +378,11 @@ impl Store {
         } else {
             ""
         };
+        let releases = if skip_blocked_keys {
+            "(SELECT n FROM devour_key_releases)"
+        } else {
+            "0"
+        };
         // An integer, so written into the text as is.
         let until = until_id.map_or(String::new(), |u| format!(" AND o.id <= {u}"));
         Ok(match self {
@@ -381,7 +390,7 @@ impl Store {
             Store::Postgres(c) => {
                 let shard_filter = if all { "" } else { " AND o.shard = ANY($3)" };
                 let oldest = format!(
-                    "SELECT {PG_ROW} FROM devour_outbox o WHERE o.id > $1{until}{shard_filter}{blocked} \
+                    "SELECT {PG_ROW}, CAST({releases} AS BIGINT) AS key_releases FROM devour_outbox o WHERE o.id > $1{until}{shard_filter}{blocked} \
                      ORDER BY o.id LIMIT $2"
                 );
                 // Under a cap, rows above the last id the sequence handed out are read too: they
@@ -393,7 +402,7 @@ impl Store {
                     None => oldest,
                     Some(u) => format!(
                         "SELECT * FROM (({oldest}) UNION ALL \
-                           (SELECT {PG_ROW} FROM devour_outbox o \
+                           (SELECT {PG_ROW}, CAST({releases} AS BIGINT) AS key_releases FROM devour_outbox o \
                             WHERE o.id > greatest($1, {u}, (SELECT coalesce(pg_sequence_last_value( \
                                     pg_get_serial_sequence('devour_outbox', 'id')::regclass), 0))) \
                               {shard_filter}{blocked} ORDER BY o.id LIMIT $2) \
@@ -419,7 +428,7 @@ impl Store {
                     " AND o.shard IN (SELECT value FROM json_each(?3))"
                 };
                 let q = diesel::sql_query(format!(
-                    "SELECT {SQLITE_ROW} FROM devour_outbox o WHERE o.id > ?1{until}{shard_filter}{blocked} \
+                    "SELECT {SQLITE_ROW}, CAST({releases} AS BIGINT) AS key_releases FROM devour_outbox o WHERE o.id > ?1{until}{shard_filter}{blocked} \
                      ORDER BY o.id LIMIT ?2"
                 ))
                 .into_boxed::<diesel::sqlite::Sqlite>()

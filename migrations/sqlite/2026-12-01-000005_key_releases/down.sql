@@ -1,0 +1,1 @@
+DROP TABLE devour_key_releases;
