@@ -282,7 +282,9 @@ impl Failure {
     fn exit_code(&self) -> u8 {
         match self {
             Failure::Config(_) | Failure::Usage(_) => EXIT_USAGE,
-            Failure::Relay(crate::relay::RelayError::Config(_)) => EXIT_USAGE,
+            Failure::Relay(
+                crate::relay::RelayError::Config(_) | crate::relay::RelayError::Schema { .. },
+            ) => EXIT_USAGE,
             Failure::Consume(e) if e.is_usage() => EXIT_USAGE,
             Failure::Db(_)
             | Failure::Io(_)

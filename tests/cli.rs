@@ -10,7 +10,11 @@ use diesel::prelude::*;
 
 /// Runs the devour binary with only the given environment; returns (code, stdout, stderr).
 fn devour(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_devour"));
+    run(env!("CARGO_BIN_EXE_devour"), args, env)
+}
+
+fn run(bin: &str, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(bin);
     cmd.args(args)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default());
@@ -53,6 +57,29 @@ fn migrate_on_a_new_sqlite_file_then_again() {
     );
     let (out, _) = assert_code(devour(&["migrate"], &env), 0, &["migrate"]);
     assert!(out.contains("up to date"), "{out}");
+}
+
+/// A relay on a database without devour's tables (not migrated, or the wrong one) stops at
+/// once and says what to run, instead of retrying every query forever; `--migrate` fixes it.
+#[test]
+fn relay_on_a_database_without_devour_s_tables_exits_2_naming_devour_migrate() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("bare.db").display());
+    let env = [
+        ("DEVOUR_DATABASE_URL", url.as_str()),
+        ("DEVOUR_KAFKA_HOSTS", "127.0.0.1:19092"),
+    ];
+    let relay = env!("CARGO_BIN_EXE_devour-relay");
+    let (_, err) = assert_code(run(relay, &["--drain"], &env), 2, &["(relay) --drain"]);
+    assert!(
+        err.contains("devour_outbox") && err.contains("devour migrate"),
+        "{err}"
+    );
+    assert_code(
+        run(relay, &["--drain", "--migrate"], &env),
+        0,
+        &["(relay) --drain --migrate"],
+    );
 }
 
 #[test]

@@ -468,7 +468,9 @@ impl Relay {
         wake: Arc<Wake>,
     ) -> Result<Relay, RelayError> {
         let rc = config.relay.clone();
-        let reader = Store::open(config)?;
+        let mut reader = Store::open(config)?;
+        // Without devour's tables every query would fail and be retried forever: say so now.
+        reader.check_tables()?;
         let producer_config = super::producer_config(config);
         crate::broker::check_access(&producer_config, ACCESS_CHECK).map_err(RelayError::Refused)?;
         let batch_size = kafka::batch_size(&producer_config);

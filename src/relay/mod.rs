@@ -46,6 +46,15 @@ pub enum RelayError {
     /// A relay thread panicked.
     #[error("relay thread panicked: {0}")]
     Panicked(String),
+    /// The database lacks tables the relay needs: devour's migrations were not applied there
+    /// (or it is the wrong database).
+    #[error("the database lacks devour's table {table} ({reason}); run `devour migrate`, or start with --migrate")]
+    Schema {
+        /// The first missing table.
+        table: &'static str,
+        /// The database's error.
+        reason: String,
+    },
     /// `--drain` on SQLite while another relay holds the outbox: that relay delivers the rows,
     /// this one could only wait.
     #[error("relay {0} holds this SQLite outbox and delivers its rows; a drain here cannot (stop it first, or let it drain)")]
@@ -58,7 +67,10 @@ impl RelayError {
         match self {
             RelayError::Db(e) => e.is_retriable(),
             RelayError::Kafka(_) | RelayError::Standby(_) => true,
-            RelayError::Config(_) | RelayError::Refused(_) | RelayError::Panicked(_) => false,
+            RelayError::Config(_)
+            | RelayError::Refused(_)
+            | RelayError::Panicked(_)
+            | RelayError::Schema { .. } => false,
         }
     }
 }

@@ -360,6 +360,37 @@ impl Store {
         }
     }
 
+    /// Fails with the first of the relay's tables the database lacks.
+    pub(crate) fn check_tables(&mut self) -> Result<(), super::RelayError> {
+        for table in [
+            "devour_outbox",
+            "devour_relays",
+            "devour_relay_leases",
+            "devour_dead_letters",
+            "devour_outbox_delivered",
+            "devour_key_releases",
+        ] {
+            let q = format!("SELECT 1 FROM {table} WHERE 1 = 0");
+            let probe = match self {
+                #[cfg(feature = "postgres")]
+                Store::Postgres(c) => diesel::sql_query(q).execute(c),
+                #[cfg(feature = "sqlite")]
+                Store::Sqlite(c) => diesel::sql_query(q).execute(c),
+            };
+            if let Err(e) = probe {
+                let e = DbError::from(e);
+                if e.is_retriable() {
+                    return Err(e.into());
+                }
+                return Err(super::RelayError::Schema {
+                    table,
+                    reason: e.to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// The oldest undelivered rows after `after_id` in `shards`, in id order. With
     /// `skip_blocked_keys`, rows whose key has a dead letter are left out, and each row carries
     /// how many times keys were released (`devour_key_releases`) as this read saw it.
