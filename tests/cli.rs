@@ -6,6 +6,7 @@ use std::process::Command;
 
 use common::{Account, Backend, TestConn, TestDb};
 use devour::prelude::*;
+use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 
 /// Runs the devour binary with only the given environment; returns (code, stdout, stderr).
@@ -80,6 +81,14 @@ fn relay_on_a_database_without_devour_s_tables_exits_2_naming_devour_migrate() {
         0,
         &["(relay) --drain --migrate"],
     );
+    // A table only block_key needs: a relay with the default policy does without it.
+    let sqlite = url.trim_start_matches("sqlite://");
+    let mut c = diesel::SqliteConnection::establish(sqlite).unwrap();
+    c.batch_execute("DROP TABLE devour_key_releases").unwrap();
+    assert_code(run(relay, &["--drain"], &env), 0, &["(relay) --drain"]);
+    let block = [env[0], env[1], ("DEVOUR_RELAY_ON_DEAD_LETTER", "block_key")];
+    let (_, err) = assert_code(run(relay, &["--drain"], &block), 2, &["(relay) block_key"]);
+    assert!(err.contains("devour_key_releases"), "{err}");
 }
 
 #[test]

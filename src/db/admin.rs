@@ -418,7 +418,12 @@ macro_rules! releasing_keys {
     ($c:expr, $n:expr) => {{
         let n: usize = $n;
         if n > 0 {
-            diesel::sql_query("UPDATE devour_key_releases SET n = n + 1").execute($c)?;
+            // An upsert: the count goes on even if someone deleted its row.
+            diesel::sql_query(
+                "INSERT INTO devour_key_releases (one, n) VALUES (true, 1) \
+                 ON CONFLICT (one) DO UPDATE SET n = devour_key_releases.n + 1",
+            )
+            .execute($c)?;
         }
         Ok::<_, diesel::result::Error>(n)
     }};

@@ -470,7 +470,7 @@ impl Relay {
         let rc = config.relay.clone();
         let mut reader = Store::open(config)?;
         // Without devour's tables every query would fail and be retried forever: say so now.
-        reader.check_tables()?;
+        reader.check_tables(&rc)?;
         let producer_config = super::producer_config(config);
         crate::broker::check_access(&producer_config, ACCESS_CHECK).map_err(RelayError::Refused)?;
         let batch_size = kafka::batch_size(&producer_config);

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Binary, Integer, Nullable, Text};
 
-use crate::config::{DatabaseUrl, Retention};
+use crate::config::{DatabaseUrl, RelayConfig, Retention};
 use crate::db::DbError;
 
 /// A relay's own database connection (not pooled: the relay holds it for its life).
@@ -360,32 +360,41 @@ impl Store {
         }
     }
 
-    /// Fails with the first of the relay's tables the database lacks.
-    pub(crate) fn check_tables(&mut self) -> Result<(), super::RelayError> {
-        for table in [
+    /// Fails with the first table the relay needs under `config` that the database lacks
+    /// (checked in the catalog, as seen through the connection's search path).
+    pub(crate) fn check_tables(&mut self, config: &RelayConfig) -> Result<(), super::RelayError> {
+        let mut tables = vec![
             "devour_outbox",
             "devour_relays",
             "devour_relay_leases",
             "devour_dead_letters",
-            "devour_outbox_delivered",
-            "devour_key_releases",
-        ] {
-            let q = format!("SELECT 1 FROM {table} WHERE 1 = 0");
-            let probe = match self {
+        ];
+        if config.retention == Retention::Keep {
+            tables.push("devour_outbox_delivered");
+        }
+        if config.on_dead_letter == crate::config::DeadLetterPolicy::BlockKey {
+            tables.push("devour_key_releases");
+        }
+        for table in tables {
+            let found: Vec<Count> = match self {
                 #[cfg(feature = "postgres")]
-                Store::Postgres(c) => diesel::sql_query(q).execute(c),
+                Store::Postgres(c) => diesel::sql_query(
+                    "SELECT CAST(count(*) AS BIGINT) AS n WHERE to_regclass($1) IS NOT NULL",
+                )
+                .bind::<Text, _>(table)
+                .load(c)
+                .map_err(DbError::from)?,
                 #[cfg(feature = "sqlite")]
-                Store::Sqlite(c) => diesel::sql_query(q).execute(c),
+                Store::Sqlite(c) => diesel::sql_query(
+                    "SELECT CAST(count(*) AS BIGINT) AS n FROM sqlite_master \
+                     WHERE type = 'table' AND name = ?1",
+                )
+                .bind::<Text, _>(table)
+                .load(c)
+                .map_err(DbError::from)?,
             };
-            if let Err(e) = probe {
-                let e = DbError::from(e);
-                if e.is_retriable() {
-                    return Err(e.into());
-                }
-                return Err(super::RelayError::Schema {
-                    table,
-                    reason: e.to_string(),
-                });
+            if found.first().is_none_or(|f| f.n == 0) {
+                return Err(super::RelayError::Schema { table });
             }
         }
         Ok(())
@@ -410,7 +419,7 @@ impl Store {
             ""
         };
         let releases = if skip_blocked_keys {
-            "(SELECT n FROM devour_key_releases)"
+            "coalesce((SELECT n FROM devour_key_releases), 0)"
         } else {
             "0"
         };
