@@ -162,25 +162,34 @@ pub fn health() -> &'static Health {
 pub struct Server {
     /// The address it listens on (useful with port 0).
     pub addr: SocketAddr,
-    server: std::sync::Arc<tiny_http::Server>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
-    probe_stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        self.probe_stop
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        self.server.unblock();
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
 }
 
+/// Connections answered at once; more wait in the listen queue.
+const MAX_CONNECTIONS: usize = 16;
+/// How long a client may take to send its request, and to take the answer.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
+/// The most of a request that is read: the request line and headers (a body is never read).
+const MAX_REQUEST: usize = 8192;
+
 /// Installs the Prometheus recorder (once per process) and serves `/metrics`, `/healthz` and
 /// `/readyz` on `addr` until the returned [`Server`] is dropped. Also starts a broker probe
 /// (a metadata request every 10 s) reporting check `broker`.
+///
+/// The endpoint answers GET and HEAD of those paths and closes each connection after one
+/// answer. It reads at most 8 KiB of a request, never its body, and gives a client 2 s to send
+/// it, on a thread per connection (at most 16), so no client can hold up the others, the
+/// process, or its stop.
 pub fn serve(addr: SocketAddr, config: &Config) -> std::io::Result<Server> {
     static HANDLE: OnceLock<metrics_exporter_prometheus::PrometheusHandle> = OnceLock::new();
     let handle = HANDLE
@@ -207,58 +216,148 @@ pub fn serve(addr: SocketAddr, config: &Config) -> std::io::Result<Server> {
             handle
         })
         .clone();
-    let server = tiny_http::Server::http(addr)
-        .map_err(|e| std::io::Error::other(format!("metrics endpoint on {addr}: {e}")))?;
-    let addr = server
-        .server_addr()
-        .to_ip()
-        .ok_or_else(|| std::io::Error::other("metrics endpoint has no IP address"))?;
-    let server = std::sync::Arc::new(server);
-    let s = server.clone();
-    let thread = std::thread::Builder::new()
-        .name("devour-metrics".into())
-        .spawn(move || {
-            for request in s.incoming_requests() {
-                let (code, body, kind) = match request.url() {
-                    "/metrics" => (200, handle.render(), "text/plain; version=0.0.4"),
-                    "/healthz" => (200, "ok\n".to_string(), "text/plain"),
-                    "/readyz" => {
-                        let (ok, checks) = health().ready();
-                        (
-                            if ok { 200 } else { 503 },
-                            format!("{checks}\n"),
-                            "application/json",
-                        )
-                    }
-                    _ => (
-                        404,
-                        "not found: try /metrics, /healthz, /readyz\n".into(),
-                        "text/plain",
-                    ),
-                };
-                let header =
-                    tiny_http::Header::from_bytes("Content-Type", kind).expect("valid header");
-                let _ = request.respond(
-                    tiny_http::Response::from_string(body)
-                        .with_status_code(code)
-                        .with_header(header),
-                );
-            }
-        })?;
-    let probe_stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    probe_broker(config, probe_stop.clone());
+    let listener = std::net::TcpListener::bind(addr).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("metrics endpoint on {addr} (metrics.listen / --metrics-listen): {e}"),
+        )
+    })?;
+    let addr = listener.local_addr()?;
+    // Polled, so that a stop is seen within 50 ms without a connection to wake it.
+    listener.set_nonblocking(true)?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let thread = {
+        let stop = stop.clone();
+        let handle = handle.clone();
+        std::thread::Builder::new()
+            .name("devour-metrics".into())
+            .spawn(move || accept_loop(listener, &handle, &stop))?
+    };
+    probe_broker(config, handle, stop.clone());
     tracing::info!("metrics and health on http://{addr}/metrics, /healthz, /readyz");
     Ok(Server {
         addr,
-        server,
+        stop,
         thread: Some(thread),
-        probe_stop,
     })
 }
 
+fn accept_loop(
+    listener: std::net::TcpListener,
+    handle: &metrics_exporter_prometheus::PrometheusHandle,
+    stop: &std::sync::atomic::AtomicBool,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let open = std::sync::Arc::new(AtomicUsize::new(0));
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                if open.load(Ordering::Acquire) >= MAX_CONNECTIONS {
+                    // Busy: the client sees the connection closed, and tries again.
+                    continue;
+                }
+                open.fetch_add(1, Ordering::AcqRel);
+                let (counted, handle) = (open.clone(), handle.clone());
+                let spawned = std::thread::Builder::new()
+                    .name("devour-metrics-client".into())
+                    .spawn(move || {
+                        answer(stream, &handle);
+                        counted.fetch_sub(1, Ordering::AcqRel);
+                    });
+                if spawned.is_err() {
+                    open.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// Reads one request's head from `stream` (within [`CLIENT_TIMEOUT`] and [`MAX_REQUEST`]),
+/// answers it and closes the connection.
+fn answer(mut stream: std::net::TcpStream, handle: &metrics_exporter_prometheus::PrometheusHandle) {
+    use std::io::{Read, Write};
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(CLIENT_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(CLIENT_TIMEOUT));
+    let deadline = Instant::now() + CLIENT_TIMEOUT;
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
+        if head.len() >= MAX_REQUEST || Instant::now() >= deadline {
+            break;
+        }
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    if method.is_empty() {
+        return;
+    }
+    let (code, body, kind) = route(method, target, handle);
+    let reason = match code {
+        200 => "OK",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        _ => "Service Unavailable",
+    };
+    let mut out = format!(
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    if method != "HEAD" {
+        out.extend_from_slice(body.as_bytes());
+    }
+    let _ = stream.write_all(&out);
+    let _ = stream.flush();
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+}
+
+/// The answer to `method target`: status, body, content type.
+fn route(
+    method: &str,
+    target: &str,
+    handle: &metrics_exporter_prometheus::PrometheusHandle,
+) -> (u16, String, &'static str) {
+    if method != "GET" && method != "HEAD" {
+        return (405, "only GET and HEAD\n".into(), "text/plain");
+    }
+    let path = target.split(['?', '#']).next().unwrap_or("");
+    match path.trim_end_matches('/') {
+        "/metrics" => (200, handle.render(), "text/plain; version=0.0.4"),
+        "/healthz" => (200, "ok\n".to_string(), "text/plain"),
+        "/readyz" => {
+            let (ok, checks) = health().ready();
+            (
+                if ok { 200 } else { 503 },
+                format!("{checks}\n"),
+                "application/json",
+            )
+        }
+        _ => (
+            404,
+            "not found: try /metrics, /healthz, /readyz\n".into(),
+            "text/plain",
+        ),
+    }
+}
+
 /// Asks the broker for metadata every 10 s on a thread of its own, until `stop`; reports check
-/// `broker`.
-fn probe_broker(config: &Config, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+/// `broker`. Also runs the recorder's upkeep every second.
+fn probe_broker(
+    config: &Config,
+    handle: metrics_exporter_prometheus::PrometheusHandle,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
     use rdkafka::consumer::{BaseConsumer, Consumer as _};
     use std::sync::atomic::Ordering;
     let mut c = rdkafka::ClientConfig::new();
@@ -293,7 +392,14 @@ fn probe_broker(config: &Config, stop: std::sync::Arc<std::sync::atomic::AtomicB
                     }
                 }
                 let next = Instant::now() + Duration::from_secs(10);
+                let mut upkeep = Instant::now();
                 while Instant::now() < next && !stop.load(Ordering::Relaxed) {
+                    // Histogram samples pile up until rendered: fold them in every second, so
+                    // that memory does not grow when nobody scrapes `/metrics`.
+                    if upkeep.elapsed() >= Duration::from_secs(1) {
+                        handle.run_upkeep();
+                        upkeep = Instant::now();
+                    }
                     std::thread::sleep(Duration::from_millis(100));
                 }
             }

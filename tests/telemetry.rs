@@ -140,6 +140,23 @@ fn relay_metrics_health_and_readiness() {
         assert_eq!(checks[check]["ok"], true, "{checks:#}");
     }
     assert_eq!(get(port, "/nope").map(|r| r.0), Some(404));
+    assert_eq!(get(port, "/metrics?x=1").map(|r| r.0), Some(200));
+    // Clients that send nothing, or announce a body they never send, hold up nobody: the
+    // others are answered meanwhile, and so are they (a body is never read).
+    let idle = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut huge = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        huge,
+        "GET /healthz HTTP/1.1\r\nContent-Length: 4611686018427387904\r\n\r\n"
+    )
+    .unwrap();
+    huge.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut answer = String::new();
+    huge.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(get(port, "/healthz"), Some((200, "ok\n".to_string())));
+    drop(idle);
     assert_eq!(c.count("devour_outbox"), 0);
     let log = stop(relay);
     // JSON logs: every line an object with a level; the database password never shows.
