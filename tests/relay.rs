@@ -563,6 +563,50 @@ fn a_retried_key_keeps_its_order_under_writes_postgres() {
     released_key_keeps_its_order_under_writes::<PgConnection>(&db, "retry");
 }
 
+/// A relay that fails at start after its lease keeper began (here: the database refuses its
+/// fourth connection) leaves no thread behind holding the shards: another relay can take them.
+#[test]
+fn a_relay_that_fails_at_start_leaves_no_lease_holder_behind() {
+    let db = TestDb::new(Backend::Postgres, "start_fails");
+    let mut c = PgConnection::establish(&db.url).unwrap();
+    // A role allowed three connections: the reader, the committer and the lease keeper; the
+    // backlog counter (metrics on) is refused.
+    let role = format!("devour_limited_{}", std::process::id());
+    c.batch_execute(&format!(
+        "CREATE ROLE {role} LOGIN PASSWORD 'limited' CONNECTION LIMIT 3; \
+         GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}; \
+         GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role};"
+    ))
+    .unwrap();
+    let url = db
+        .url
+        .replacen("postgres:postgres@", &format!("{role}:limited@"), 1);
+    assert_ne!(
+        url, db.url,
+        "the test database URL has the expected credentials"
+    );
+    let config = devour::Config::from_toml_str(
+        &format!(
+            "[database]\nurl = \"{url}\"\n[kafka]\nhosts = \"{}\"\n[relay]\nlease_ttl_ms = 3000\n\
+             [metrics]\nlisten = \"127.0.0.1:0\"\n",
+            common::kafka_hosts()
+        ),
+        devour::config::Origin::Defaults,
+        &Default::default(),
+    )
+    .unwrap();
+    let err = relay::start(&config, RunOptions::default())
+        .and_then(|h| h.join())
+        .expect_err("the fourth connection is refused");
+    assert!(err.to_string().contains("connection"), "{err}");
+    // The lease keeper may have taken the shards before the failure; it lets them go.
+    std::thread::sleep(Duration::from_millis(1500));
+    let held = c.count("devour_relay_leases WHERE owner IS NOT NULL AND expires_at > now()");
+    c.batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}"))
+        .unwrap();
+    assert_eq!(held, 0, "shards still held by the failed relay");
+}
+
 #[test]
 fn second_relay_on_sqlite_stands_by_until_the_first_stops() {
     let db = TestDb::new(Backend::Sqlite, "standby");

@@ -165,6 +165,31 @@ impl Shared {
 /// The body of a background thread: its shared state, its own connection, the configuration.
 type ThreadBody = Box<dyn FnOnce(&Shared, Store, &Config) + Send>;
 
+/// Ends the relay's background threads when dropped: at the end of `run`, however it ends (an
+/// error after some threads started, a panic of the reader). Without it a lease keeper outlived
+/// the relay and held its shards, so nothing delivered them (on SQLite, a new relay stood by).
+struct ThreadsStop(Arc<Shared>);
+
+impl Drop for ThreadsStop {
+    fn drop(&mut self) {
+        self.0.threads_stop.store(true, Ordering::Release);
+        self.0.wake.wake();
+    }
+}
+
+/// Stops the relay if its thread panics (dropped while unwinding): a dead committer or lease
+/// keeper must not leave the reader waiting for ever.
+struct StopOnPanic(Arc<Shared>);
+
+impl Drop for StopOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.stop.store(true, Ordering::Release);
+            self.0.wake.wake();
+        }
+    }
+}
+
 /// A pass of the reader: it reads upward from `cursor`, over the shards it started with.
 struct Pass {
     cursor: i64,
@@ -512,6 +537,7 @@ impl Relay {
     pub(crate) fn run(mut self) -> Result<RelayReport, RelayError> {
         let started = Instant::now();
         let shared = self.shared.clone();
+        let _threads_stop = ThreadsStop(shared.clone());
         let (tx, rx) = crossbeam_channel::unbounded::<Report>();
         let mut producer = kafka::create_producer(&self.producer_config, tx.clone())?;
         let mut limits = TopicLimits::new(&self.config.kafka)?;
@@ -522,26 +548,33 @@ impl Relay {
             "relay starting"
         );
 
-        // Each background thread gets a connection of its own.
-        let spawn = |name: &str, body: ThreadBody| {
+        // Each background thread gets a connection of its own. The relay cannot go on without
+        // a `vital` one: its panic stops the relay.
+        let spawn = |name: &str, vital: bool, body: ThreadBody| {
             let (shared, config) = (shared.clone(), self.config.clone());
             let store = Store::open(&config)?;
-            Ok::<_, RelayError>(
-                std::thread::Builder::new()
-                    .name(name.into())
-                    .spawn(move || body(&shared, store, &config))
-                    .expect("spawn a relay thread"),
-            )
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(move || {
+                    let _stop = vital.then(|| StopOnPanic(shared.clone()));
+                    body(&shared, store, &config)
+                })
+                .map_err(|e| RelayError::Panicked(format!("cannot start a thread: {e}")))
         };
         let committer = spawn(
             "devour-relay-commit",
+            true,
             Box::new(move |shared, store, config| commit_loop(shared, store, config, rx)),
         )?;
-        let lease_keeper = spawn("devour-relay-lease", Box::new(lease_loop))?;
+        let lease_keeper = spawn("devour-relay-lease", true, Box::new(lease_loop))?;
         // Counting is a pass over the outbox (long under a big backlog): on its own thread and
         // connection, only when someone reads the metrics, and never waited for at a stop.
         if self.config.metrics.listen.is_some() {
-            drop(spawn("devour-relay-backlog", Box::new(backlog_loop))?);
+            drop(spawn(
+                "devour-relay-backlog",
+                false,
+                Box::new(backlog_loop),
+            )?);
         }
         let listener = match &self.config.database.url {
             #[cfg(feature = "postgres")]
@@ -551,8 +584,11 @@ impl Relay {
                 Some(
                     std::thread::Builder::new()
                         .name("devour-relay-listen".into())
-                        .spawn(move || listen_loop(&shared, &url))
-                        .expect("spawn listener"),
+                        .spawn(move || {
+                            let _stop = StopOnPanic(shared.clone());
+                            listen_loop(&shared, &url)
+                        })
+                        .map_err(|e| RelayError::Panicked(format!("cannot start a thread: {e}")))?,
                 )
             }
             _ => None,
@@ -575,6 +611,7 @@ impl Relay {
         drop(tx);
         shared.threads_stop.store(true, Ordering::Release);
         shared.wake.wake();
+        let mut panicked = None;
         for (name, t) in [
             ("committer", Some(committer)),
             ("lease keeper", Some(lease_keeper)),
@@ -582,7 +619,9 @@ impl Relay {
         ] {
             if let Some(t) = t {
                 if let Err(p) = t.join() {
-                    tracing::error!("relay {name} panicked: {}", super::panic_message(&p));
+                    let message = format!("relay {name}: {}", super::panic_message(&p));
+                    tracing::error!("{message}");
+                    panicked.get_or_insert(message);
                 }
             }
         }
@@ -592,6 +631,10 @@ impl Relay {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         let counts = result?;
+        // A thread that panicked stopped the relay: that is no clean stop.
+        if let Some(message) = panicked {
+            return Err(RelayError::Panicked(message));
+        }
         let report = RelayReport {
             delivered: shared.delivered.load(Ordering::Relaxed),
             dead_lettered: shared.dead_lettered.load(Ordering::Relaxed),
