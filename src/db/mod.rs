@@ -140,17 +140,22 @@ impl DbError {
 }
 
 /// Whether a query that failed with `e` may succeed if tried again (the connection dropped, a
-/// serialization conflict), as opposed to failing the same way every time.
+/// serialization conflict, SQLite's lock still held by another writer after the busy timeout), as
+/// opposed to failing the same way every time.
 pub(crate) fn query_is_retriable(e: &diesel::result::Error) -> bool {
-    matches!(
-        e,
-        diesel::result::Error::DatabaseError(
-            diesel::result::DatabaseErrorKind::ClosedConnection
-                | diesel::result::DatabaseErrorKind::SerializationFailure
-                | diesel::result::DatabaseErrorKind::UnableToSendCommand,
-            _
-        )
-    )
+    use diesel::result::{DatabaseErrorKind as Kind, Error};
+    match e {
+        Error::DatabaseError(
+            Kind::ClosedConnection | Kind::SerializationFailure | Kind::UnableToSendCommand,
+            _,
+        ) => true,
+        // SQLITE_BUSY and SQLITE_LOCKED, which Diesel does not tell apart from other errors.
+        Error::DatabaseError(Kind::Unknown, info) => matches!(
+            info.message(),
+            "database is locked" | "database table is locked"
+        ),
+        _ => false,
+    }
 }
 
 /// A pool of connections to the configured database.
@@ -414,4 +419,30 @@ macro_rules! __model_store {
             }
         }
     };
+}
+
+#[cfg(all(test, feature = "sqlite"))]
+mod tests {
+    use diesel::connection::SimpleConnection;
+    use diesel::Connection;
+
+    /// A writer that finds SQLite's lock held past its busy timeout may succeed later; a query
+    /// that is wrong fails the same way every time.
+    #[test]
+    fn sqlite_busy_is_retriable_and_a_bad_query_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("busy.db");
+        let url = path.to_str().unwrap();
+        let mut a = diesel::SqliteConnection::establish(url).unwrap();
+        let mut b = diesel::SqliteConnection::establish(url).unwrap();
+        a.batch_execute("CREATE TABLE t (x INTEGER); BEGIN IMMEDIATE; INSERT INTO t VALUES (1);")
+            .unwrap();
+        b.batch_execute("PRAGMA busy_timeout = 0").unwrap();
+        let busy = b.batch_execute("INSERT INTO t VALUES (2)").unwrap_err();
+        assert!(super::query_is_retriable(&busy), "{busy:?}");
+        let wrong = b
+            .batch_execute("INSERT INTO nowhere VALUES (2)")
+            .unwrap_err();
+        assert!(!super::query_is_retriable(&wrong), "{wrong:?}");
+    }
 }
