@@ -73,9 +73,19 @@ fn lag_of(
         let Some(t) = meta.topics().iter().find(|t| t.name() == topic) else {
             continue;
         };
-        if t.error().is_some() {
+        match t.error() {
+            None => {}
             // The topic does not exist (yet): nothing to be behind on.
-            continue;
+            Some(rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART) => {
+                continue
+            }
+            // Not authorized to describe it, no leader, …: unknown, not zero.
+            Some(e) => {
+                return Err(format!(
+                    "metadata of {topic}: {}",
+                    rdkafka::types::RDKafkaErrorCode::from(e)
+                ))
+            }
         }
         for p in t.partitions() {
             let (low, high) = consumer
@@ -114,4 +124,42 @@ fn lag_of(
             }
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::RDKafkaRespErr;
+
+    /// A topic the broker will not describe (not authorized, here from librdkafka's mock
+    /// cluster: a real broker without an authorizer cannot refuse on demand) makes the lag
+    /// unknown, an error, not zero; a topic that does not exist yet has no lag.
+    #[test]
+    fn a_topic_the_broker_refuses_to_describe_is_an_error_not_zero_lag() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("refused", 1, 1).unwrap();
+        cluster
+            .topic_error(
+                "refused",
+                RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
+            )
+            .unwrap();
+        let config = Config::from_toml_str(
+            &format!(
+                "[kafka]\nhosts = \"{}\"\n\
+                 [consumers.refused]\ntopic = \"refused\"\nhandler = \"print\"\n\
+                 [consumers.missing]\ntopic = \"missing\"\nhandler = \"print\"\n",
+                cluster.bootstrap_servers()
+            ),
+            crate::config::Origin::Defaults,
+            &Default::default(),
+        )
+        .unwrap();
+        let timeout = Duration::from_secs(5);
+        let err = route_lag(&config, &config.consumers["refused"], timeout).unwrap_err();
+        assert!(err.contains("metadata of refused"), "{err}");
+        let lag = route_lag(&config, &config.consumers["missing"], timeout).unwrap();
+        assert!(lag.is_empty(), "{lag:?}");
+    }
 }
