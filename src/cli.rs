@@ -526,14 +526,8 @@ fn run(cli: Cli, registry: &crate::consume::Registry) -> Result<(), Failure> {
         }
         Command::Outbox(OutboxCommand::Put(args)) => {
             let config = args.config.load()?;
-            let payload = if args.tombstone {
-                None
-            } else {
-                let mut buf = Vec::new();
-                std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut buf)?;
-                Some(buf)
-            };
-            let mut m = crate::outbox::OutboxMessage::new(args.topic, payload);
+            let max = config.outbox.max_message_bytes;
+            let mut m = crate::outbox::OutboxMessage::new(args.topic, None);
             m.key = args.key;
             m.event = args.event;
             m.content_type = args.content_type;
@@ -545,8 +539,32 @@ fn run(cli: Cli, registry: &crate::consume::Registry) -> Result<(), Failure> {
                 };
                 m.headers.insert(k.to_string(), v.to_string());
             }
+            // Everything but the payload is checked before stdin is read (it may be a terminal).
+            m.validate(max).map_err(|e| Failure::Usage(e.to_string()))?;
+            if args.tombstone && m.key.is_none() {
+                return Err(Failure::Usage(
+                    "--tombstone needs --key: a tombstone deletes a key's value (a compacted \
+                     topic refuses one without a key)"
+                        .into(),
+                ));
+            }
+            if !args.tombstone {
+                // At most one byte over the limit: enough to refuse it, without holding a
+                // stream of any length in memory.
+                let mut buf = Vec::new();
+                std::io::Read::read_to_end(
+                    &mut std::io::Read::take(std::io::stdin().lock(), max as u64 + 1),
+                    &mut buf,
+                )?;
+                if buf.is_empty() {
+                    return Err(Failure::Usage(
+                        "stdin is empty: pipe the payload in (--tombstone sends a null value)"
+                            .into(),
+                    ));
+                }
+                m.payload = Some(buf);
+            }
             let mut conn = DbPool::connect(&config.database)?.get()?;
-            let max = config.outbox.max_message_bytes;
             let ids = crate::db::each_backend!(&mut conn, c => crate::outbox::write_messages(&mut **c, std::slice::from_ref(&m), max))
                 .map_err(|e| match e {
                     crate::ProduceError::Database(d) => Failure::Db(d.into()),

@@ -350,6 +350,66 @@ fn put_enqueues_a_message_that_the_relay_delivers() {
     );
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("expected NAME=VALUE"), "{err}");
+    for (args, stdin, says) in [
+        // A second message-id would be the one consumers read.
+        (
+            vec!["--header", "message-id=mine"],
+            Some("{}"),
+            "devour's own",
+        ),
+        (vec!["--header", "Event=x"], Some("{}"), "devour's own"),
+        (vec![], Some(""), "stdin is empty"),
+        (vec!["--tombstone"], None, "--tombstone needs --key"),
+    ] {
+        let mut all = vec!["outbox", "put", "--topic", topic.as_str()];
+        all.extend(args);
+        let (code, _, err) = devour(d, &db, &all, stdin);
+        assert_eq!(code, 2, "{all:?}: {err}");
+        assert!(err.contains(says), "{all:?}: {err}");
+    }
+    // Larger than the limit: refused after reading one byte past it, not the whole stream.
+    let big = "x".repeat(5000);
+    let mut child = command(env!("CARGO_BIN_EXE_devour"), d, &db)
+        .env("DEVOUR_OUTBOX_MAX_MESSAGE_BYTES", "1024")
+        .args(["outbox", "put", "--topic", &topic])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        // The put may stop reading (and close the pipe) before all of it is written.
+        let _ = child.stdin.take().unwrap().write_all(big.as_bytes());
+    }
+    let out = child.wait_with_output().unwrap();
+    let (code, err) = (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("over the maximum of 1024"), "{err}");
+    // A bad topic is refused before stdin is read: a terminal (here a pipe never closed) does
+    // not keep it waiting.
+    let mut child = command(env!("CARGO_BIN_EXE_devour"), d, &db)
+        .args(["outbox", "put", "--topic", "bad topic"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let held_open = child.stdin.take();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("`outbox put --topic 'bad topic'` waited for stdin");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    drop(held_open);
+    assert_eq!(status.code(), Some(2));
 
     relay_drain(d, &db);
     let got = read_all(&topic, Duration::from_secs(30));

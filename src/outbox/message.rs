@@ -19,6 +19,16 @@ pub const HEADER_EVENT: &str = "event";
 pub const HEADER_CONTENT_TYPE: &str = "content-type";
 /// W3C trace context header, carried from the context when given.
 pub const HEADER_TRACEPARENT: &str = "traceparent";
+/// Headers devour sets from the row's own columns; a message's extra headers cannot use them
+/// (a second copy would be the one consumers read).
+pub const RESERVED_HEADERS: [&str; 3] = [HEADER_MESSAGE_ID, HEADER_EVENT, HEADER_CONTENT_TYPE];
+
+/// Whether `name` is one of [`RESERVED_HEADERS`] (in any case).
+pub fn is_reserved_header(name: &str) -> bool {
+    RESERVED_HEADERS
+        .iter()
+        .any(|r| r.eq_ignore_ascii_case(name))
+}
 /// Content type of the JSON payloads the write path produces.
 pub const CONTENT_TYPE_JSON: &str = "application/json";
 /// Longest topic name Kafka accepts.
@@ -120,9 +130,16 @@ impl OutboxMessage {
                 .sum::<usize>()
     }
 
-    /// Checks what Kafka would reject: the topic name, the partition, and the size.
+    /// Checks what Kafka would reject (the topic name, the partition, and the size) and extra
+    /// headers that would shadow devour's own.
     pub fn validate(&self, max_message_bytes: usize) -> Result<(), ProduceError> {
         validate_topic(&self.topic)?;
+        if let Some(name) = self.headers.keys().find(|k| is_reserved_header(k)) {
+            return Err(ProduceError::ReservedHeader {
+                topic: self.topic.clone(),
+                name: name.clone(),
+            });
+        }
         if let Some(p) = self.partition {
             if p < 0 {
                 return Err(ProduceError::InvalidPartition {
@@ -289,6 +306,24 @@ mod tests {
         ] {
             assert!(validate_topic(bad).is_err(), "{bad:?} should be rejected");
         }
+    }
+
+    #[test]
+    fn extra_headers_cannot_shadow_devour_s_own() {
+        for name in ["message-id", "Content-Type", "EVENT"] {
+            let mut m = OutboxMessage::new("t", Some(b"{}".to_vec()));
+            m.headers.insert(name.into(), "x".into());
+            assert!(
+                matches!(
+                    m.validate(1 << 20),
+                    Err(ProduceError::ReservedHeader { .. })
+                ),
+                "{name}"
+            );
+        }
+        let mut m = OutboxMessage::new("t", Some(b"{}".to_vec()));
+        m.headers.insert("message-id-of-order".into(), "x".into());
+        assert!(m.validate(1 << 20).is_ok());
     }
 
     #[test]

@@ -14,9 +14,9 @@ mod producer;
 
 pub use direct::{init_direct, DirectProducer};
 pub use message::{
-    murmur2, partition_for_key, shard_for_key, validate_topic, Event, OutboxMessage,
-    CONTENT_TYPE_JSON, HEADER_CONTENT_TYPE, HEADER_EVENT, HEADER_MESSAGE_ID, HEADER_TRACEPARENT,
-    MAX_TOPIC_LEN, SHARDS,
+    is_reserved_header, murmur2, partition_for_key, shard_for_key, validate_topic, Event,
+    OutboxMessage, CONTENT_TYPE_JSON, HEADER_CONTENT_TYPE, HEADER_EVENT, HEADER_MESSAGE_ID,
+    HEADER_TRACEPARENT, MAX_TOPIC_LEN, RESERVED_HEADERS, SHARDS,
 };
 pub use model::{ModelStore, ModelTable, ProducerModel, SaveOptions, Saved};
 pub use producer::{Producer, ProducerConfig, ProducerType};
@@ -45,6 +45,17 @@ pub enum ProduceError {
         topic: String,
         /// The partition given.
         partition: i32,
+    },
+    /// An extra header has the name of one devour sets itself from the message.
+    #[error(
+        "message to `{topic}`: header `{name}` is devour's own (message-id, event and \
+         content-type come from the message; set those instead)"
+    )]
+    ReservedHeader {
+        /// The topic.
+        topic: String,
+        /// The header's name.
+        name: String,
     },
     /// The message is larger than the configured maximum.
     #[error(

@@ -201,6 +201,11 @@ pub(crate) fn headers(row: &Row) -> OwnedHeaders {
         match serde_json::from_str::<BTreeMap<String, serde_json::Value>>(&row.headers) {
             Ok(map) => {
                 for (k, v) in map {
+                    // Set above from the row's columns: a second copy would be the one
+                    // consumers read (a plain-SQL writer's headers are not checked).
+                    if crate::outbox::is_reserved_header(&k) {
+                        continue;
+                    }
                     let text = match v {
                         serde_json::Value::String(s) => s,
                         other => other.to_string(),
@@ -304,5 +309,50 @@ impl TopicLimits {
             .get("max.message.bytes")
             .and_then(|e| e.value.as_deref())
             .and_then(|v| v.parse().ok())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::message::Headers as _;
+
+    /// A plain-SQL writer's `headers` column cannot add a second message-id, event or
+    /// content-type: consumers read the last copy, so they would not see the row's own.
+    #[test]
+    fn a_row_s_headers_column_cannot_shadow_devour_s_own() {
+        let row = Row {
+            id: 1,
+            topic: "t".into(),
+            partition_key: None,
+            kafka_partition: None,
+            payload: None,
+            headers: r#"{"message-id":"theirs","Event":"x","trace":"abc"}"#.into(),
+            event: Some("create".into()),
+            message_id: "ours".into(),
+            content_type: "application/json".into(),
+            shard: 0,
+            created_ms: 0,
+            key_releases: 0,
+        };
+        let h = headers(&row);
+        let all: Vec<(String, String)> = (0..h.count())
+            .map(|i| {
+                let x = h.get(i);
+                (
+                    x.key.to_string(),
+                    String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned(),
+                )
+            })
+            .collect();
+        let named = |n: &str| {
+            all.iter()
+                .filter(|(k, _)| k.eq_ignore_ascii_case(n))
+                .map(|(_, v)| v.as_str())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(named("message-id"), ["ours"], "{all:?}");
+        assert_eq!(named("event"), ["create"], "{all:?}");
+        assert_eq!(named("trace"), ["abc"], "{all:?}");
     }
 }
