@@ -202,7 +202,13 @@ pub fn producer_config(config: &Config) -> rdkafka::ClientConfig {
     kafka::producer_config(&config.kafka, &config.relay.producer)
 }
 
-/// A relay running on its own threads.
+/// A relay running on its own threads. Keep it for as long as the relay should run: dropping it
+/// stops the relay and waits for it, like [`shutdown`](Self::shutdown) then
+/// [`join`](Self::join) (up to `relay.shutdown_timeout_ms` for deliveries in flight, plus the
+/// database's time to remove them and release the leases). The relay also ends by itself on an
+/// error it cannot retry (or a bug): watch [`is_finished`](Self::is_finished) and start a new one
+/// if it does.
+#[must_use = "dropping the handle stops the relay"]
 pub struct RelayHandle {
     stop: Arc<AtomicBool>,
     wake: Arc<Wake>,
@@ -254,7 +260,8 @@ pub(crate) fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
 }
 
 /// Starts a relay on its own threads (e.g. beside an application on SQLite). Connects first, so
-/// that a wrong URL or broker setting fails here.
+/// that a wrong URL or broker setting fails here. The relay runs as long as the returned handle
+/// is kept.
 pub fn start(config: &Config, options: RunOptions) -> Result<RelayHandle, RelayError> {
     let stop = Arc::new(AtomicBool::new(false));
     let wake = Arc::new(Wake::default());
