@@ -332,7 +332,8 @@ pub struct RelayConfig {
     pub on_dead_letter: DeadLetterPolicy,
     /// `shutdown_timeout_ms`: how long a stop waits for in-flight deliveries (default 30000).
     pub shutdown_timeout_ms: u64,
-    /// `relay_id`: this relay's name in the lease table (default `HOST-PID-RANDOM`).
+    /// `relay_id`: this relay's name in logs, status and the lease table, to which the relay
+    /// adds a suffix unique to the run (default `HOST-PID-RANDOM`).
     pub relay_id: Option<String>,
     /// `[relay.producer]`: librdkafka properties for the relay's producer.
     pub producer: BTreeMap<String, String>,

@@ -607,6 +607,28 @@ fn a_relay_that_fails_at_start_leaves_no_lease_holder_behind() {
     assert_eq!(held, 0, "shards still held by the failed relay");
 }
 
+/// Two relays given one `relay_id` (one config shared by two instances) do not share leases:
+/// one delivers, the other stands by, and nothing goes twice.
+#[test]
+fn two_relays_given_one_name_do_not_both_deliver() {
+    let db = TestDb::new(Backend::Sqlite, "same_name");
+    let topic = common::create_topic("same-name", 3);
+    let config = common::config(&db, "relay_id = \"twin\"");
+    let first = relay::start(&config, RunOptions::default()).unwrap();
+    let second = relay::start(&config, RunOptions::default()).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut c = SqliteConnection::open(&db);
+    c.batch_execute("PRAGMA busy_timeout = 10000").unwrap();
+    common::insert_rows(&mut c, &topic, 0, 3000, 30);
+    let msgs = common::consume_seqs(&topic, 3000, Duration::from_secs(60));
+    first.shutdown();
+    second.shutdown();
+    first.join().unwrap();
+    second.join().unwrap();
+    let dups = common::check_delivery(&msgs, 0..3000);
+    assert_eq!(dups, 0, "two relays named alike both delivered");
+}
+
 #[test]
 fn second_relay_on_sqlite_stands_by_until_the_first_stops() {
     let db = TestDb::new(Backend::Sqlite, "standby");

@@ -439,9 +439,12 @@ fn default_relay_id() -> String {
         .ok()
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "relay".into());
-    // Unique per relay, even for two relays in one process.
-    let salt = uuid::Uuid::now_v7().as_u128() as u16;
-    format!("{host}-{}-{salt:04x}", std::process::id())
+    format!("{host}-{}-{:04x}", std::process::id(), run_salt())
+}
+
+/// 16 random bits: unique per relay run, even for two relays in one process.
+fn run_salt() -> u16 {
+    uuid::Uuid::now_v7().as_u128() as u16
 }
 
 /// Who gives up retrying when: the reader as soon as a stop is asked, the other threads only
@@ -499,7 +502,13 @@ impl Relay {
         let producer_config = super::producer_config(config);
         crate::broker::check_access(&producer_config, ACCESS_CHECK).map_err(RelayError::Refused)?;
         let batch_size = kafka::batch_size(&producer_config);
-        let relay_id = rc.relay_id.clone().unwrap_or_else(default_relay_id);
+        // A configured name gets a suffix of this run's: two relays given one name (a deploy
+        // overlapping the old process's stop, one config shared by two instances) must not
+        // share leases, or both would deliver every shard.
+        let relay_id = match &rc.relay_id {
+            Some(name) => format!("{name}-{:04x}", run_salt()),
+            None => default_relay_id(),
+        };
         let shared = Arc::new(Shared {
             relay_id,
             config: rc,
