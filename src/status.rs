@@ -90,10 +90,24 @@ pub fn gather(config: &Config, timeout: Duration) -> Result<Status, DbError> {
     let dead_letters = Backlog::of(conn.dead_letters_by_topic()?);
     let relays = conn.relays()?;
     let held = conn.held_shards()?;
+    // Side by side: with the broker away each read takes the whole timeout, and the status
+    // should take one timeout, not one per route.
+    let lags: Vec<Result<Vec<PartitionLag>, String>> = std::thread::scope(|s| {
+        let reads: Vec<_> = config
+            .consumers
+            .values()
+            .map(|route| s.spawn(move || route_lag(config, route, timeout)))
+            .collect();
+        reads
+            .into_iter()
+            .map(|r| r.join().unwrap_or_else(|_| Err("reading the lag panicked".into())))
+            .collect()
+    });
     let consumers = config
         .consumers
         .values()
-        .map(|route| match route_lag(config, route, timeout) {
+        .zip(lags)
+        .map(|(route, lag)| match lag {
             Ok(partitions) => RouteStatus {
                 route: route.name.clone(),
                 group: route.group.clone(),
