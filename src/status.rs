@@ -100,7 +100,10 @@ pub fn gather(config: &Config, timeout: Duration) -> Result<Status, DbError> {
             .collect();
         reads
             .into_iter()
-            .map(|r| r.join().unwrap_or_else(|_| Err("reading the lag panicked".into())))
+            .map(|r| {
+                r.join()
+                    .unwrap_or_else(|_| Err("reading the lag panicked".into()))
+            })
             .collect()
     });
     let consumers = config

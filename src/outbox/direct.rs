@@ -95,7 +95,16 @@ pub fn init_direct(kafka: &KafkaConfig) {
 fn shared_producer() -> Result<Arc<DirectProducer>, ProduceError> {
     let mut state = DIRECT.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(p) = &state.producer {
-        return Ok(p.clone());
+        // A fatal error (idempotence broken: e.g. the broker refused a producer id) fails every
+        // later send of that producer: start a new one.
+        match p.inner.client().fatal_error() {
+            None => return Ok(p.clone()),
+            Some((code, reason)) => {
+                tracing::warn!(
+                    "direct producer: fatal error {code:?} ({reason}); creating a new one"
+                )
+            }
+        }
     }
     let kafka = match &state.kafka {
         Some(k) => k.clone(),
@@ -109,4 +118,48 @@ fn shared_producer() -> Result<Arc<DirectProducer>, ProduceError> {
 
 pub(crate) fn send(message: &OutboxMessage) -> Result<(i32, i64), ProduceError> {
     shared_producer()?.send(message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+    /// After a fatal error, the next direct message gets a new producer instead of failing like
+    /// every later one of the old producer. (librdkafka's mock cluster refuses the producer id,
+    /// which a real broker without an authorizer cannot do on demand.)
+    #[test]
+    fn a_producer_with_a_fatal_error_is_replaced() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("direct", 1, 1).unwrap();
+        cluster.request_errors(
+            RDKafkaApiKey::InitProducerId,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_CLUSTER_AUTHORIZATION_FAILED],
+        );
+        let kafka = Config::from_toml_str(
+            &format!(
+                "[kafka]\nhosts = \"{}\"\n[kafka.properties]\n\"message.timeout.ms\" = \"5000\"\n",
+                cluster.bootstrap_servers()
+            ),
+            crate::config::Origin::Defaults,
+            &Default::default(),
+        )
+        .unwrap()
+        .kafka;
+        init_direct(&kafka);
+        let m = OutboxMessage::new("direct", Some(b"{}".to_vec()));
+        let first = shared_producer().unwrap();
+        assert!(send(&m).is_err(), "the producer id is refused");
+        assert!(
+            first.inner.client().fatal_error().is_some(),
+            "a refused producer id is fatal for an idempotent producer"
+        );
+        let second = shared_producer().unwrap();
+        assert!(
+            !Arc::ptr_eq(&first, &second),
+            "replaced after the fatal error"
+        );
+        assert!(send(&m).is_ok(), "the new producer delivers");
+    }
 }
