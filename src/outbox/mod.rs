@@ -184,8 +184,8 @@ pub trait OutboxBackend: diesel::backend::Backend + Sized {
 }
 
 /// Writes messages to the outbox on `conn` after validating them all: nothing is written if
-/// one is invalid. The rows commit or roll back with the transaction `conn` is in. Returns the
-/// row ids in the order of `messages`.
+/// one is invalid. The rows commit or roll back with the transaction `conn` is in, and relays
+/// running in this process are woken. Returns the row ids in the order of `messages`.
 pub fn write_messages<C>(
     conn: &mut C,
     messages: &[OutboxMessage],
@@ -198,11 +198,14 @@ where
     for m in messages {
         m.validate(max_message_bytes)?;
     }
-    Ok(match messages {
-        [] => Vec::new(),
+    let ids = match messages {
+        [] => return Ok(Vec::new()),
         [one] => vec![<C::Backend as OutboxBackend>::insert_outbox(conn, one)?],
         many => <C::Backend as OutboxBackend>::insert_outbox_batch(conn, many)?,
-    })
+    };
+    // Relays in this process look more often for a while (the rows are not committed yet).
+    crate::relay::notify_local();
+    Ok(ids)
 }
 
 /// What one produce did.
@@ -319,7 +322,6 @@ where
     match config.producer_type {
         ProducerType::Outbox => {
             let ids = write_messages(conn, &messages, max)?;
-            crate::relay::notify_local();
             Ok(messages
                 .into_iter()
                 .zip(ids)
