@@ -562,6 +562,12 @@ fn run(cli: Cli, registry: &crate::consume::Registry) -> Result<(), Failure> {
                             .into(),
                     ));
                 }
+                if buf.len() > max {
+                    return Err(Failure::Usage(format!(
+                        "the payload on stdin is over the maximum of {max} bytes \
+                         (`outbox.max_message_bytes`)"
+                    )));
+                }
                 m.payload = Some(buf);
             }
             let mut conn = DbPool::connect(&config.database)?.get()?;

@@ -175,7 +175,7 @@ impl Drop for Server {
     }
 }
 
-/// Connections answered at once; more wait in the listen queue.
+/// Connections answered at once; more wait in the listen queue (not accepted meanwhile).
 const MAX_CONNECTIONS: usize = 16;
 /// How long a client may take to send its request, and to take the answer.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -249,24 +249,29 @@ fn accept_loop(
 ) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let open = std::sync::Arc::new(AtomicUsize::new(0));
+    /// Gives its connection's place back however the answer ends.
+    struct Place(std::sync::Arc<AtomicUsize>);
+    impl Drop for Place {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
     while !stop.load(Ordering::Relaxed) {
+        if open.load(Ordering::Acquire) >= MAX_CONNECTIONS {
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        }
         match listener.accept() {
             Ok((stream, _)) => {
-                if open.load(Ordering::Acquire) >= MAX_CONNECTIONS {
-                    // Busy: the client sees the connection closed, and tries again.
-                    continue;
-                }
                 open.fetch_add(1, Ordering::AcqRel);
-                let (counted, handle) = (open.clone(), handle.clone());
-                let spawned = std::thread::Builder::new()
+                let (place, handle) = (Place(open.clone()), handle.clone());
+                // If the thread cannot start, the closure (and its place) is dropped.
+                let _ = std::thread::Builder::new()
                     .name("devour-metrics-client".into())
                     .spawn(move || {
+                        let _place = place;
                         answer(stream, &handle);
-                        counted.fetch_sub(1, Ordering::AcqRel);
                     });
-                if spawned.is_err() {
-                    open.fetch_sub(1, Ordering::AcqRel);
-                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(50))
@@ -281,13 +286,15 @@ fn accept_loop(
 fn answer(mut stream: std::net::TcpStream, handle: &metrics_exporter_prometheus::PrometheusHandle) {
     use std::io::{Read, Write};
     let _ = stream.set_nonblocking(false);
-    let _ = stream.set_read_timeout(Some(CLIENT_TIMEOUT));
     let _ = stream.set_write_timeout(Some(CLIENT_TIMEOUT));
     let deadline = Instant::now() + CLIENT_TIMEOUT;
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
-        if head.len() >= MAX_REQUEST || Instant::now() >= deadline {
+    let complete =
+        |h: &[u8]| h.windows(4).any(|w| w == b"\r\n\r\n") || h.windows(2).any(|w| w == b"\n\n");
+    while !complete(&head) && head.len() < MAX_REQUEST {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
             break;
         }
         match stream.read(&mut buf) {
@@ -302,15 +309,28 @@ fn answer(mut stream: std::net::TcpStream, handle: &metrics_exporter_prometheus:
     if method.is_empty() {
         return;
     }
-    let (code, body, kind) = route(method, target, handle);
+    let (code, body, kind) = if complete(&head) {
+        route(method, target, handle)
+    } else if head.len() >= MAX_REQUEST {
+        (431, "request head too long\n".into(), "text/plain")
+    } else {
+        (400, "incomplete request\n".into(), "text/plain")
+    };
     let reason = match code {
         200 => "OK",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        400 => "Bad Request",
+        431 => "Request Header Fields Too Large",
         _ => "Service Unavailable",
     };
+    let allow = if code == 405 {
+        "Allow: GET, HEAD\r\n"
+    } else {
+        ""
+    };
     let mut out = format!(
-        "HTTP/1.1 {code} {reason}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\n{allow}Connection: close\r\n\r\n",
         body.len()
     )
     .into_bytes();

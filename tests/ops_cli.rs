@@ -361,7 +361,7 @@ fn put_enqueues_a_message_that_the_relay_delivers() {
             Some("{}"),
             "devour's own",
         ),
-        (vec!["--header", "Event=x"], Some("{}"), "devour's own"),
+        (vec!["--header", "event=x"], Some("{}"), "devour's own"),
         (vec![], Some(""), "stdin is empty"),
         (vec!["--tombstone"], None, "--tombstone needs --key"),
     ] {

@@ -157,6 +157,11 @@ fn relay_metrics_health_and_readiness() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert_eq!(get(port, "/healthz"), Some((200, "ok\n".to_string())));
     drop(idle);
+    // A head that never ends within 8 KiB is refused, not taken for a request.
+    assert_eq!(
+        get(port, &format!("/metrics?{}", "x".repeat(9000))).map(|r| r.0),
+        Some(431)
+    );
     assert_eq!(c.count("devour_outbox"), 0);
     let log = stop(relay);
     // JSON logs: every line an object with a level; the database password never shows.

@@ -93,6 +93,9 @@ pub fn init_direct(kafka: &KafkaConfig) {
 }
 
 fn shared_producer() -> Result<Arc<DirectProducer>, ProduceError> {
+    // A broken producer is let go after the lock (declared first, dropped last): its drop may
+    // wait for its queue.
+    let mut _broken = None;
     let mut state = DIRECT.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(p) = &state.producer {
         // A fatal error (idempotence broken: e.g. the broker refused a producer id) fails every
@@ -102,7 +105,8 @@ fn shared_producer() -> Result<Arc<DirectProducer>, ProduceError> {
             Some((code, reason)) => {
                 tracing::warn!(
                     "direct producer: fatal error {code:?} ({reason}); creating a new one"
-                )
+                );
+                _broken = state.producer.take();
             }
         }
     }

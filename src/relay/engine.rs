@@ -78,6 +78,8 @@ struct Shared {
     delivered: AtomicU64,
     dead_lettered: AtomicU64,
     latency: Mutex<hdrhistogram::Histogram<u64>>,
+    /// A vital thread panicked: the relay stops.
+    failed: AtomicBool,
     /// The lease keeper and committer stop after the reader.
     threads_stop: AtomicBool,
     /// The producer's `batch.size`, and the smaller one asked for (a topic takes smaller
@@ -88,7 +90,7 @@ struct Shared {
 
 impl Shared {
     fn stopping(&self) -> bool {
-        self.stop.load(Ordering::Acquire)
+        self.stop.load(Ordering::Acquire) || self.failed.load(Ordering::Acquire)
     }
 
     fn add_in_flight(&self, shards: impl IntoIterator<Item = i32>) {
@@ -165,26 +167,47 @@ impl Shared {
 /// The body of a background thread: its shared state, its own connection, the configuration.
 type ThreadBody = Box<dyn FnOnce(&Shared, Store, &Config) + Send>;
 
-/// Ends the relay's background threads when dropped: at the end of `run`, however it ends (an
-/// error after some threads started, a panic of the reader). Without it a lease keeper outlived
-/// the relay and held its shards, so nothing delivered them (on SQLite, a new relay stood by).
-struct ThreadsStop(Arc<Shared>);
+/// The relay's background threads, ended (and waited for) when dropped: at the end of `run`,
+/// however it ends (an error after some threads started, a panic of the reader). Without it a
+/// lease keeper outlived the relay and held its shards, so nothing delivered them (on SQLite, a
+/// new relay stood by).
+struct Threads {
+    shared: Arc<Shared>,
+    running: Vec<(&'static str, std::thread::JoinHandle<()>)>,
+}
 
-impl Drop for ThreadsStop {
+impl Threads {
+    /// Ends the threads and waits for them; returns the first panic's message.
+    fn stop(&mut self) -> Option<String> {
+        self.shared.threads_stop.store(true, Ordering::Release);
+        self.shared.wake.wake();
+        let mut panicked = None;
+        for (name, t) in self.running.drain(..) {
+            if let Err(p) = t.join() {
+                let message = format!("relay {name}: {}", super::panic_message(&p));
+                tracing::error!("{message}");
+                panicked.get_or_insert(message);
+            }
+        }
+        panicked
+    }
+}
+
+impl Drop for Threads {
     fn drop(&mut self) {
-        self.0.threads_stop.store(true, Ordering::Release);
-        self.0.wake.wake();
+        self.stop();
     }
 }
 
 /// Stops the relay if its thread panics (dropped while unwinding): a dead committer or lease
-/// keeper must not leave the reader waiting for ever.
+/// keeper must not leave the reader waiting for ever. (The relay's own flag: the caller's stop
+/// flag is the caller's.)
 struct StopOnPanic(Arc<Shared>);
 
 impl Drop for StopOnPanic {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            self.0.stop.store(true, Ordering::Release);
+            self.0.failed.store(true, Ordering::Release);
             self.0.wake.wake();
         }
     }
@@ -439,12 +462,13 @@ fn default_relay_id() -> String {
         .ok()
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "relay".into());
-    format!("{host}-{}-{:04x}", std::process::id(), run_salt())
+    format!("{host}-{}-{:08x}", std::process::id(), run_salt())
 }
 
-/// 16 random bits: unique per relay run, even for two relays in one process.
-fn run_salt() -> u16 {
-    uuid::Uuid::now_v7().as_u128() as u16
+/// 32 random bits (a UUIDv7's low bits are random): unique per relay run, even for two relays
+/// in one process or relays given one name.
+fn run_salt() -> u32 {
+    uuid::Uuid::now_v7().as_u128() as u32
 }
 
 /// Who gives up retrying when: the reader as soon as a stop is asked, the other threads only
@@ -506,7 +530,7 @@ impl Relay {
         // overlapping the old process's stop, one config shared by two instances) must not
         // share leases, or both would deliver every shard.
         let relay_id = match &rc.relay_id {
-            Some(name) => format!("{name}-{:04x}", run_salt()),
+            Some(name) => format!("{name}-{:08x}", run_salt()),
             None => default_relay_id(),
         };
         let shared = Arc::new(Shared {
@@ -530,6 +554,7 @@ impl Relay {
                 hdrhistogram::Histogram::new_with_bounds(1, 3_600_000, 2).expect("valid bounds"),
             ),
             threads_stop: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
             batch_size: AtomicUsize::new(batch_size),
             wanted_batch_size: AtomicUsize::new(batch_size),
         });
@@ -546,7 +571,10 @@ impl Relay {
     pub(crate) fn run(mut self) -> Result<RelayReport, RelayError> {
         let started = Instant::now();
         let shared = self.shared.clone();
-        let _threads_stop = ThreadsStop(shared.clone());
+        let mut threads = Threads {
+            shared: shared.clone(),
+            running: Vec::new(),
+        };
         let (tx, rx) = crossbeam_channel::unbounded::<Report>();
         let mut producer = kafka::create_producer(&self.producer_config, tx.clone())?;
         let mut limits = TopicLimits::new(&self.config.kafka)?;
@@ -575,7 +603,9 @@ impl Relay {
             true,
             Box::new(move |shared, store, config| commit_loop(shared, store, config, rx)),
         )?;
+        threads.running.push(("committer", committer));
         let lease_keeper = spawn("devour-relay-lease", true, Box::new(lease_loop))?;
+        threads.running.push(("lease keeper", lease_keeper));
         // Counting is a pass over the outbox (long under a big backlog): on its own thread and
         // connection, only when someone reads the metrics, and never waited for at a stop.
         if self.config.metrics.listen.is_some() {
@@ -585,23 +615,20 @@ impl Relay {
                 Box::new(backlog_loop),
             )?);
         }
-        let listener = match &self.config.database.url {
-            #[cfg(feature = "postgres")]
-            crate::config::DatabaseUrl::Postgres(url) => {
-                let shared = shared.clone();
-                let url = url.clone();
-                Some(
-                    std::thread::Builder::new()
-                        .name("devour-relay-listen".into())
-                        .spawn(move || {
-                            let _stop = StopOnPanic(shared.clone());
-                            listen_loop(&shared, &url)
-                        })
-                        .map_err(|e| RelayError::Panicked(format!("cannot start a thread: {e}")))?,
-                )
+        // Wake-ups only: without it (it failed to start, or panicked) the relay polls.
+        #[cfg(feature = "postgres")]
+        if let crate::config::DatabaseUrl::Postgres(url) = &self.config.database.url {
+            let (shared, url) = (shared.clone(), url.clone());
+            match std::thread::Builder::new()
+                .name("devour-relay-listen".into())
+                .spawn(move || listen_loop(&shared, &url))
+            {
+                Ok(t) => threads.running.push(("listener", t)),
+                Err(e) => {
+                    tracing::warn!(relay = %self.shared.relay_id, "no LISTEN thread ({e}): polling every poll_interval_ms")
+                }
             }
-            _ => None,
-        };
+        }
 
         let result = self.read_loop(&mut producer, &mut limits, &tx);
 
@@ -609,8 +636,13 @@ impl Relay {
         // `shutdown_timeout_ms`, then let the others finish.
         let deadline = Instant::now() + Duration::from_millis(shared.config.shutdown_timeout_ms);
         let _ = producer.flush(deadline.saturating_duration_since(Instant::now()));
-        let finished =
-            shared.wait_in_flight_at_most(0, deadline.saturating_duration_since(Instant::now()));
+        // Only the committer settles rows in flight: once it is gone, nobody will.
+        let committer_alive = threads
+            .running
+            .iter()
+            .any(|(name, t)| *name == "committer" && !t.is_finished());
+        let finished = committer_alive
+            && shared.wait_in_flight_at_most(0, deadline.saturating_duration_since(Instant::now()));
         let abandoned = if finished {
             0
         } else {
@@ -618,22 +650,7 @@ impl Relay {
         };
         drop(producer);
         drop(tx);
-        shared.threads_stop.store(true, Ordering::Release);
-        shared.wake.wake();
-        let mut panicked = None;
-        for (name, t) in [
-            ("committer", Some(committer)),
-            ("lease keeper", Some(lease_keeper)),
-            ("listener", listener),
-        ] {
-            if let Some(t) = t {
-                if let Err(p) = t.join() {
-                    let message = format!("relay {name}: {}", super::panic_message(&p));
-                    tracing::error!("{message}");
-                    panicked.get_or_insert(message);
-                }
-            }
-        }
+        let panicked = threads.stop();
         let latency = shared
             .latency
             .lock()

@@ -202,8 +202,13 @@ pub(crate) fn headers(row: &Row) -> OwnedHeaders {
             Ok(map) => {
                 for (k, v) in map {
                     // Set above from the row's columns: a second copy would be the one
-                    // consumers read (a plain-SQL writer's headers are not checked).
-                    if crate::outbox::is_reserved_header(&k) {
+                    // consumers read (a plain-SQL writer's headers are not checked). `event`
+                    // only when the column has one.
+                    let from_column = k == HEADER_MESSAGE_ID
+                        || k == HEADER_CONTENT_TYPE
+                        || (k == HEADER_EVENT && row.event.is_some());
+                    if from_column {
+                        warn_shadowed_header_once(row.id, &k);
                         continue;
                     }
                     let text = match v {
@@ -225,6 +230,18 @@ pub(crate) fn headers(row: &Row) -> OwnedHeaders {
         }
     }
     h
+}
+
+/// Says once per process that a row's `headers` column named a header its columns set.
+fn warn_shadowed_header_once(id: i64, name: &str) {
+    static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(
+            id,
+            "the headers column of outbox row {id} names `{name}`, which the row's own column sets: \
+             the column's value is sent (docs/outbox-table.md); later rows like it are not logged"
+        );
+    }
 }
 
 /// The record for a row.
@@ -327,7 +344,7 @@ mod tests {
             partition_key: None,
             kafka_partition: None,
             payload: None,
-            headers: r#"{"message-id":"theirs","Event":"x","trace":"abc"}"#.into(),
+            headers: r#"{"message-id":"theirs","event":"x","Event":"y","trace":"abc"}"#.into(),
             event: Some("create".into()),
             message_id: "ours".into(),
             content_type: "application/json".into(),
@@ -347,12 +364,25 @@ mod tests {
             .collect();
         let named = |n: &str| {
             all.iter()
-                .filter(|(k, _)| k.eq_ignore_ascii_case(n))
+                .filter(|(k, _)| k == n)
                 .map(|(_, v)| v.as_str())
                 .collect::<Vec<_>>()
         };
         assert_eq!(named("message-id"), ["ours"], "{all:?}");
         assert_eq!(named("event"), ["create"], "{all:?}");
+        assert_eq!(
+            named("Event"),
+            ["y"],
+            "header names are case-sensitive: {all:?}"
+        );
         assert_eq!(named("trace"), ["abc"], "{all:?}");
+        // Without an event column, the headers column's event is the one.
+        let h = headers(&Row { event: None, ..row });
+        let events: Vec<_> = (0..h.count())
+            .map(|i| h.get(i))
+            .filter(|x| x.key == "event")
+            .map(|x| x.value.unwrap_or_default().to_vec())
+            .collect();
+        assert_eq!(events, [b"x".to_vec()]);
     }
 }
