@@ -35,16 +35,34 @@ impl rdkafka::producer::ProducerContext for Refusals {
     fn delivery(&self, _: &rdkafka::producer::DeliveryResult<'_>, _: ()) {}
 }
 
-/// Connects with `config` and asks for metadata for up to `timeout`. `Err` with librdkafka's
-/// reason when the brokers refused the credentials or the TLS handshake; `Ok` when they
-/// answered, or did not answer at all.
+/// Why [`check_access`] failed.
+#[derive(Debug)]
+pub(crate) enum AccessError {
+    /// librdkafka refused the settings themselves (an unknown property, a bad value).
+    Settings(String),
+    /// The brokers refused the credentials or the TLS handshake.
+    Refused(String),
+}
+
+impl std::fmt::Display for AccessError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AccessError::Settings(e) => write!(f, "invalid Kafka settings: {e}"),
+            AccessError::Refused(e) => write!(f, "the brokers refused the connection: {e}"),
+        }
+    }
+}
+
+/// Connects with `config` and asks for metadata for up to `timeout`. `Err` when librdkafka
+/// refuses the settings, or with its reason when the brokers refused the credentials or the
+/// TLS handshake; `Ok` when they answered, or did not answer at all.
 pub(crate) fn check_access(
     config: &rdkafka::ClientConfig,
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), AccessError> {
     let producer: BaseProducer<Refusals> = config
         .create_with_context(Refusals::default())
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| AccessError::Settings(e.to_string()))?;
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if producer
@@ -63,7 +81,7 @@ pub(crate) fn check_access(
             .unwrap_or_else(|p| p.into_inner())
             .take()
         {
-            return Err(reason);
+            return Err(AccessError::Refused(reason));
         }
     }
     tracing::warn!(

@@ -10,7 +10,8 @@
 //! `DEVOUR_KAFKA_SSL_CONFIG_CAFILE`). librdkafka pass-through properties use
 //! `DEVOUR_KAFKA_PROPERTY_` + the property name in upper case with `.` replaced by `_`
 //! (`DEVOUR_KAFKA_PROPERTY_SASL_PASSWORD` → `sasl.password`). Values from the environment are
-//! read as TOML values where they parse as one (`10`, `true`, `["a:1", "b:2"]`), else as strings.
+//! taken as they are for text keys and librdkafka properties, and read as TOML for integer and
+//! boolean keys and for lists (`10`, `true`, `["a:1", "b:2"]`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;

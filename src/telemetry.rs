@@ -20,7 +20,8 @@ use crate::config::{Config, LogConfig, LogFormat};
 
 /// Metric names, all prefixed `devour_`.
 pub mod names {
-    /// Counter: rows delivered (acknowledged by the broker and removed).
+    /// Counter: rows delivered (acknowledged by the broker; a removal fenced off by a lost
+    /// lease still counts).
     pub const RELAY_DELIVERED: &str = "devour_relay_delivered_total";
     /// Counter: rows moved to `devour_dead_letters`.
     pub const RELAY_DEAD_LETTERED: &str = "devour_relay_dead_lettered_total";

@@ -91,6 +91,29 @@ fn relay_on_a_database_without_devour_s_tables_exits_2_naming_devour_migrate() {
     assert!(err.contains("devour_key_releases"), "{err}");
 }
 
+/// A librdkafka property librdkafka does not know stops the relay at start with its name, not
+/// as "the brokers refused the connection".
+#[test]
+fn relay_with_a_property_librdkafka_refuses_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("p.db").display());
+    let env = [
+        ("DEVOUR_DATABASE_URL", url.as_str()),
+        ("DEVOUR_KAFKA_HOSTS", "127.0.0.1:19092"),
+        ("DEVOUR_KAFKA_PROPERTY_NO_SUCH_PROPERTY", "x"),
+    ];
+    let relay = env!("CARGO_BIN_EXE_devour-relay");
+    let (_, err) = assert_code(
+        run(relay, &["--drain", "--migrate"], &env),
+        1,
+        &["(relay) --drain"],
+    );
+    assert!(
+        err.contains("invalid Kafka settings") && err.contains("no.such.property"),
+        "{err}"
+    );
+}
+
 #[test]
 fn migrate_on_postgres() {
     // A database with no devour tables: TestDb migrates, so make a bare one.

@@ -238,7 +238,7 @@ pub fn run(
         }
         super::route_connection(&mut c, &route);
         crate::broker::check_access(&c, Duration::from_secs(10))
-            .map_err(|e| ConsumeError::Kafka(format!("the brokers refused the connection: {e}")))?;
+            .map_err(|e| ConsumeError::Kafka(e.to_string()))?;
     }
     let dead_letters = Arc::new(DeadLetters::new(config, &route)?);
     let shared = Arc::new(Shared::default());

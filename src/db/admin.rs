@@ -80,7 +80,7 @@ pub struct DeadLetter {
     /// The `message-id` header.
     #[diesel(sql_type = Text)]
     pub message_id: String,
-    /// Delivery attempts.
+    /// How many times the row was dead-lettered (this time included).
     #[diesel(sql_type = Integer)]
     pub attempts: i32,
     /// Why the broker refused it.

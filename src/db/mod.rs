@@ -42,7 +42,7 @@ diesel::table! {
         content_type -> Text,
         /// Shard of the row (see `outbox::shard_for_key`).
         shard -> Integer,
-        /// Delivery attempts so far.
+        /// How many times the row was dead-lettered before.
         attempts -> Integer,
     }
 }
@@ -182,7 +182,8 @@ pub enum DbConnection {
 }
 
 impl DbPool {
-    /// Builds the pool and checks that one connection can be made.
+    /// Builds the pool, opening its connections (r2d2 opens `pool_size` at build), so that an
+    /// unreachable database fails here.
     pub fn connect(config: &DatabaseConfig) -> Result<DbPool, DbError> {
         let err = |reason: String| DbError::Connect {
             url: config.url.redacted(),

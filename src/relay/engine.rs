@@ -524,7 +524,12 @@ impl Relay {
         // Without devour's tables every query would fail and be retried forever: say so now.
         reader.check_tables(&rc)?;
         let producer_config = super::producer_config(config);
-        crate::broker::check_access(&producer_config, ACCESS_CHECK).map_err(RelayError::Refused)?;
+        crate::broker::check_access(&producer_config, ACCESS_CHECK).map_err(|e| match e {
+            crate::broker::AccessError::Refused(e) => RelayError::Refused(e),
+            crate::broker::AccessError::Settings(e) => RelayError::Kafka(
+                rdkafka::error::KafkaError::ClientCreation(format!("invalid Kafka settings: {e}")),
+            ),
+        })?;
         let batch_size = kafka::batch_size(&producer_config);
         // A configured name gets a suffix of this run's: two relays given one name (a deploy
         // overlapping the old process's stop, one config shared by two instances) must not

@@ -5,8 +5,10 @@
 //! [`RelayHandle`] to wake it after a commit and to stop it.
 //!
 //! How it keeps its promises (details in ARCHITECTURE.md):
-//! - it always reads the oldest undelivered rows of the shards it holds, in id order, and
-//!   removes a row only after the broker acknowledged it (at least once, nothing skipped);
+//! - it reads the undelivered rows of the shards it holds in id order, never past an id that a
+//!   transaction may still commit (the settled horizon), going back to the oldest row whenever
+//!   a row can be below its cursor; rows of a key held back by a dead letter (`block_key`) wait;
+//!   it removes a row only after the broker acknowledged it (at least once, nothing skipped);
 //! - one relay holds a shard at a time (leases with epochs in the database), every removal is
 //!   fenced by the lease it was read under, and the producer is idempotent with no message
 //!   expiry, so one key's messages reach Kafka in order;
@@ -64,7 +66,9 @@ impl RelayError {
     pub fn is_retriable(&self) -> bool {
         match self {
             RelayError::Db(e) => e.is_retriable(),
-            RelayError::Kafka(_) | RelayError::Standby(_) => true,
+            // librdkafka refusing the settings fails the same way every time.
+            RelayError::Kafka(e) => !matches!(e, rdkafka::error::KafkaError::ClientCreation(_)),
+            RelayError::Standby(_) => true,
             RelayError::Config(_)
             | RelayError::Refused(_)
             | RelayError::Panicked(_)
@@ -260,7 +264,8 @@ pub(crate) fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
 }
 
 /// Starts a relay on its own threads (e.g. beside an application on SQLite). Connects first, so
-/// that a wrong URL or broker setting fails here. The relay runs as long as the returned handle
+/// that a wrong URL, missing tables, settings librdkafka refuses, or credentials the brokers
+/// refuse fail here (brokers that do not answer are waited for: after 10 s it starts anyway). The relay runs as long as the returned handle
 /// is kept.
 pub fn start(config: &Config, options: RunOptions) -> Result<RelayHandle, RelayError> {
     let stop = Arc::new(AtomicBool::new(false));
