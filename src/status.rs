@@ -21,8 +21,9 @@ pub struct Status {
     pub dead_letters: Backlog,
     /// Relays that heartbeat, with the shards they hold.
     pub relays: Vec<RelayState>,
-    /// A relay whose last heartbeat is older than this (`relay.lease_ttl_ms`) is silent: it
-    /// crashed or was stopped without leaving (its row stays until another relay clears it).
+    /// A relay whose last heartbeat is older than its own `lease_ttl_ms` (this, the status
+    /// configuration's, for relays that did not record theirs) is silent: it crashed or was
+    /// stopped without leaving (its row stays until another relay clears it).
     pub silent_after_s: f64,
     /// Shards held by no relay under an unexpired lease.
     pub unheld_shards: i64,
@@ -207,7 +208,12 @@ pub fn render(s: &Status) -> String {
     for t in &s.dead_letters.topics {
         let _ = writeln!(o, "  {:<32} {:>10}", t.topic, t.rows);
     }
-    let silent = |r: &RelayState| r.heartbeat_age_s > s.silent_after_s;
+    let silent = |r: &RelayState| {
+        let after = r
+            .lease_ttl_ms
+            .map_or(s.silent_after_s, |ms| ms as f64 / 1000.0);
+        r.heartbeat_age_s > after
+    };
     let n_silent = s.relays.iter().filter(|r| silent(r)).count();
     let _ = writeln!(
         o,

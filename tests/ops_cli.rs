@@ -122,6 +122,13 @@ fn status_counts_backlog_dead_letters_and_consumer_lag() {
          VALUES ('crashed-relay', now() - interval '2 hours', now() - interval '1 hour')",
     )
     .unwrap();
+    // A relay with 60 s leases, heartbeating every 20 s: 15 s since its last heartbeat is not
+    // silent for it, although it would be for this status's own 10 s TTL.
+    c.batch_execute(
+        "INSERT INTO devour_relays (relay_id, started_at, heartbeat_at, lease_ttl_ms) \
+         VALUES ('slow-relay', now() - interval '1 hour', now() - interval '15 seconds', 60000)",
+    )
+    .unwrap();
     let topic = create_topic("ops-lag", 2);
     produce_seqs(&topic, 10, 4);
     let group = common::unique("lag");
@@ -173,7 +180,7 @@ fn status_counts_backlog_dead_letters_and_consumer_lag() {
     assert!(table.contains("outbox: 50 undelivered row(s)"), "{table}");
     assert!(table.contains("dead letters: 1"), "{table}");
     assert!(
-        table.contains("relays: 0 heartbeating, 1 silent"),
+        table.contains("relays: 1 heartbeating, 1 silent"),
         "a relay silent for an hour is not heartbeating: {table}"
     );
     assert!(
@@ -181,6 +188,12 @@ fn status_counts_backlog_dead_letters_and_consumer_lag() {
             .lines()
             .any(|l| l.contains("crashed-relay") && l.ends_with("(silent)")),
         "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("slow-relay") && !l.ends_with("(silent)")),
+        "judged by its own lease TTL: {table}"
     );
     assert!(
         table

@@ -60,6 +60,10 @@ pub struct RelayState {
     /// Shards it holds under an unexpired lease.
     #[diesel(sql_type = BigInt)]
     pub shards: i64,
+    /// Its `relay.lease_ttl_ms`, as its heartbeat wrote it (`None` for relays older than
+    /// migration 000006).
+    #[diesel(sql_type = diesel::sql_types::Nullable<BigInt>)]
+    pub lease_ttl_ms: Option<i64>,
 }
 
 /// A dead letter: a row the broker refused for good.
@@ -252,7 +256,7 @@ impl DbConnection {
             }
         };
         let q = format!(
-            "SELECT r.relay_id, {age} AS heartbeat_age_s, \
+            "SELECT r.relay_id, {age} AS heartbeat_age_s, CAST(r.lease_ttl_ms AS BIGINT) AS lease_ttl_ms, \
                (SELECT CAST(count(*) AS BIGINT) FROM devour_relay_leases l \
                  WHERE l.owner = r.relay_id AND l.expires_at > {now}) AS shards \
              FROM devour_relays r ORDER BY r.relay_id"

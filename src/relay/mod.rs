@@ -50,10 +50,10 @@ pub enum RelayError {
     Panicked(String),
     /// The database lacks tables the relay needs: devour's migrations were not applied there
     /// (or it is the wrong database).
-    #[error("the database has no table {table}; run `devour migrate`, or start with --migrate")]
+    #[error("the database has no {missing}; run `devour migrate`, or start with --migrate")]
     Schema {
-        /// The first missing table.
-        table: &'static str,
+        /// The first missing table or column (`table devour_outbox`).
+        missing: String,
     },
     /// `--drain` on SQLite while another relay holds the outbox: that relay delivers the rows,
     /// this one could only wait.

@@ -148,28 +148,30 @@ impl Store {
         }
     }
 
-    /// Records that `relay` is alive; forgets relays silent for three TTLs; returns how many
-    /// relays are alive (this one included).
+    /// Records that `relay` is alive (with its TTL); forgets relays silent for three of their
+    /// TTLs; returns how many relays are alive by their own TTL (this one included). Rows
+    /// without a TTL (written before migration 000006) are judged by `ttl_ms`.
     pub(crate) fn heartbeat(&mut self, relay: &str, ttl_ms: u64) -> Result<usize, DbError> {
         let ttl = ttl_ms as i64;
         let n = match self {
             #[cfg(feature = "postgres")]
             Store::Postgres(c) => {
                 diesel::sql_query(
-                    "INSERT INTO devour_relays (relay_id) VALUES ($1) \
-                     ON CONFLICT (relay_id) DO UPDATE SET heartbeat_at = now()",
+                    "INSERT INTO devour_relays (relay_id, lease_ttl_ms) VALUES ($1, $2) \
+                     ON CONFLICT (relay_id) DO UPDATE SET heartbeat_at = now(), lease_ttl_ms = $2",
                 )
                 .bind::<Text, _>(relay)
+                .bind::<BigInt, _>(ttl)
                 .execute(c)?;
                 diesel::sql_query(
-                    "DELETE FROM devour_relays \
-                     WHERE heartbeat_at < now() - $1 * 3 * interval '1 millisecond'",
+                    "DELETE FROM devour_relays WHERE heartbeat_at \
+                       < now() - coalesce(lease_ttl_ms, $1) * 3 * interval '1 millisecond'",
                 )
                 .bind::<BigInt, _>(ttl)
                 .execute(c)?;
                 diesel::sql_query(
-                    "SELECT count(*) AS n FROM devour_relays \
-                     WHERE heartbeat_at > now() - $1 * interval '1 millisecond'",
+                    "SELECT count(*) AS n FROM devour_relays WHERE heartbeat_at \
+                       > now() - coalesce(lease_ttl_ms, $1) * interval '1 millisecond'",
                 )
                 .bind::<BigInt, _>(ttl)
                 .get_result::<Count>(c)?
@@ -179,19 +181,28 @@ impl Store {
             Store::Sqlite(c) => {
                 let now = now_ms();
                 diesel::sql_query(
-                    "INSERT INTO devour_relays (relay_id, started_at, heartbeat_at) VALUES (?1, ?2, ?2) \
-                     ON CONFLICT (relay_id) DO UPDATE SET heartbeat_at = ?2",
+                    "INSERT INTO devour_relays (relay_id, started_at, heartbeat_at, lease_ttl_ms) \
+                     VALUES (?1, ?2, ?2, ?3) \
+                     ON CONFLICT (relay_id) DO UPDATE SET heartbeat_at = ?2, lease_ttl_ms = ?3",
                 )
                 .bind::<Text, _>(relay)
                 .bind::<BigInt, _>(now)
+                .bind::<BigInt, _>(ttl)
                 .execute(c)?;
-                diesel::sql_query("DELETE FROM devour_relays WHERE heartbeat_at < ?1")
-                    .bind::<BigInt, _>(now - 3 * ttl)
-                    .execute(c)?;
-                diesel::sql_query("SELECT count(*) AS n FROM devour_relays WHERE heartbeat_at > ?1")
-                    .bind::<BigInt, _>(now - ttl)
-                    .get_result::<Count>(c)?
-                    .n
+                diesel::sql_query(
+                    "DELETE FROM devour_relays WHERE heartbeat_at < ?1 - 3 * coalesce(lease_ttl_ms, ?2)",
+                )
+                .bind::<BigInt, _>(now)
+                .bind::<BigInt, _>(ttl)
+                .execute(c)?;
+                diesel::sql_query(
+                    "SELECT count(*) AS n FROM devour_relays \
+                     WHERE heartbeat_at > ?1 - coalesce(lease_ttl_ms, ?2)",
+                )
+                .bind::<BigInt, _>(now)
+                .bind::<BigInt, _>(ttl)
+                .get_result::<Count>(c)?
+                .n
             }
         };
         Ok(n.max(1) as usize)
@@ -360,7 +371,7 @@ impl Store {
         }
     }
 
-    /// Fails with the first table the relay needs under `config` that the database lacks
+    /// Fails with the first table (or column) the relay needs under `config` that the database lacks
     /// (checked in the catalog, as seen through the connection's search path).
     pub(crate) fn check_tables(&mut self, config: &RelayConfig) -> Result<(), super::RelayError> {
         let mut tables = vec![
@@ -394,7 +405,37 @@ impl Store {
                 .map_err(DbError::from)?,
             };
             if found.first().is_none_or(|f| f.n == 0) {
-                return Err(super::RelayError::Schema { table });
+                return Err(super::RelayError::Schema {
+                    missing: format!("table {table}"),
+                });
+            }
+        }
+        // Columns added to tables by later migrations.
+        const COLUMNS_ADDED: &[(&str, &str)] = &[("devour_relays", "lease_ttl_ms")];
+        for &(table, column) in COLUMNS_ADDED {
+            let found: Vec<Count> = match self {
+                #[cfg(feature = "postgres")]
+                Store::Postgres(c) => diesel::sql_query(
+                    "SELECT CAST(count(*) AS BIGINT) AS n FROM pg_attribute \
+                     WHERE attrelid = to_regclass($1) AND attname = $2 AND NOT attisdropped",
+                )
+                .bind::<Text, _>(table)
+                .bind::<Text, _>(column)
+                .load(c)
+                .map_err(DbError::from)?,
+                #[cfg(feature = "sqlite")]
+                Store::Sqlite(c) => diesel::sql_query(
+                    "SELECT CAST(count(*) AS BIGINT) AS n FROM pragma_table_info(?1) WHERE name = ?2",
+                )
+                .bind::<Text, _>(table)
+                .bind::<Text, _>(column)
+                .load(c)
+                .map_err(DbError::from)?,
+            };
+            if found.first().is_none_or(|f| f.n == 0) {
+                return Err(super::RelayError::Schema {
+                    missing: format!("column {table}.{column}"),
+                });
             }
         }
         Ok(())

@@ -1,0 +1,1 @@
+ALTER TABLE devour_relays DROP COLUMN lease_ttl_ms;
