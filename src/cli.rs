@@ -279,6 +279,18 @@ enum Failure {
 }
 
 impl Failure {
+    /// What to do, when the error says it: a devour table or column the database lacks.
+    fn hint(&self) -> Option<&'static str> {
+        let Failure::Db(e) = self else { return None };
+        let text = e.to_string();
+        let missing = text.contains("does not exist")
+            || text.contains("no such table")
+            || text.contains("no such column");
+        (missing && text.contains("devour_")).then_some(
+            "devour's tables are missing or older than this devour: run `devour migrate`",
+        )
+    }
+
     fn exit_code(&self) -> u8 {
         match self {
             Failure::Config(_) | Failure::Usage(_) => EXIT_USAGE,
@@ -316,6 +328,9 @@ pub fn main_with(registry: crate::consume::Registry) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             crate::telemetry::say(true, &format!("devour: error: {e}"));
+            if let Some(hint) = e.hint() {
+                crate::telemetry::say(true, &format!("devour: hint: {hint}"));
+            }
             ExitCode::from(e.exit_code())
         }
     }

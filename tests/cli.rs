@@ -119,6 +119,27 @@ fn relay_with_a_property_librdkafka_refuses_says_so() {
     );
 }
 
+/// A command on a database without devour's tables says what to run; opening the pool on a
+/// new SQLite file logs nothing alarming (it opened every connection at once, and they raced
+/// to switch the file to WAL: "database is locked").
+#[test]
+fn a_command_on_a_database_without_devour_s_tables_hints_at_devour_migrate() {
+    for i in 0..3 {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!(
+            "sqlite://{}",
+            dir.path().join(format!("bare{i}.db")).display()
+        );
+        let env = [
+            ("DEVOUR_DATABASE_URL", url.as_str()),
+            ("DEVOUR_KAFKA_HOSTS", "127.0.0.1:19092"),
+        ];
+        let (_, err) = assert_code(devour(&["outbox", "list"], &env), 1, &["outbox", "list"]);
+        assert!(err.contains("run `devour migrate`"), "{err}");
+        assert!(!err.contains("database is locked"), "{err}");
+    }
+}
+
 #[test]
 fn migrate_on_postgres() {
     // A database with no devour tables: TestDb migrates, so make a bare one.

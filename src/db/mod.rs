@@ -182,8 +182,9 @@ pub enum DbConnection {
 }
 
 impl DbPool {
-    /// Builds the pool, opening its connections (r2d2 opens `pool_size` at build), so that an
-    /// unreachable database fails here.
+    /// Builds the pool, opening one connection, so that an unreachable database fails here; the
+    /// others (up to `pool_size`) open when needed. (Opening them all at once on a new SQLite
+    /// file raced to switch it to WAL, and r2d2 logged "database is locked".)
     pub fn connect(config: &DatabaseConfig) -> Result<DbPool, DbError> {
         let err = |reason: String| DbError::Connect {
             url: config.url.redacted(),
@@ -194,6 +195,7 @@ impl DbPool {
             #[cfg(feature = "postgres")]
             DatabaseUrl::Postgres(url) => Pool::builder()
                 .max_size(config.pool_size)
+                .min_idle(Some(1))
                 .connection_timeout(timeout)
                 .build(ConnectionManager::new(postgres::with_client_timeouts(url)))
                 .map(DbPool::Postgres)
@@ -201,6 +203,7 @@ impl DbPool {
             #[cfg(feature = "sqlite")]
             DatabaseUrl::Sqlite(path) => Pool::builder()
                 .max_size(config.pool_size)
+                .min_idle(Some(1))
                 .connection_timeout(timeout)
                 .connection_customizer(Box::new(sqlite::ConnectionOptions {
                     busy_timeout_ms: config.busy_timeout_ms,
