@@ -140,6 +140,25 @@ fn a_command_on_a_database_without_devour_s_tables_hints_at_devour_migrate() {
     }
 }
 
+/// Short commands exit cleanly: a pool that opened connections on a thread of its own could
+/// still be connecting (libpq, TLS) while the process exited, and crashed it (a segfault in 8
+/// of 40 runs).
+#[test]
+fn short_commands_exit_cleanly() {
+    let db = TestDb::new(Backend::Postgres, "short_commands");
+    let env = [
+        ("DEVOUR_DATABASE_URL", db.url.as_str()),
+        ("DEVOUR_KAFKA_HOSTS", "127.0.0.1:19092"),
+    ];
+    for _ in 0..25 {
+        assert_code(
+            devour(&["outbox", "pending"], &env),
+            0,
+            &["outbox", "pending"],
+        );
+    }
+}
+
 #[test]
 fn migrate_on_postgres() {
     // A database with no devour tables: TestDb migrates, so make a bare one.

@@ -182,9 +182,11 @@ pub enum DbConnection {
 }
 
 impl DbPool {
-    /// Builds the pool, opening one connection, so that an unreachable database fails here; the
-    /// others (up to `pool_size`) open when needed. (Opening them all at once on a new SQLite
-    /// file raced to switch it to WAL, and r2d2 logged "database is locked".)
+    /// Builds the pool and opens one connection, so that an unreachable database fails here;
+    /// the others (up to `pool_size`) open when needed, on the thread that needs them. (Opening
+    /// them all at once on a new SQLite file raced to switch it to WAL, and r2d2 logged
+    /// "database is locked"; keeping one idle made r2d2 open connections on a thread of its own,
+    /// which could still be connecting when a short command exited.)
     pub fn connect(config: &DatabaseConfig) -> Result<DbPool, DbError> {
         let err = |reason: String| DbError::Connect {
             url: config.url.redacted(),
@@ -193,24 +195,30 @@ impl DbPool {
         let timeout = Duration::from_millis(config.connect_timeout_ms);
         match &config.url {
             #[cfg(feature = "postgres")]
-            DatabaseUrl::Postgres(url) => Pool::builder()
-                .max_size(config.pool_size)
-                .min_idle(Some(1))
-                .connection_timeout(timeout)
-                .build(ConnectionManager::new(postgres::with_client_timeouts(url)))
-                .map(DbPool::Postgres)
-                .map_err(|e| err(e.to_string())),
+            DatabaseUrl::Postgres(url) => {
+                let pool = Pool::builder()
+                    .max_size(config.pool_size)
+                    .min_idle(Some(0))
+                    .connection_timeout(timeout)
+                    .build(ConnectionManager::new(postgres::with_client_timeouts(url)))
+                    .map_err(|e| err(e.to_string()))?;
+                drop(pool.get().map_err(|e| err(e.to_string()))?);
+                Ok(DbPool::Postgres(pool))
+            }
             #[cfg(feature = "sqlite")]
-            DatabaseUrl::Sqlite(path) => Pool::builder()
-                .max_size(config.pool_size)
-                .min_idle(Some(1))
-                .connection_timeout(timeout)
-                .connection_customizer(Box::new(sqlite::ConnectionOptions {
-                    busy_timeout_ms: config.busy_timeout_ms,
-                }))
-                .build(ConnectionManager::new(path.as_str()))
-                .map(DbPool::Sqlite)
-                .map_err(|e| err(e.to_string())),
+            DatabaseUrl::Sqlite(path) => {
+                let pool = Pool::builder()
+                    .max_size(config.pool_size)
+                    .min_idle(Some(0))
+                    .connection_timeout(timeout)
+                    .connection_customizer(Box::new(sqlite::ConnectionOptions {
+                        busy_timeout_ms: config.busy_timeout_ms,
+                    }))
+                    .build(ConnectionManager::new(path.as_str()))
+                    .map_err(|e| err(e.to_string()))?;
+                drop(pool.get().map_err(|e| err(e.to_string()))?);
+                Ok(DbPool::Sqlite(pool))
+            }
             #[allow(unreachable_patterns)]
             other => Err(err(format!(
                 "this build of devour has no support for {other}; enable its cargo feature"
