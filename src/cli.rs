@@ -281,12 +281,16 @@ enum Failure {
 impl Failure {
     /// What to do, when the error says it: a devour table or column the database lacks.
     fn hint(&self) -> Option<&'static str> {
-        let Failure::Db(e) = self else { return None };
+        // A query's error only: a connection's ("database … does not exist") is not about them.
+        let Failure::Db(e @ DbError::Query(_)) = self else {
+            return None;
+        };
         let text = e.to_string();
-        let missing = text.contains("does not exist")
+        let missing = (text.contains("relation") || text.contains("column"))
+            && text.contains("does not exist")
             || text.contains("no such table")
             || text.contains("no such column");
-        (missing && text.contains("devour_")).then_some(
+        missing.then_some(
             "devour's tables are missing or older than this devour: run `devour migrate`",
         )
     }

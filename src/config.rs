@@ -828,6 +828,14 @@ impl Config {
                     format!("must be at least 1000 ms, found {n}"),
                 ));
             }
+            // Other relays compute with it too (heartbeat age, row cleanup): keep it a length
+            // of time their database can add to a timestamp.
+            if n > 86_400_000 {
+                return Err(r.err(
+                    "relay.lease_ttl_ms",
+                    format!("must be at most 86400000 ms (a day), found {n}"),
+                ));
+            }
             relay.lease_ttl_ms = n;
         }
         if let Some(v) = r.string("relay.retention")? {

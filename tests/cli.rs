@@ -94,6 +94,9 @@ fn relay_on_a_database_without_devour_s_tables_exits_2_naming_devour_migrate() {
         .unwrap();
     let (_, err) = assert_code(run(relay, &["--drain"], &env), 2, &["(relay) --drain"]);
     assert!(err.contains("devour_relays.lease_ttl_ms"), "{err}");
+    // Commands say what to run about a missing column too.
+    let (_, err) = assert_code(devour(&["status"], &env), 1, &["status"]);
+    assert!(err.contains("run `devour migrate`"), "{err}");
 }
 
 /// A librdkafka property librdkafka does not know stops the relay at start with its name, not

@@ -493,6 +493,12 @@ fn relay_keys_are_validated() {
         &["at least 1000"],
     );
     assert_names(
+        &format!("{OK}[relay]\nlease_ttl_ms = 100000000000000\n"),
+        &[],
+        Some("relay.lease_ttl_ms"),
+        &["at most 86400000"],
+    );
+    assert_names(
         &format!("{OK}[relay]\nbatch_size = 500\nmax_in_flight = 100\n"),
         &[],
         Some("relay.max_in_flight"),

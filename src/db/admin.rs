@@ -50,6 +50,7 @@ struct BacklogCell {
 
 /// A relay that heartbeats, with the shards it holds.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, QueryableByName)]
+#[non_exhaustive]
 pub struct RelayState {
     /// The relay's id.
     #[diesel(sql_type = Text)]

@@ -183,10 +183,11 @@ pub enum DbConnection {
 
 impl DbPool {
     /// Builds the pool and opens one connection, so that an unreachable database fails here;
-    /// the others (up to `pool_size`) open only when a caller asks for one, and it waits for
-    /// it. (Opening them all at once on a new SQLite file raced to switch it to WAL, and r2d2
-    /// logged "database is locked"; keeping one idle made r2d2 replace a connection taken from
-    /// the pool in the background, still connecting when a short command exited.)
+    /// the others (up to `pool_size`) open only when a caller asks for one. (Opening them all at
+    /// once on a new SQLite file raced to switch it to WAL, and r2d2 logged "database is
+    /// locked"; keeping one idle made r2d2 replace a connection taken from the pool in the
+    /// background, still connecting when a short command exited. r2d2 connects on threads of
+    /// its own: a caller that gives up waiting leaves its attempt running there.)
     pub fn connect(config: &DatabaseConfig) -> Result<DbPool, DbError> {
         let err = |reason: String| DbError::Connect {
             url: config.url.redacted(),

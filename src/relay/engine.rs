@@ -526,9 +526,7 @@ impl Relay {
         let producer_config = super::producer_config(config);
         crate::broker::check_access(&producer_config, ACCESS_CHECK).map_err(|e| match e {
             crate::broker::AccessError::Refused(e) => RelayError::Refused(e),
-            crate::broker::AccessError::Settings(e) => RelayError::Kafka(
-                rdkafka::error::KafkaError::ClientCreation(format!("invalid Kafka settings: {e}")),
-            ),
+            crate::broker::AccessError::Settings(e) => RelayError::Settings(e),
         })?;
         let batch_size = kafka::batch_size(&producer_config);
         // A configured name gets a suffix of this run's: two relays given one name (a deploy

@@ -45,6 +45,9 @@ pub enum RelayError {
     /// that did not sign them): retrying would not help.
     #[error("the brokers refused the connection: {0}")]
     Refused(String),
+    /// librdkafka refused the Kafka settings themselves (an unknown property, a bad value).
+    #[error("invalid Kafka settings: {0}")]
+    Settings(String),
     /// A relay thread panicked.
     #[error("relay thread panicked: {0}")]
     Panicked(String),
@@ -66,10 +69,9 @@ impl RelayError {
     pub fn is_retriable(&self) -> bool {
         match self {
             RelayError::Db(e) => e.is_retriable(),
-            // librdkafka refusing the settings fails the same way every time.
-            RelayError::Kafka(e) => !matches!(e, rdkafka::error::KafkaError::ClientCreation(_)),
-            RelayError::Standby(_) => true,
+            RelayError::Kafka(_) | RelayError::Standby(_) => true,
             RelayError::Config(_)
+            | RelayError::Settings(_)
             | RelayError::Refused(_)
             | RelayError::Panicked(_)
             | RelayError::Schema { .. } => false,
