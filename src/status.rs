@@ -25,6 +25,8 @@ pub struct Status {
     /// configuration's, for relays that did not record theirs) is silent: it crashed or was
     /// stopped without leaving (its row stays until another relay clears it).
     pub silent_after_s: f64,
+    /// The relays judged silent so (their ids).
+    pub silent: Vec<String>,
     /// Shards held by no relay under an unexpired lease.
     pub unheld_shards: i64,
     /// Each consumer route's lag.
@@ -128,12 +130,23 @@ pub fn gather(config: &Config, timeout: Duration) -> Result<Status, DbError> {
             },
         })
         .collect();
+    let silent_after_s = config.relay.lease_ttl_ms as f64 / 1000.0;
+    let silent = relays
+        .iter()
+        .filter(|r| {
+            r.heartbeat_age_s
+                > r.lease_ttl_ms
+                    .map_or(silent_after_s, |ms| ms as f64 / 1000.0)
+        })
+        .map(|r| r.relay_id.clone())
+        .collect();
     Ok(Status {
         outbox,
         shards,
         dead_letters,
         relays,
-        silent_after_s: config.relay.lease_ttl_ms as f64 / 1000.0,
+        silent_after_s,
+        silent,
         unheld_shards: i64::from(crate::outbox::SHARDS) - held,
         consumers,
     })
@@ -208,12 +221,7 @@ pub fn render(s: &Status) -> String {
     for t in &s.dead_letters.topics {
         let _ = writeln!(o, "  {:<32} {:>10}", t.topic, t.rows);
     }
-    let silent = |r: &RelayState| {
-        let after = r
-            .lease_ttl_ms
-            .map_or(s.silent_after_s, |ms| ms as f64 / 1000.0);
-        r.heartbeat_age_s > after
-    };
+    let silent = |r: &RelayState| s.silent.contains(&r.relay_id);
     let n_silent = s.relays.iter().filter(|r| silent(r)).count();
     let _ = writeln!(
         o,

@@ -167,6 +167,11 @@ fn status_counts_backlog_dead_letters_and_consumer_lag() {
     assert!(s["outbox"]["oldest_age_s"].as_f64().unwrap() >= 0.0);
     assert_eq!(s["dead_letters"]["rows"], 1);
     assert_eq!(s["unheld_shards"], 256, "no relay runs");
+    assert_eq!(
+        s["silent"],
+        serde_json::json!(["crashed-relay"]),
+        "each relay judged by its own lease TTL"
+    );
     let route = &s["consumers"][0];
     assert_eq!(
         (route["route"].as_str(), route["group"].as_str()),
