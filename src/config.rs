@@ -40,6 +40,9 @@ pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 /// dead-lettered; the topic's `max.message.bytes` is the limit that counts. 64 MiB keeps any
 /// request well under the broker's `socket.request.max.bytes` (100 MiB).
 pub(crate) const PRODUCER_MESSAGE_MAX_BYTES: &str = "67108864";
+/// The relay producer's default `queue.buffering.max.messages`, the most `relay.max_in_flight`
+/// can be unless a property raises it.
+pub(crate) const RELAY_QUEUE_MAX_MESSAGES: &str = "1000000";
 
 /// Where a configuration value came from, for error messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -876,13 +879,13 @@ impl Config {
         }
         relay.producer = r.properties("relay.producer")?;
         // More rows in flight than the producer's queue holds would wait on a full queue for
-        // good (the relay's default queue is 1,000,000 messages).
+        // good.
         let queue = relay
             .producer
             .get("queue.buffering.max.messages")
             .or_else(|| kafka.properties.get("queue.buffering.max.messages"))
             .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(1_000_000);
+            .unwrap_or_else(|| RELAY_QUEUE_MAX_MESSAGES.parse().expect("a number"));
         if u64::from(relay.max_in_flight) > queue {
             return Err(r.err(
                 "relay.max_in_flight",

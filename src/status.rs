@@ -222,7 +222,7 @@ pub fn render(s: &Status) -> String {
         let _ = writeln!(o, "  {:<32} {:>10}", t.topic, t.rows);
     }
     let silent = |r: &RelayState| s.silent.contains(&r.relay_id);
-    let n_silent = s.relays.iter().filter(|r| silent(r)).count();
+    let n_silent = s.silent.len();
     let _ = writeln!(
         o,
         "relays: {} heartbeating{}; shards held: {} of {}",

@@ -274,9 +274,7 @@ fn accept_loop(
                         answer(stream, &handle);
                     });
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(50))
-            }
+            // Nothing to accept yet (or a failed accept): look again shortly.
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }
     }

@@ -456,13 +456,14 @@ pub(crate) struct Relay {
     producer_config: rdkafka::ClientConfig,
 }
 
-fn default_relay_id() -> String {
+/// `HOST-PID`: the name of a relay whose `relay_id` is not configured.
+fn default_relay_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .ok()
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "relay".into());
-    format!("{host}-{}-{:08x}", std::process::id(), run_salt())
+    format!("{host}-{}", std::process::id())
 }
 
 /// 32 random bits (a UUIDv7's low bits are random): unique per relay run, even for two relays
@@ -524,18 +525,13 @@ impl Relay {
         // Without devour's tables every query would fail and be retried forever: say so now.
         reader.check_tables(&rc)?;
         let producer_config = super::producer_config(config);
-        crate::broker::check_access(&producer_config, ACCESS_CHECK).map_err(|e| match e {
-            crate::broker::AccessError::Refused(e) => RelayError::Refused(e),
-            crate::broker::AccessError::Settings(e) => RelayError::Settings(e),
-        })?;
+        crate::broker::check_access(&producer_config, ACCESS_CHECK)?;
         let batch_size = kafka::batch_size(&producer_config);
-        // A configured name gets a suffix of this run's: two relays given one name (a deploy
-        // overlapping the old process's stop, one config shared by two instances) must not
-        // share leases, or both would deliver every shard.
-        let relay_id = match &rc.relay_id {
-            Some(name) => format!("{name}-{:08x}", run_salt()),
-            None => default_relay_id(),
-        };
+        // The name gets a suffix of this run's: two relays given one name (a deploy overlapping
+        // the old process's stop, one config shared by two instances) must not share leases,
+        // or both would deliver every shard.
+        let name = rc.relay_id.clone().unwrap_or_else(default_relay_name);
+        let relay_id = format!("{name}-{:08x}", run_salt());
         let shared = Arc::new(Shared {
             relay_id,
             config: rc,
@@ -1277,7 +1273,7 @@ impl Prefetcher {
 /// How long the start waits to learn whether the brokers accept the relay's credentials.
 const ACCESS_CHECK: Duration = Duration::from_secs(10);
 
-/// How often the lease keeper counts the backlog for the metrics.
+/// How often the backlog thread counts the outbox for the metrics.
 const BACKLOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Sets the backlog gauges (rows in the outbox, age of the oldest) every `BACKLOG_EVERY`.
@@ -1293,12 +1289,11 @@ fn backlog_loop(shared: &Shared, mut store: Store, config: &Config) {
                 }
                 Err(e) => {
                     tracing::debug!(relay = %shared.relay_id, "counting the backlog: {e}");
-                    // A broken connection is opened again at the next count.
-                    if !e.is_retriable() {
-                        continue;
-                    }
-                    if let Ok(s) = Store::open(config) {
-                        store = s;
+                    // A broken connection is opened again for the next count.
+                    if e.is_retriable() {
+                        if let Ok(s) = Store::open(config) {
+                            store = s;
+                        }
                     }
                 }
             }

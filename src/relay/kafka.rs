@@ -152,7 +152,10 @@ pub(crate) fn producer_config(
         ("linger.ms", "1"),
         ("batch.num.messages", "10000"),
         ("compression.type", "lz4"),
-        ("queue.buffering.max.messages", "1000000"),
+        (
+            "queue.buffering.max.messages",
+            crate::config::RELAY_QUEUE_MAX_MESSAGES,
+        ),
         ("queue.buffering.max.kbytes", "1048576"),
         (
             "message.max.bytes",
@@ -204,9 +207,8 @@ pub(crate) fn headers(row: &Row) -> OwnedHeaders {
                     // Set above from the row's columns: a second copy would be the one
                     // consumers read (a plain-SQL writer's headers are not checked). `event`
                     // only when the column has one.
-                    let from_column = k == HEADER_MESSAGE_ID
-                        || k == HEADER_CONTENT_TYPE
-                        || (k == HEADER_EVENT && row.event.is_some());
+                    let from_column = crate::outbox::is_reserved_header(&k)
+                        && (k != HEADER_EVENT || row.event.is_some());
                     if from_column {
                         warn_shadowed_header_once(row.id, &k);
                         continue;

@@ -295,3 +295,12 @@ pub fn run(
     register_local(&wake);
     engine::Relay::connect(config, options, stop, wake)?.run()
 }
+
+impl From<crate::broker::AccessError> for RelayError {
+    fn from(e: crate::broker::AccessError) -> Self {
+        match e {
+            crate::broker::AccessError::Refused(e) => RelayError::Refused(e),
+            crate::broker::AccessError::Settings(e) => RelayError::Settings(e),
+        }
+    }
+}

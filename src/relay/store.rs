@@ -387,24 +387,7 @@ impl Store {
             tables.push("devour_key_releases");
         }
         for table in tables {
-            let found: Vec<Count> = match self {
-                #[cfg(feature = "postgres")]
-                Store::Postgres(c) => diesel::sql_query(
-                    "SELECT CAST(count(*) AS BIGINT) AS n WHERE to_regclass($1) IS NOT NULL",
-                )
-                .bind::<Text, _>(table)
-                .load(c)
-                .map_err(DbError::from)?,
-                #[cfg(feature = "sqlite")]
-                Store::Sqlite(c) => diesel::sql_query(
-                    "SELECT CAST(count(*) AS BIGINT) AS n FROM sqlite_master \
-                     WHERE type = 'table' AND name = ?1",
-                )
-                .bind::<Text, _>(table)
-                .load(c)
-                .map_err(DbError::from)?,
-            };
-            if found.first().is_none_or(|f| f.n == 0) {
+            if !self.has(table, None)? {
                 return Err(super::RelayError::Schema {
                     missing: format!("table {table}"),
                 });
@@ -413,32 +396,37 @@ impl Store {
         // Columns added to tables by later migrations.
         const COLUMNS_ADDED: &[(&str, &str)] = &[("devour_relays", "lease_ttl_ms")];
         for &(table, column) in COLUMNS_ADDED {
-            let found: Vec<Count> = match self {
-                #[cfg(feature = "postgres")]
-                Store::Postgres(c) => diesel::sql_query(
-                    "SELECT CAST(count(*) AS BIGINT) AS n FROM pg_attribute \
-                     WHERE attrelid = to_regclass($1) AND attname = $2 AND NOT attisdropped",
-                )
-                .bind::<Text, _>(table)
-                .bind::<Text, _>(column)
-                .load(c)
-                .map_err(DbError::from)?,
-                #[cfg(feature = "sqlite")]
-                Store::Sqlite(c) => diesel::sql_query(
-                    "SELECT CAST(count(*) AS BIGINT) AS n FROM pragma_table_info(?1) WHERE name = ?2",
-                )
-                .bind::<Text, _>(table)
-                .bind::<Text, _>(column)
-                .load(c)
-                .map_err(DbError::from)?,
-            };
-            if found.first().is_none_or(|f| f.n == 0) {
+            if !self.has(table, Some(column))? {
                 return Err(super::RelayError::Schema {
                     missing: format!("column {table}.{column}"),
                 });
             }
         }
         Ok(())
+    }
+
+    /// Whether the catalog has `table` (with `column`, if given).
+    fn has(&mut self, table: &str, column: Option<&str>) -> Result<bool, DbError> {
+        let found: Vec<Count> = match self {
+            #[cfg(feature = "postgres")]
+            Store::Postgres(c) => diesel::sql_query(
+                "SELECT CAST(count(*) AS BIGINT) AS n FROM pg_attribute \
+                 WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped \
+                   AND ($2::text IS NULL OR attname = $2)",
+            )
+            .bind::<Text, _>(table)
+            .bind::<Nullable<Text>, _>(column)
+            .load(c)?,
+            #[cfg(feature = "sqlite")]
+            Store::Sqlite(c) => diesel::sql_query(
+                "SELECT CAST(count(*) AS BIGINT) AS n FROM pragma_table_info(?1) \
+                 WHERE ?2 IS NULL OR name = ?2",
+            )
+            .bind::<Text, _>(table)
+            .bind::<Nullable<Text>, _>(column)
+            .load(c)?,
+        };
+        Ok(found.first().is_some_and(|f| f.n > 0))
     }
 
     /// The oldest undelivered rows after `after_id` in `shards`, in id order. With
@@ -469,9 +457,10 @@ impl Store {
         Ok(match self {
             #[cfg(feature = "postgres")]
             Store::Postgres(c) => {
+                let row = format!("{PG_ROW}, CAST({releases} AS BIGINT) AS key_releases");
                 let shard_filter = if all { "" } else { " AND o.shard = ANY($3)" };
                 let oldest = format!(
-                    "SELECT {PG_ROW}, CAST({releases} AS BIGINT) AS key_releases FROM devour_outbox o WHERE o.id > $1{until}{shard_filter}{blocked} \
+                    "SELECT {row} FROM devour_outbox o WHERE o.id > $1{until}{shard_filter}{blocked} \
                      ORDER BY o.id LIMIT $2"
                 );
                 // Under a cap, rows above the last id the sequence handed out are read too: they
@@ -483,7 +472,7 @@ impl Store {
                     None => oldest,
                     Some(u) => format!(
                         "SELECT * FROM (({oldest}) UNION ALL \
-                           (SELECT {PG_ROW}, CAST({releases} AS BIGINT) AS key_releases FROM devour_outbox o \
+                           (SELECT {row} FROM devour_outbox o \
                             WHERE o.id > greatest($1, {u}, (SELECT coalesce(pg_sequence_last_value( \
                                     pg_get_serial_sequence('devour_outbox', 'id')::regclass), 0))) \
                               {shard_filter}{blocked} ORDER BY o.id LIMIT $2) \
@@ -503,13 +492,14 @@ impl Store {
             }
             #[cfg(feature = "sqlite")]
             Store::Sqlite(c) => {
+                let row = format!("{SQLITE_ROW}, CAST({releases} AS BIGINT) AS key_releases");
                 let shard_filter = if all {
                     ""
                 } else {
                     " AND o.shard IN (SELECT value FROM json_each(?3))"
                 };
                 let q = diesel::sql_query(format!(
-                    "SELECT {SQLITE_ROW}, CAST({releases} AS BIGINT) AS key_releases FROM devour_outbox o WHERE o.id > ?1{until}{shard_filter}{blocked} \
+                    "SELECT {row} FROM devour_outbox o WHERE o.id > ?1{until}{shard_filter}{blocked} \
                      ORDER BY o.id LIMIT ?2"
                 ))
                 .into_boxed::<diesel::sqlite::Sqlite>()
