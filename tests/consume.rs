@@ -852,3 +852,52 @@ fn dead_letters_go_through_the_route_s_own_connection_settings() {
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].key.as_deref(), Some("b"));
 }
+
+/// An inbox route's workers each hold a connection: when the server allows the consumer fewer
+/// than it needs at once, the start fails saying so, instead of workers waiting later.
+#[test]
+fn an_inbox_consumer_the_server_allows_too_few_connections_fails_at_start() {
+    let db = TestDb::new(Backend::Postgres, "consume_conn_limit");
+    let topic = create_topic("consume-conn-limit", 3);
+    let mut c = PgConnection::establish(&db.url).unwrap();
+    let role = format!("devour_consume_limited_{}", std::process::id());
+    c.batch_execute(&format!(
+        "CREATE ROLE {role} LOGIN PASSWORD 'limited' CONNECTION LIMIT 2; \
+         GRANT ALL ON ALL TABLES IN SCHEMA public TO {role};"
+    ))
+    .unwrap();
+    let url = db
+        .url
+        .replacen("postgres:postgres@", &format!("{role}:limited@"), 1);
+    assert_ne!(
+        url, db.url,
+        "the test database URL has the expected credentials"
+    );
+    let cfg = devour::Config::from_toml_str(
+        &format!(
+            "[database]\nurl = \"{url}\"\nconnect_timeout_ms = 2000\n[kafka]\nhosts = \"{}\"\n{}",
+            common::kafka_hosts(),
+            route("limited", &topic, "inbox = true\nconcurrency = 3")
+        ),
+        devour::config::Origin::Defaults,
+        &Default::default(),
+    )
+    .unwrap();
+    let (registry, seen) = recording(accept());
+    let result = devour::consume::run(
+        &cfg,
+        "limited",
+        &registry,
+        devour::consume::RunOptions::drain(),
+        Arc::new(AtomicBool::new(false)),
+    );
+    c.batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}"))
+        .unwrap();
+    let err = result.expect_err("4 connections at once, the role allows 2");
+    assert!(
+        err.to_string()
+            .contains("consumers.limited (inbox, concurrency 3) needs 4 connections at once"),
+        "{err}"
+    );
+    assert!(seen.lock().unwrap().is_empty(), "nothing was handled");
+}

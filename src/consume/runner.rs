@@ -224,6 +224,16 @@ pub fn run(
         )))?;
         let removed = super::inbox::cleanup(&mut conn, &route.group, route.inbox_retention_hours)?;
         tracing::debug!(route = name, "inbox cleanup removed {removed} row(s)");
+        drop(conn);
+        // Each worker holds a connection while it handles a batch, and the health check takes
+        // one more: open them all now, so that a server allowing fewer fails the start.
+        pool.open(
+            route.concurrency as u32 + 1,
+            &format!(
+                "consumers.{name} (inbox, concurrency {})",
+                route.concurrency
+            ),
+        )?;
         Some(pool)
     } else {
         None

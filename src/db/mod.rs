@@ -241,6 +241,40 @@ impl DbPool {
         })
     }
 
+    /// Opens `n` connections at once (then hands them back, idle), so that a server that
+    /// allows fewer (`max_connections`, a role's `CONNECTION LIMIT`) fails here, at start, and
+    /// not a worker later. `n` is capped at the pool's size; `who` says who needs them, for the
+    /// error.
+    pub fn open(&self, n: u32, who: &str) -> Result<(), DbError> {
+        let n = n.min(self.max_size());
+        let mut held = Vec::new();
+        for i in 0..n {
+            match self.get() {
+                Ok(c) => held.push(c),
+                Err(DbError::Connect { url, reason }) => {
+                    return Err(DbError::Connect {
+                        url,
+                        reason: format!(
+                            "{who} needs {n} connections at once; connection {} failed: {reason}",
+                            i + 1
+                        ),
+                    })
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn max_size(&self) -> u32 {
+        match self {
+            #[cfg(feature = "postgres")]
+            DbPool::Postgres(p) => p.max_size(),
+            #[cfg(feature = "sqlite")]
+            DbPool::Sqlite(p) => p.max_size(),
+        }
+    }
+
     fn url_hint(&self) -> String {
         match self {
             #[cfg(feature = "postgres")]
