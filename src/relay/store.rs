@@ -703,3 +703,143 @@ impl Store {
         })
     }
 }
+
+/// The lease fence, on a real database of each backend: a relay whose lease expired, was taken
+/// over, or is held again under a newer epoch removes and dead-letters nothing; the holder does.
+#[cfg(test)]
+mod fence_tests {
+    use super::*;
+
+    /// Runs `sql` (no result) on `store`.
+    fn exec(store: &mut Store, sql: &str) {
+        use diesel::connection::SimpleConnection;
+        match store {
+            #[cfg(feature = "postgres")]
+            Store::Postgres(c) => c.batch_execute(sql).unwrap(),
+            #[cfg(feature = "sqlite")]
+            Store::Sqlite(c) => c.batch_execute(sql).unwrap(),
+        }
+    }
+
+    fn count(store: &mut Store, table: &str) -> i64 {
+        let q = diesel::sql_query(format!("SELECT count(*) AS n FROM {table}"));
+        match store {
+            #[cfg(feature = "postgres")]
+            Store::Postgres(c) => q.get_result::<Count>(c).unwrap().n,
+            #[cfg(feature = "sqlite")]
+            Store::Sqlite(c) => q.get_result::<Count>(c).unwrap().n,
+        }
+    }
+
+    /// Rows 1..=4 in shard 7, owned in turn by relays "a" and "b".
+    fn fence(url: &str, expire: &str) {
+        let config = crate::Config::from_toml_str(
+            &format!("[database]\nurl = \"{url}\"\n[kafka]\nhosts = \"127.0.0.1:9\"\n"),
+            crate::config::Origin::Defaults,
+            &Default::default(),
+        )
+        .unwrap();
+        crate::db::DbPool::connect(&config.database)
+            .unwrap()
+            .migrate()
+            .unwrap();
+        let mut a = Store::open(&config).unwrap();
+        let mut b = Store::open(&config).unwrap();
+        exec(
+            &mut a,
+            "INSERT INTO devour_outbox (topic, payload, shard) VALUES \
+             ('t', NULL, 7), ('t', NULL, 7), ('t', NULL, 7), ('t', NULL, 7)",
+        );
+        let ids = [1, 2];
+        let (a_leases, _) = a.claim("a", 60_000, 256).unwrap();
+        let a_epoch = a_leases[&7];
+
+        // "a" pauses past its TTL: its lease has expired, nobody has taken it yet.
+        exec(
+            &mut a,
+            &format!("UPDATE devour_relay_leases SET expires_at = {expire}"),
+        );
+        assert_eq!(
+            a.complete("a", &a_leases, &ids, Retention::Delete).unwrap(),
+            0,
+            "expired lease removed rows"
+        );
+        assert!(
+            !a.dead_letter("a", 7, a_epoch, 3, "x").unwrap(),
+            "expired lease dead-lettered a row"
+        );
+
+        // "b" takes the shard over (a new epoch); "a" wakes up.
+        let (b_leases, holder) = b.claim("b", 60_000, 256).unwrap();
+        assert_eq!(holder, None);
+        assert!(
+            b_leases[&7] > a_epoch,
+            "a takeover bumps the epoch: {b_leases:?}"
+        );
+        assert_eq!(
+            a.complete("a", &a_leases, &ids, Retention::Keep).unwrap(),
+            0,
+            "a lease taken over removed rows"
+        );
+        assert!(
+            !a.dead_letter("a", 7, a_epoch, 3, "x").unwrap(),
+            "a lease taken over dead-lettered a row"
+        );
+
+        // "b" lets go and "a" holds the shard again, under a newer epoch: its old epoch's
+        // removals (deliveries of the lease it lost) still remove nothing.
+        b.release("b", &b_leases.keys().copied().collect::<Vec<_>>())
+            .unwrap();
+        let (a_again, _) = a.claim("a", 60_000, 256).unwrap();
+        assert!(a_again[&7] > b_leases[&7]);
+        assert_eq!(
+            a.complete("a", &a_leases, &ids, Retention::Delete).unwrap(),
+            0,
+            "a stale epoch removed rows"
+        );
+        assert!(
+            !a.dead_letter("a", 7, a_epoch, 3, "x").unwrap(),
+            "a stale epoch dead-lettered a row"
+        );
+        assert_eq!(count(&mut a, "devour_outbox"), 4);
+        assert_eq!(count(&mut a, "devour_dead_letters"), 0);
+
+        // The holder, at its epoch, does remove and dead-letter.
+        assert_eq!(
+            a.complete("a", &a_again, &ids, Retention::Delete).unwrap(),
+            2
+        );
+        assert!(a.dead_letter("a", 7, a_again[&7], 3, "x").unwrap());
+        assert_eq!(count(&mut a, "devour_outbox"), 1);
+        assert_eq!(count(&mut a, "devour_dead_letters"), 1);
+    }
+
+    #[cfg(feature = "sqlite")]
+    #[test]
+    fn a_lost_lease_removes_nothing_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("fence.db").display());
+        fence(&url, "0");
+    }
+
+    #[cfg(feature = "postgres")]
+    #[test]
+    fn a_lost_lease_removes_nothing_postgres() {
+        let admin = std::env::var("DEVOUR_TEST_PG_URL")
+            .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/postgres".into());
+        let name = format!("devour_u_fence_{}", std::process::id());
+        let mut c = diesel::PgConnection::establish(&admin).unwrap();
+        use diesel::connection::SimpleConnection;
+        c.batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
+            .unwrap();
+        c.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
+        let (base, _) = admin.rsplit_once('/').unwrap();
+        let url = format!("{base}/{name}");
+        let result = std::panic::catch_unwind(|| fence(&url, "now() - interval '1 second'"));
+        c.batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
+            .unwrap();
+        if let Err(e) = result {
+            std::panic::resume_unwind(e);
+        }
+    }
+}
