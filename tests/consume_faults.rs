@@ -60,11 +60,12 @@ impl Consumer for Effect {
     }
 }
 
+/// Not a test: the consumer process the tests below start (and kill), run as
+/// `--ignored --exact child_consumer_process`.
 #[test]
+#[ignore = "the child process of the tests below"]
 fn child_consumer_process() {
-    let Ok(route) = std::env::var("DEVOUR_TEST_CHILD") else {
-        return; // Only meaningful when re-run by the tests below.
-    };
+    let route = std::env::var("DEVOUR_TEST_CHILD").expect("DEVOUR_TEST_CHILD names the route");
     let config = devour::Config::load().expect("child config");
     let out = std::env::var("DEVOUR_TEST_OUT").ok();
     let mut registry = Registry::new();
@@ -88,6 +89,7 @@ fn child_consumer_process() {
 fn child(config: &Path, route: &str, out: Option<&Path>, drain: bool) -> Child {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
     cmd.args([
+        "--ignored",
         "--exact",
         "child_consumer_process",
         "--nocapture",

@@ -25,6 +25,19 @@ fn count_when_up(url: &str) -> i64 {
     }
 }
 
+/// When the server last started, as text.
+fn postmaster_start(c: &mut PgConnection) -> String {
+    #[derive(QueryableByName)]
+    struct Started {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        at: String,
+    }
+    diesel::sql_query("SELECT pg_postmaster_start_time()::text AS at")
+        .get_result::<Started>(c)
+        .unwrap()
+        .at
+}
+
 #[test]
 fn postgres_restart_mid_drain() {
     let db = TestDb::new(Backend::Postgres, "pg_restart");
@@ -41,6 +54,7 @@ fn postgres_restart_mid_drain() {
         assert!(Instant::now() < deadline, "no progress before the restart");
         std::thread::sleep(Duration::from_millis(5));
     }
+    let started_before = postmaster_start(&mut c);
     drop(c);
     let version = std::env::var("DEVOUR_PG_VERSION").unwrap_or_else(|_| "15".into());
     let out = Command::new("pg_ctlcluster")
@@ -53,6 +67,12 @@ fn postgres_restart_mid_drain() {
         String::from_utf8_lossy(&out.stderr)
     );
     let left_after_restart = count_when_up(&db.url);
+    let started_after = postmaster_start(&mut PgConnection::establish(&db.url).unwrap());
+    assert_ne!(
+        started_before, started_after,
+        "pg_ctlcluster restarted the server the test uses ({})",
+        db.url
+    );
     assert!(
         left_after_restart > 0,
         "the restart came before the drain ended"

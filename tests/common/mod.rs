@@ -531,6 +531,27 @@ fn reader(topic: &str) -> rdkafka::consumer::BaseConsumer {
     consumer
 }
 
+/// How many messages `topic` (a fresh one: its low watermarks are 0) holds: the sum of its
+/// partitions' high watermarks. Counts what a read that stopped early would miss.
+pub fn topic_size(topic: &str) -> i64 {
+    use rdkafka::consumer::Consumer;
+    let consumer = reader(topic);
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    metadata.topics()[0]
+        .partitions()
+        .iter()
+        .map(|p| {
+            let (low, high) = consumer
+                .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+                .unwrap();
+            assert_eq!(low, 0, "{topic} is a fresh topic");
+            high
+        })
+        .sum()
+}
+
 pub fn received_of(m: &rdkafka::message::BorrowedMessage<'_>) -> Received {
     use rdkafka::message::{Headers, Message};
     Received {
