@@ -115,6 +115,11 @@ fn status_counts_backlog_dead_letters_and_consumer_lag() {
     let mut c = PgConnection::establish(&db.url).unwrap();
     common::insert_rows(&mut c, "status-a", 0, 30, 7);
     common::insert_rows(&mut c, "status-b", 30, 20, 5);
+    // The oldest row is an hour old.
+    c.batch_execute(
+        "UPDATE devour_outbox SET created_at = now() - interval '1 hour'          WHERE id = (SELECT min(id) FROM devour_outbox)",
+    )
+    .unwrap();
     dead_letters(&mut c, "status-a", &[(1_000_001, "k1")]);
     // A relay that crashed an hour ago: its row stays until another relay clears it.
     c.batch_execute(
@@ -164,7 +169,8 @@ fn status_counts_backlog_dead_letters_and_consumer_lag() {
         .map(|x| x["rows"].as_i64().unwrap())
         .sum();
     assert_eq!(shard_rows, 50, "shards add up to the backlog");
-    assert!(s["outbox"]["oldest_age_s"].as_f64().unwrap() >= 0.0);
+    let age = s["outbox"]["oldest_age_s"].as_f64().unwrap();
+    assert!((3600.0..3660.0).contains(&age), "oldest row age {age} s");
     assert_eq!(s["dead_letters"]["rows"], 1);
     assert_eq!(s["unheld_shards"], 256, "no relay runs");
     assert_eq!(
