@@ -105,6 +105,22 @@ fn outbox_to_relay_to_consume_sqlite() {
 
 #[test]
 fn a_handler_failing_three_times_then_succeeding_commits_only_after() {
+    failing_three_times_then_succeeding("");
+}
+
+#[test]
+fn a_handler_failing_three_times_then_succeeding_commits_only_after_with_workers() {
+    failing_three_times_then_succeeding("concurrency = 2");
+}
+
+#[test]
+fn a_handler_failing_three_times_then_succeeding_commits_only_after_with_an_inbox() {
+    failing_three_times_then_succeeding("inbox = true");
+}
+
+/// Message 4 of 10 (one partition) fails three times: it is retried, the messages after it
+/// wait, the ones before it are committed meanwhile, and nothing from it on until it succeeds.
+fn failing_three_times_then_succeeding(extra: &str) {
     let db = TestDb::new(Backend::Sqlite, "consume_retry");
     let topic = create_topic("consume-retry", 1);
     produce_seqs(&topic, 10, 1);
@@ -112,8 +128,10 @@ fn a_handler_failing_three_times_then_succeeding_commits_only_after() {
     let r = route(
         name,
         &topic,
-        "retry = { max_attempts = 5, initial_backoff_ms = 300, max_backoff_ms = 300 }\n\
-         properties = { \"auto.commit.interval.ms\" = 100 }",
+        &format!(
+            "retry = {{ max_attempts = 5, initial_backoff_ms = 300, max_backoff_ms = 300 }}\n\
+             properties = {{ \"auto.commit.interval.ms\" = 100 }}\n{extra}"
+        ),
     );
     let cfg = config(&db, &r);
     let group = cfg.consumers[name].group.clone();
@@ -181,13 +199,22 @@ fn a_handler_failing_three_times_then_succeeding_commits_only_after() {
         max <= 4,
         "committed {max} while offset 4 had not succeeded: {while_failing:?}"
     );
-    // The messages after 4 waited for it (order within the partition).
-    assert_partition_order(&calls);
-    let order: Vec<i64> = calls
+    // ... and the messages before it were committed meanwhile (the watcher saw a real commit).
+    assert!(
+        while_failing.contains(&4),
+        "offsets 0-3 were not committed while offset 4 was retried: {while_failing:?}"
+    );
+    // The messages after 4 waited for it (order within the partition). With an inbox, the
+    // messages before it were handled again in a transaction of their own: count each
+    // message's first call.
+    let mut seen_offsets = BTreeSet::new();
+    let firsts: Vec<Seen> = calls
         .iter()
-        .filter(|c| c.attempt == 1)
-        .map(Seen::seq)
+        .filter(|c| seen_offsets.insert(c.offset))
+        .cloned()
         .collect();
+    assert_partition_order(&firsts);
+    let order: Vec<i64> = firsts.iter().map(Seen::seq).collect();
     assert_eq!(order, (0..10).collect::<Vec<_>>());
     assert_eq!(
         committed(&offsets_reader(&group), &topic, 1),

@@ -223,18 +223,28 @@ impl Dispatcher {
     }
 
     /// Handles `batch` in order; returns how many of its first messages are finished: all of
-    /// them, unless a stop came while one was unfinished.
-    pub(crate) fn handle<R: Record>(&mut self, batch: &[R]) -> usize {
+    /// them, unless a stop came while one was unfinished. Before a message's retries (waits of
+    /// up to `max_backoff_ms` each), `progress` gets the batch's messages finished so far, so
+    /// that their offsets need not wait for it.
+    pub(crate) fn handle<R: Record>(
+        &mut self,
+        batch: &[R],
+        progress: &mut dyn FnMut(&[R]),
+    ) -> usize {
         let mut finished = 0;
+        let mut report = |n: usize| progress(&batch[..n]);
         let _ = if self.route.inbox {
-            self.inbox_batch(batch, &mut finished)
+            self.inbox_batch(batch, &mut finished, &mut report)
         } else {
             batch.iter().try_for_each(|m| {
                 // Stopping: finish the message in hand, start no other.
                 if self.stop.load(Ordering::Relaxed) {
                     return Err(Stopped);
                 }
-                self.one(m, None)?;
+                if let Err(f) = self.attempt(m, 1) {
+                    report(finished);
+                    self.one(m, Some(f))?;
+                }
                 finished += 1;
                 Ok(())
             })
@@ -417,7 +427,12 @@ impl Dispatcher {
     /// The batch in inbox transactions: all of it in one when every message succeeds; else the
     /// part before the failing message in one, the failing one alone (retries, dead letter),
     /// and the rest again as a batch.
-    fn inbox_batch<R: Record>(&mut self, batch: &[R], finished: &mut usize) -> Result<(), Stopped> {
+    fn inbox_batch<R: Record>(
+        &mut self,
+        batch: &[R],
+        finished: &mut usize,
+        report: &mut dyn FnMut(usize),
+    ) -> Result<(), Stopped> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -436,12 +451,16 @@ impl Dispatcher {
                     // is that message: this was its first attempt.
                     self.conn = None;
                     if let [m] = batch {
+                        report(*finished);
                         self.one(m, Some(Failure::Db(e.into())))?;
                         *finished += 1;
                         return Ok(());
                     }
                     for m in batch {
-                        self.one(m, None)?;
+                        if let Err(f) = self.attempt(m, 1) {
+                            report(*finished);
+                            self.one(m, Some(f))?;
+                        }
                         *finished += 1;
                     }
                     return Ok(());
@@ -457,10 +476,11 @@ impl Dispatcher {
                 }
                 Err(TxError::Duplicates) => unreachable!("inbox_tx asks again"),
                 Err(TxError::Failed(k, f)) => {
-                    self.inbox_batch(&batch[..k], finished)?;
+                    self.inbox_batch(&batch[..k], finished, report)?;
+                    report(*finished);
                     self.one(&batch[k], Some(f))?;
                     *finished += 1;
-                    return self.inbox_batch(&batch[k + 1..], finished);
+                    return self.inbox_batch(&batch[k + 1..], finished, report);
                 }
             }
         }

@@ -539,7 +539,13 @@ impl<'a> LoopState<'a> {
                     continue;
                 }
             }
-            let finished = dispatcher.handle(&batch);
+            let (shared, consumer) = (self.shared, self.consumer);
+            let finished = dispatcher.handle(&batch, &mut |done| {
+                // A message is being retried: the poll thread waits with it, so what the batch
+                // finished before it is stored now, for librdkafka's next commit.
+                shared.mark(done);
+                shared.store(consumer);
+            });
             self.shared.mark(&batch[..finished]);
             let stopped = finished < batch.len();
             batch.clear();
@@ -656,7 +662,8 @@ impl<'a> LoopState<'a> {
                             // flight: a revoke waiting for in-flight messages must not hang.
                             let _settle = Settle(&shared, batch.len());
                             if !stop.load(Ordering::Relaxed) {
-                                let finished = d.handle(&batch);
+                                // The poll thread stores the offsets marked here.
+                                let finished = d.handle(&batch, &mut |done| shared.mark(done));
                                 shared.mark(&batch[..finished]);
                                 *last_done.lock().expect("clock lock") = Some(Instant::now());
                             }
