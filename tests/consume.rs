@@ -434,11 +434,11 @@ fn simple_consumers_each_read_every_partition() {
     let db = TestDb::new(Backend::Sqlite, "consume_simple");
     let topic = create_topic("consume-simple", 3);
     produce_seqs(&topic, 300, 30);
-    let cfg = config(&db, &route("simple", &topic, "consumer_type = \"simple\""));
-    // Two consumers of one simple route at once: no group sharing, each reads all 3 partitions.
+    // Two simple consumers at once, each in a group of its own (a simple consumer resumes from
+    // its group's committed offsets): no group sharing, each reads all 3 partitions.
     let runs: Vec<_> = (0..2)
         .map(|_| {
-            let cfg = cfg.clone();
+            let cfg = config(&db, &route("simple", &topic, "consumer_type = \"simple\""));
             std::thread::spawn(move || {
                 let (registry, calls) = recording(accept());
                 drain(&cfg, "simple", &registry, T);

@@ -161,8 +161,9 @@ fn print_writes_one_json_line_per_message() {
             },
         ],
     );
+    let group = common::unique("consume-cli");
     let dir = setup(&format!(
-        "[consumers.show]\ntopic = \"{topic}\"\nhandler = \"print\"\ndump = \"raw\"\n"
+        "[consumers.show]\ntopic = \"{topic}\"\ngroup = \"{group}\"\nhandler = \"print\"\ndump = \"raw\"\n"
     ));
     let (code, stdout, stderr) = run(dir.path(), &["consume", "show", "--drain"]);
     assert_eq!(code, 0, "{stderr}");
@@ -241,8 +242,9 @@ fn exec_runs_the_command_per_message_and_exit_65_dead_letters() {
             Out::seq("b", 2),
         ],
     );
+    let group = common::unique("consume-cli");
     let dir = setup(&format!(
-        "[consumers.run]\ntopic = \"{topic}\"\nhandler = \"exec\"\n\
+        "[consumers.run]\ntopic = \"{topic}\"\ngroup = \"{group}\"\nhandler = \"exec\"\n\
          command = [\"sh\", \"-c\", \"printf '%s|%s|%s|%s|%s|%s|%s|' \\\"${{DEVOUR_CONFIG:-no-config}}\\\" \\\"$DEVOUR_TOPIC\\\" \\\"$DEVOUR_OFFSET\\\" \\\"$DEVOUR_KEY\\\" \\\"$DEVOUR_EVENT\\\" \\\"$DEVOUR_MESSAGE_ID\\\" \\\"$DEVOUR_ROUTE\\\" >> out.txt; cat >> out.txt; echo >> out.txt; [ \\\"$DEVOUR_KEY\\\" != poison ] || exit 65\"]\n"
     ));
     let (code, _, stderr) = run(dir.path(), &["consume", "run", "--drain"]);
@@ -282,10 +284,12 @@ fn exec_passes_binary_keys_in_base64_and_a_timeout_kills_the_whole_group() {
         ..Out::seq("slow", 1)
     };
     produce(&topic, &[Out::seq("a\0b", 0), big, Out::seq("c", 2)]);
+    let group = common::unique("consume-cli");
+    let pid = std::process::id();
     let dir = setup(&format!(
-        "[consumers.run]\ntopic = \"{topic}\"\nhandler = \"exec\"\ndump = \"raw\"\nexec_timeout_ms = 500\n\
+        "[consumers.run]\ntopic = \"{topic}\"\ngroup = \"{group}\"\nhandler = \"exec\"\ndump = \"raw\"\nexec_timeout_ms = 500\n\
          retry = {{ max_attempts = 1 }}\n\
-         command = [\"sh\", \"-c\", \"if [ \\\"$DEVOUR_KEY\\\" = slow ]; then sleep 30 | sleep 30; fi; \
+         command = [\"sh\", \"-c\", \"if [ \\\"$DEVOUR_KEY\\\" = slow ]; then sleep 29.{pid} | sleep 29.{pid}; fi; \
          printf '%s|%s\\\\n' \\\"$DEVOUR_KEY\\\" \\\"${{DEVOUR_KEY_BASE64:-}}\\\" >> out.txt\"]\n"
     ));
     let t = Instant::now();
@@ -304,7 +308,7 @@ fn exec_passes_binary_keys_in_base64_and_a_timeout_kills_the_whole_group() {
         "{stderr}"
     );
     let sleeping = Command::new("pgrep")
-        .args(["-f", "sleep 30"])
+        .args(["-f", &format!("sleep 29.{pid}")])
         .output()
         .unwrap();
     assert!(

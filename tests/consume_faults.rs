@@ -168,7 +168,7 @@ fn effect_rows(c: &mut PgConnection) -> Vec<(i64, i32, i64, u32)> {
         .collect()
 }
 
-/// Kills a consumer 5 times, each after 300 to 1,500 more messages were processed, then lets a
+/// Kills a consumer 5 times, each after 300 to 1,100 more messages were processed, then lets a
 /// last one drain. Returns what each kill left processed.
 fn kill_five_times(
     config: &Path,
@@ -180,7 +180,7 @@ fn kill_five_times(
     let mut at = vec![processed()];
     for _ in 0..5 {
         let mut c = child(config, route, out, false);
-        let target = (at.last().unwrap() + common::random(300, 1_500) as usize).min(total - 200);
+        let target = (at.last().unwrap() + common::random(300, 1_100) as usize).min(total - 200);
         let deadline = Instant::now() + Duration::from_secs(30);
         while processed() < target && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(2));

@@ -30,13 +30,23 @@ pub fn kafka_hosts() -> String {
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
-/// A name unique to this test process and call, usable as a database or topic name.
+/// A name unique to this test process and call, usable as a database or topic name. A part
+/// drawn once per process keeps it apart from the names of an earlier run whose process had
+/// the same pid (the broker keeps topics, a crashed test leaves its database).
 pub fn unique(tag: &str) -> String {
+    static RUN: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let run = RUN.get_or_init(|| {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        (t.as_nanos() as u32) ^ (t.as_secs() as u32).rotate_left(16)
+    });
     format!(
-        "{}_{}_{}",
+        "{}_{}_{:x}_{}",
         tag.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
             .to_lowercase(),
         std::process::id(),
+        run & 0xffff,
         COUNTER.fetch_add(1, Ordering::Relaxed)
     )
 }
