@@ -45,11 +45,12 @@ fn assert_code(got: (i32, String, String), want: i32, args: &[&str]) -> (String,
 
 #[test]
 fn migrate_on_a_new_sqlite_file_then_again() {
+    let hosts = common::kafka_hosts();
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("m.db").display());
     let env = [
         ("DEVOUR_DATABASE_URL", url.as_str()),
-        ("DEVOUR_KAFKA_HOSTS", "127.0.0.1:19092"),
+        ("DEVOUR_KAFKA_HOSTS", hosts.as_str()),
     ];
     let (out, _) = assert_code(devour(&["migrate"], &env), 0, &["migrate"]);
     assert!(
@@ -64,11 +65,12 @@ fn migrate_on_a_new_sqlite_file_then_again() {
 /// once and says what to run, instead of retrying every query forever; `--migrate` fixes it.
 #[test]
 fn relay_on_a_database_without_devour_s_tables_exits_2_naming_devour_migrate() {
+    let hosts = common::kafka_hosts();
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("bare.db").display());
     let env = [
         ("DEVOUR_DATABASE_URL", url.as_str()),
-        ("DEVOUR_KAFKA_HOSTS", "127.0.0.1:19092"),
+        ("DEVOUR_KAFKA_HOSTS", hosts.as_str()),
     ];
     let relay = env!("CARGO_BIN_EXE_devour-relay");
     let (_, err) = assert_code(run(relay, &["--drain"], &env), 2, &["(relay) --drain"]);
@@ -103,11 +105,12 @@ fn relay_on_a_database_without_devour_s_tables_exits_2_naming_devour_migrate() {
 /// as "the brokers refused the connection".
 #[test]
 fn relay_with_a_property_librdkafka_refuses_says_so() {
+    let hosts = common::kafka_hosts();
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("p.db").display());
     let env = [
         ("DEVOUR_DATABASE_URL", url.as_str()),
-        ("DEVOUR_KAFKA_HOSTS", "127.0.0.1:19092"),
+        ("DEVOUR_KAFKA_HOSTS", hosts.as_str()),
         ("DEVOUR_KAFKA_PROPERTY_NO_SUCH_PROPERTY", "x"),
     ];
     let relay = env!("CARGO_BIN_EXE_devour-relay");
@@ -127,6 +130,7 @@ fn relay_with_a_property_librdkafka_refuses_says_so() {
 /// to switch the file to WAL: "database is locked").
 #[test]
 fn a_command_on_a_database_without_devour_s_tables_hints_at_devour_migrate() {
+    let hosts = common::kafka_hosts();
     for i in 0..3 {
         let dir = tempfile::tempdir().unwrap();
         let url = format!(
@@ -135,7 +139,7 @@ fn a_command_on_a_database_without_devour_s_tables_hints_at_devour_migrate() {
         );
         let env = [
             ("DEVOUR_DATABASE_URL", url.as_str()),
-            ("DEVOUR_KAFKA_HOSTS", "127.0.0.1:19092"),
+            ("DEVOUR_KAFKA_HOSTS", hosts.as_str()),
         ];
         let (_, err) = assert_code(devour(&["outbox", "list"], &env), 1, &["outbox", "list"]);
         assert!(err.contains("run `devour migrate`"), "{err}");
@@ -148,10 +152,11 @@ fn a_command_on_a_database_without_devour_s_tables_hints_at_devour_migrate() {
 /// of 40 runs).
 #[test]
 fn short_commands_exit_cleanly() {
+    let hosts = common::kafka_hosts();
     let db = TestDb::new(Backend::Postgres, "short_commands");
     let env = [
         ("DEVOUR_DATABASE_URL", db.url.as_str()),
-        ("DEVOUR_KAFKA_HOSTS", "127.0.0.1:19092"),
+        ("DEVOUR_KAFKA_HOSTS", hosts.as_str()),
     ];
     for _ in 0..25 {
         assert_code(
@@ -164,6 +169,7 @@ fn short_commands_exit_cleanly() {
 
 #[test]
 fn migrate_on_postgres() {
+    let hosts = common::kafka_hosts();
     // A database with no devour tables: TestDb migrates, so make a bare one.
     let name = format!("devour_t_{}", common::unique("cli_migrate"));
     let mut admin = PgConnection::establish(&common::pg_admin_url()).unwrap();
@@ -176,7 +182,7 @@ fn migrate_on_postgres() {
     );
     let env = [
         ("DEVOUR_DATABASE_URL", url.as_str()),
-        ("DEVOUR_KAFKA_HOSTS", "127.0.0.1:19092"),
+        ("DEVOUR_KAFKA_HOSTS", hosts.as_str()),
     ];
     let (out, _) = assert_code(devour(&["migrate"], &env), 0, &["migrate"]);
     assert!(
@@ -195,13 +201,14 @@ fn migrate_on_postgres() {
 
 #[test]
 fn migrate_against_an_unreachable_database_exits_1() {
+    let hosts = common::kafka_hosts();
     let env = [
         (
             "DEVOUR_DATABASE_URL",
             "postgres://u:hunter2@127.0.0.1:1/nope",
         ),
         ("DEVOUR_DATABASE_CONNECT_TIMEOUT_MS", "2000"),
-        ("DEVOUR_KAFKA_HOSTS", "127.0.0.1:19092"),
+        ("DEVOUR_KAFKA_HOSTS", hosts.as_str()),
     ];
     let (_, err) = assert_code(devour(&["migrate"], &env), 1, &["migrate"]);
     assert!(
@@ -223,6 +230,7 @@ fn migrate_with_bad_config_exits_2() {
 
 #[test]
 fn outbox_pending_lists_rows_in_order() {
+    let hosts = common::kafka_hosts();
     let db = TestDb::new(Backend::Sqlite, "pending");
     let mut c = SqliteConnection::open(&db);
     Account::new(1, "ada")
@@ -233,7 +241,7 @@ fn outbox_pending_lists_rows_in_order() {
         .unwrap();
     let env = [
         ("DEVOUR_DATABASE_URL", db.url.as_str()),
-        ("DEVOUR_KAFKA_HOSTS", "127.0.0.1:19092"),
+        ("DEVOUR_KAFKA_HOSTS", hosts.as_str()),
     ];
     let (out, _) = assert_code(
         devour(&["outbox", "pending"], &env),

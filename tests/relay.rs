@@ -677,9 +677,14 @@ fn second_relay_on_sqlite_stands_by_until_the_first_stops() {
     let topic = common::create_topic("standby", 1);
     let config = common::config(&db, "");
     let first = relay::start(&config, RunOptions::default()).unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    let second = relay::start(&config, RunOptions::default()).unwrap();
     let mut c = SqliteConnection::open(&db);
+    // The first relay holds every shard before the second starts.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.count("devour_relay_leases WHERE owner IS NOT NULL") < 256 {
+        assert!(Instant::now() < deadline, "the first relay took no lease");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let second = relay::start(&config, RunOptions::default()).unwrap();
     common::insert_rows(&mut c, &topic, 0, 100, 10);
     common::consume_seqs(&topic, 100, Duration::from_secs(30));
     // A drain cannot wait for the holder forever: it says who drains the outbox instead.

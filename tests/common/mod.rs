@@ -721,18 +721,29 @@ pub fn consume_seqs(topic: &str, distinct: usize, timeout: Duration) -> Vec<Rece
     let mut out = Vec::new();
     let mut seen = std::collections::HashSet::new();
     let mut done_at: Option<std::time::Instant> = None;
+    let mut last_error: Option<String> = None;
     loop {
         if let Some(t) = done_at {
             if t.elapsed() > Duration::from_secs(1) {
                 return out;
             }
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "read {} of {distinct} distinct messages from {topic} before the timeout",
-            seen.len()
-        );
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+        if std::time::Instant::now() >= deadline {
+            let missing: Vec<i64> = (0..distinct as i64)
+                .filter(|s| !seen.contains(s))
+                .take(20)
+                .collect();
+            panic!(
+                "read {} of {distinct} distinct messages from {topic} before the timeout; \
+                 missing (of seqs 0..{distinct}) e.g. {missing:?}; last consumer error: {last_error:?}",
+                seen.len()
+            );
+        }
+        let polled = consumer.poll(Duration::from_millis(100));
+        if let Some(Err(e)) = &polled {
+            last_error = Some(e.to_string());
+        }
+        if let Some(Ok(m)) = polled {
             let r = received_of(&m);
             let v: serde_json::Value =
                 serde_json::from_slice(r.payload.as_deref().unwrap_or(b"{}")).unwrap_or_default();
