@@ -282,14 +282,40 @@ fn permanent_errors_and_exhausted_retries_go_to_the_dead_letter_topic_and_the_co
         let payload: serde_json::Value =
             serde_json::from_slice(d.payload.as_deref().unwrap()).unwrap();
         let seq = payload["seq"].as_i64().unwrap();
-        let original = calls.iter().find(|c| c.seq() == seq).unwrap();
-        assert_eq!(h["devour-dlq-topic"], topic);
-        assert_eq!(h["devour-dlq-partition"], original.partition.to_string());
-        assert_eq!(h["devour-dlq-offset"], original.offset.to_string());
-        assert_eq!(h["devour-dlq-group"], group);
-        assert_eq!(h["devour-dlq-route"], name);
+        let original = calls
+            .iter()
+            .find(|c| c.seq() == seq)
+            .unwrap_or_else(|| panic!("dead letter of seq {seq}, never handled: {d:?}"));
+        let header = |k: &str| -> &str {
+            h.get(k)
+                .copied()
+                .unwrap_or_else(|| panic!("dead letter without {k}: {h:?}"))
+        };
+        assert_eq!(header("devour-dlq-topic"), topic, "{h:?}");
+        assert_eq!(
+            header("devour-dlq-partition"),
+            original.partition.to_string(),
+            "{h:?}"
+        );
+        assert_eq!(
+            header("devour-dlq-offset"),
+            original.offset.to_string(),
+            "{h:?}"
+        );
+        assert_eq!(header("devour-dlq-group"), group, "{h:?}");
+        assert_eq!(header("devour-dlq-route"), name, "{h:?}");
         assert_eq!(d.key.as_deref(), original.key.as_deref(), "the key is kept");
-        assert!(h["devour-dlq-failed-at-ms"].parse::<i64>().is_ok());
+        let failed_at: i64 = header("devour-dlq-failed-at-ms")
+            .parse()
+            .unwrap_or_else(|e| panic!("devour-dlq-failed-at-ms: {e}: {h:?}"));
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        assert!(
+            (now_ms - 120_000..=now_ms).contains(&failed_at),
+            "devour-dlq-failed-at-ms {failed_at} is not within this test's run (now {now_ms})"
+        );
         match seq {
             1 => {
                 assert_eq!(h["devour-dlq-attempts"], "1");
