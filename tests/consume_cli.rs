@@ -318,6 +318,24 @@ fn exec_passes_binary_keys_in_base64_and_a_timeout_kills_the_whole_group() {
     );
 }
 
+/// Waits up to 60 s for `child` (its stderr piped, read after); kills it and fails past that.
+fn bounded_wait(child: &mut std::process::Child, what: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let mut stderr = String::new();
+            let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr);
+            panic!("{what} did not exit within 60 s\n{stderr}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn sigterm_finishes_the_message_in_hand_commits_and_exits_0() {
     let topic = create_topic("consume-sigterm", 1);
@@ -342,9 +360,9 @@ fn sigterm_finishes_the_message_in_hand_commits_and_exits_0() {
     while count() < 20 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    let _ = Command::new("kill").arg(child.id().to_string()).status(); // SIGTERM
+    common::sigterm(&child);
     let t = Instant::now();
-    let status = child.wait().unwrap();
+    let status = bounded_wait(&mut child, "devour consume after SIGTERM");
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
     assert!(status.success(), "exit 0 on SIGTERM: {status:?}\n{stderr}");
@@ -383,18 +401,23 @@ fn a_dead_letter_too_large_for_its_topic_waits_and_says_what_to_raise() {
         "[consumers.run]\ntopic = \"{topic}\"\ngroup = \"{group}\"\nhandler = \"exec\"\ndump = \"raw\"\n\
          command = [\"sh\", \"-c\", \"[ \\\"$DEVOUR_KEY\\\" != big ] || exit 65; cat >> out.txt\"]\n"
     ));
-    let child = devour(dir.path(), &["consume", "run"])
+    let mut child = devour(dir.path(), &["consume", "run"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_secs(8));
-    let _ = Command::new("kill").arg(child.id().to_string()).status(); // SIGTERM
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    common::sigterm(&child);
+    let status = bounded_wait(&mut child, "devour consume after SIGTERM");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
     assert!(
         stderr.contains(&format!("raise the max.message.bytes of {dlq}")),
         "{stderr}"
+    );
+    assert!(
+        status.success(),
+        "SIGTERM while a dead letter waits: exit 0: {status:?}\n{stderr}"
     );
     assert!(
         !dir.path().join("out.txt").exists(),

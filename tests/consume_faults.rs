@@ -86,6 +86,11 @@ fn child_consumer_process() {
     devour::consume::run(&config, &route, &registry, options, stop).expect("child consume");
 }
 
+/// Where the children of the test whose configuration is `config` write their stderr.
+fn log_of(config: &Path) -> PathBuf {
+    config.with_file_name("children.log")
+}
+
 fn child(config: &Path, route: &str, out: Option<&Path>, drain: bool) -> Child {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
     cmd.args([
@@ -99,7 +104,7 @@ fn child(config: &Path, route: &str, out: Option<&Path>, drain: bool) -> Child {
     .env("DEVOUR_CONFIG", config)
     .env("RUST_LOG", "warn")
     .stdout(Stdio::null())
-    .stderr(Stdio::null());
+    .stderr(common::append_to(&log_of(config)));
     if let Some(o) = out {
         cmd.env("DEVOUR_TEST_OUT", o);
     }
@@ -186,13 +191,26 @@ fn kill_five_times(
             std::thread::sleep(Duration::from_millis(2));
         }
         c.kill().unwrap(); // SIGKILL
-        c.wait().unwrap();
+        common::wait_exit(
+            &mut c,
+            Duration::from_secs(10),
+            "a killed consumer",
+            &log_of(config),
+        );
         at.push(processed());
     }
-    let status = child(config, route, out, true).wait().unwrap();
+    let mut last = child(config, route, out, true);
+    let log = log_of(config);
+    let status = common::wait_exit(
+        &mut last,
+        Duration::from_secs(120),
+        "the last consumer",
+        &log,
+    );
     assert!(
         status.success(),
-        "the last consumer drains and exits 0: {status:?}"
+        "the last consumer drains and exits 0: {status:?}\n{}",
+        common::log_tail(&log)
     );
     at
 }
@@ -361,7 +379,12 @@ fn two_consumers_in_a_group_one_killed_the_other_takes_over() {
         "handled by both consumers during a live rebalance: {both:?}"
     );
     a.kill().unwrap();
-    a.wait().unwrap();
+    common::wait_exit(
+        &mut a,
+        Duration::from_secs(10),
+        "the killed consumer",
+        &log_of(&config),
+    );
     let killed_at = lines(&out_a).len();
     // The survivor gets the dead one's partitions after its session times out, and finishes.
     let deadline = Instant::now() + Duration::from_secs(90);
@@ -379,11 +402,18 @@ fn two_consumers_in_a_group_one_killed_the_other_takes_over() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let _ = Command::new("kill").arg(b.id().to_string()).status(); // SIGTERM
-    let status = b.wait().unwrap();
+    common::sigterm(&b);
+    let log = log_of(&config);
+    let status = common::wait_exit(
+        &mut b,
+        Duration::from_secs(60),
+        "the consumer after SIGTERM",
+        &log,
+    );
     assert!(
         status.success(),
-        "SIGTERM stops the consumer with exit 0: {status:?}"
+        "SIGTERM stops the consumer with exit 0: {status:?}\n{}",
+        common::log_tail(&log)
     );
     let taken: BTreeSet<i32> = lines(&out_b)
         .iter()

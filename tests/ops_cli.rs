@@ -25,16 +25,28 @@ fn command(bin: &str, dir: &Path, db: &TestDb) -> Command {
     cmd
 }
 
+/// `devour-relay`, its stderr appended to `relay.log` in `dir`.
 fn relay_command(dir: &Path, db: &TestDb) -> Command {
     let mut cmd = command(env!("CARGO_BIN_EXE_devour-relay"), dir, db);
-    cmd.stderr(Stdio::null());
+    cmd.stderr(common::append_to(&dir.join("relay.log")));
     cmd
 }
 
 /// `devour-relay --drain`, which must exit 0.
 fn relay_drain(dir: &Path, db: &TestDb) {
-    let status = relay_command(dir, db).arg("--drain").status().unwrap();
-    assert!(status.success());
+    let mut relay = relay_command(dir, db).arg("--drain").spawn().unwrap();
+    let log = dir.join("relay.log");
+    let status = common::wait_exit(
+        &mut relay,
+        Duration::from_secs(60),
+        "devour-relay --drain",
+        &log,
+    );
+    assert!(
+        status.success(),
+        "devour-relay --drain: {status:?}\n{}",
+        common::log_tail(&log)
+    );
 }
 
 /// Polls `devour status --json` until the outbox is empty and every shard is held; then stops
@@ -52,8 +64,19 @@ fn status_once_drained(dir: &Path, db: &TestDb, mut relay: std::process::Child) 
         );
         std::thread::sleep(Duration::from_millis(200));
     };
-    let _ = Command::new("kill").arg(relay.id().to_string()).status();
-    relay.wait().unwrap();
+    common::sigterm(&relay);
+    let log = dir.join("relay.log");
+    let status = common::wait_exit(
+        &mut relay,
+        Duration::from_secs(60),
+        "the relay after SIGTERM",
+        &log,
+    );
+    assert!(
+        status.success(),
+        "the relay stops with exit 0 on SIGTERM: {status:?}\n{}",
+        common::log_tail(&log)
+    );
     s
 }
 

@@ -5,13 +5,15 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{Backend, TestConn, TestDb};
 use diesel::prelude::*;
 
-fn relay_process(db: &TestDb, extra: &[&str]) -> Child {
+/// A `devour-relay` child on `db`; its stderr goes to `log`.
+fn relay_process(db: &TestDb, log: &Path, extra: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_devour-relay"))
         .args(extra)
         .env_clear()
@@ -22,7 +24,7 @@ fn relay_process(db: &TestDb, extra: &[&str]) -> Child {
         .env("DEVOUR_RELAY_POLL_INTERVAL_MS", "50")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(common::append_to(log))
         .spawn()
         .unwrap()
 }
@@ -33,9 +35,10 @@ fn kill_9_ten_times_during_a_50k_drain_loses_nothing_and_keeps_key_order() {
     let topic = common::create_topic("kill9", 6);
     let mut c = PgConnection::establish(&db.url).unwrap();
     common::insert_rows(&mut c, &topic, 0, 50_000, 500);
+    let log = common::child_log("kill9");
     let mut left = vec![50_000];
     for _ in 0..10 {
-        let mut relay = relay_process(&db, &[]);
+        let mut relay = relay_process(&db, &log, &[]);
         // Kill at a random point of the drain: after 300 to 3,000 more rows were delivered.
         let target = left.last().unwrap() - common::random(300, 3_000);
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -43,11 +46,16 @@ fn kill_9_ten_times_during_a_50k_drain_loses_nothing_and_keeps_key_order() {
             std::thread::sleep(Duration::from_millis(5));
         }
         relay.kill().unwrap(); // SIGKILL
-        relay.wait().unwrap();
+        common::wait_exit(&mut relay, Duration::from_secs(10), "a killed relay", &log);
         left.push(c.count("devour_outbox"));
     }
-    let status = relay_process(&db, &["--drain"]).wait().unwrap();
-    assert!(status.success(), "the final drain exits 0: {status:?}");
+    let mut last = relay_process(&db, &log, &["--drain"]);
+    let status = common::wait_exit(&mut last, Duration::from_secs(120), "the final drain", &log);
+    assert!(
+        status.success(),
+        "the final drain exits 0: {status:?}\n{}",
+        common::log_tail(&log)
+    );
     assert_eq!(c.count("devour_outbox"), 0, "drained");
     let msgs = common::consume_seqs(&topic, 50_000, Duration::from_secs(120));
     let dups = common::check_delivery(&msgs, 0..50_000);
@@ -91,7 +99,8 @@ fn three_relays_share_the_work_and_survive_one_being_killed() {
             next
         })
     };
-    let mut relays: Vec<Child> = (0..3).map(|_| relay_process(&db, &[])).collect();
+    let log = common::child_log("three");
+    let mut relays: Vec<Child> = (0..3).map(|_| relay_process(&db, &log, &[])).collect();
 
     // Sample the leases while the relays run: an owner change always comes with a new epoch.
     let mut samples: Vec<Vec<Lease>> = Vec::new();
@@ -114,32 +123,39 @@ fn three_relays_share_the_work_and_survive_one_being_killed() {
     }
     // Kill one relay mid-drain, then bring it back.
     relays[1].kill().unwrap();
-    relays[1].wait().unwrap();
+    common::wait_exit(
+        &mut relays[1],
+        Duration::from_secs(10),
+        "the killed relay",
+        &log,
+    );
     let killed_at = Instant::now();
     while killed_at.elapsed() < Duration::from_secs(3) {
         sample(&mut c, &mut samples, &mut owners_seen);
         std::thread::sleep(Duration::from_millis(50));
     }
-    relays[1] = relay_process(&db, &[]);
+    relays[1] = relay_process(&db, &log, &[]);
     let written = writer.join().unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     while c.count("devour_outbox") > 0 {
         assert!(
             Instant::now() < deadline,
-            "the relays did not drain the outbox"
+            "the relays did not drain the outbox\n{}",
+            common::log_tail(&log)
         );
         sample(&mut c, &mut samples, &mut owners_seen);
         std::thread::sleep(Duration::from_millis(50));
     }
-    for r in &mut relays {
+    for r in &relays {
         // SIGTERM: a clean stop releases the leases.
-        let _ = Command::new("kill").arg(r.id().to_string()).status();
+        common::sigterm(r);
     }
     for r in &mut relays {
-        let status = r.wait().unwrap();
+        let status = common::wait_exit(r, Duration::from_secs(60), "a relay after SIGTERM", &log);
         assert!(
             status.success(),
-            "relay stopped cleanly on SIGTERM: {status:?}"
+            "relay stopped cleanly on SIGTERM: {status:?}\n{}",
+            common::log_tail(&log)
         );
     }
     let msgs = common::consume_seqs(&topic, written as usize, Duration::from_secs(120));

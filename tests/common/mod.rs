@@ -812,3 +812,64 @@ impl SecureKafka {
             .to_string()
     }
 }
+
+/// A file under the test target's scratch directory that child processes append their stderr
+/// to (`tag` names it; one per test), so that a failure can show what they said.
+pub fn child_log(tag: &str) -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("child-logs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{}.log", unique(tag)));
+    let _ = std::fs::remove_file(&path);
+    path
+}
+
+/// `log` opened for appending, as a child's stdout or stderr.
+pub fn append_to(log: &std::path::Path) -> std::process::Stdio {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap()
+        .into()
+}
+
+/// The last 40 lines of `log`.
+pub fn log_tail(log: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    format!(
+        "--- last lines of {}\n{}",
+        log.display(),
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    )
+}
+
+/// Waits up to `limit` for `child` to exit; past that, kills it and fails, showing `log`.
+pub fn wait_exit(
+    child: &mut std::process::Child,
+    limit: Duration,
+    what: &str,
+    log: &std::path::Path,
+) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not exit within {limit:?}\n{}", log_tail(log));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends SIGTERM to `child`, failing if it cannot be sent.
+pub fn sigterm(child: &std::process::Child) {
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -TERM {}: {status:?}", child.id());
+}
