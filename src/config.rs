@@ -1551,6 +1551,41 @@ mod tests {
         assert_eq!(c.relay.relay_id.as_deref(), Some("'quoted'"));
     }
 
+    /// Every kind of secret property, in each table that takes librdkafka properties, is
+    /// printed as `***` by `devour config check`; other properties as they are.
+    #[test]
+    fn config_check_hides_every_kind_of_secret_property() {
+        let secrets = [
+            ("sasl.password", "v-password"),
+            ("ssl.key.password", "v-key-password"),
+            ("ssl.keystore.passphrase", "v-passphrase"),
+            ("sasl.oauthbearer.client.secret", "v-client-secret"),
+            ("sasl.oauthbearer.token.endpoint.url", "v-token-url"),
+            ("ssl.key.pem", "v-key-pem"),
+            ("sasl.oauthbearer.config", "v-oauthbearer-config"),
+        ];
+        let props: String = secrets
+            .iter()
+            .map(|(k, v)| format!("\"{k}\" = \"{v}\"\n"))
+            .collect();
+        let text = format!(
+            "[kafka]\nhosts = \"a:1\"\n[kafka.properties]\n{props}\"client.rack\" = \"r1\"\n\
+             [relay.producer]\n{props}\n\
+             [consumers.c]\ntopic = \"t\"\nhandler = \"print\"\n[consumers.c.properties]\n{props}"
+        );
+        let c = Config::from_toml_str(&text, Origin::Defaults, &env(&[])).unwrap();
+        let shown = c.to_redacted_toml();
+        for (k, v) in secrets {
+            assert!(!shown.contains(v), "{k}'s value printed:\n{shown}");
+            assert_eq!(
+                shown.matches(&format!("\"{k}\" = \"***\"")).count(),
+                3,
+                "{k} shown as *** in [kafka.properties], [relay.producer] and the route:\n{shown}"
+            );
+        }
+        assert!(shown.contains("\"client.rack\" = \"r1\""), "{shown}");
+    }
+
     #[test]
     fn url_password_is_redacted() {
         assert_eq!(
