@@ -429,3 +429,53 @@ fn a_dead_letter_too_large_for_its_topic_waits_and_says_what_to_raise() {
         "offset {at} committed past the message that was not dead-lettered"
     );
 }
+
+/// The first SIGTERM waits for the message in hand; a second one exits at once, with 130.
+#[test]
+fn a_second_sigterm_exits_at_once_with_130() {
+    let topic = create_topic("consume-second-signal", 1);
+    common::consume::produce_seqs(&topic, 3, 1);
+    let group = common::unique("second-signal");
+    let pid = std::process::id();
+    let dir = setup(&format!(
+        "[consumers.slow]\ntopic = \"{topic}\"\ngroup = \"{group}\"\nhandler = \"exec\"\n\
+         exec_timeout_ms = 40000\nretry = {{ max_attempts = 1 }}\n\
+         command = [\"sh\", \"-c\", \"touch started; exec sleep 28.{pid}\"]\n"
+    ));
+    let mut child = devour(dir.path(), &["consume", "slow"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !dir.path().join("started").exists() {
+        if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "the first message never started: {:?}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    common::sigterm(&child);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the first SIGTERM waits for the message in hand"
+    );
+    common::sigterm(&child);
+    let t = Instant::now();
+    let status = bounded_wait(&mut child, "devour consume after a second SIGTERM");
+    let _ = Command::new("pkill")
+        .args(["-f", &format!("sleep 28.{pid}")])
+        .status();
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "the second SIGTERM took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(status.code(), Some(130), "{status:?}");
+}
