@@ -763,3 +763,29 @@ fn postgres_notify_wakes_the_relay_without_polling() {
         "delivered {took:?} after the insert: not woken by NOTIFY"
     );
 }
+
+/// Dropping a `RelayHandle` stops its relay and waits for it: when the drop returns, the
+/// relay has let its leases go.
+#[test]
+fn dropping_the_handle_stops_the_relay() {
+    let db = TestDb::new(Backend::Sqlite, "drop_handle");
+    let config = common::config(&db, "");
+    let handle = relay::start(&config, RunOptions::default()).unwrap();
+    let mut c = SqliteConnection::open(&db);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.count("devour_relay_leases WHERE owner IS NOT NULL") < 256 {
+        assert!(Instant::now() < deadline, "the relay took no lease");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(handle);
+    assert_eq!(
+        c.count("devour_relay_leases WHERE owner IS NOT NULL"),
+        0,
+        "the dropped relay still holds leases"
+    );
+    assert_eq!(
+        c.count("devour_relays"),
+        0,
+        "the dropped relay is still registered"
+    );
+}
