@@ -954,3 +954,81 @@ fn an_inbox_consumer_the_server_allows_too_few_connections_fails_at_start() {
     );
     assert!(seen.lock().unwrap().is_empty(), "nothing was handled");
 }
+
+/// `topics = [A, B]`: one route reads both topics, each partition in order.
+#[test]
+fn a_route_reads_every_topic_it_lists() {
+    let db = TestDb::new(Backend::Sqlite, "consume_topics");
+    let a = create_topic("consume-topics-a", 2);
+    let b = create_topic("consume-topics-b", 1);
+    produce_seqs(&a, 30, 5);
+    produce(
+        &b,
+        &(100..110).map(|s| Out::seq("b", s)).collect::<Vec<_>>(),
+    );
+    let cfg = config(
+        &db,
+        &format!(
+            "[consumers.both]\ntopics = [\"{a}\", \"{b}\"]\nhandler = \"record\"\ngroup = \"{}\"\n",
+            common::unique("both")
+        ),
+    );
+    let (registry, calls) = recording(accept());
+    let report = drain(&cfg, "both", &registry, T);
+    let calls = calls.lock().unwrap().clone();
+    let per_topic = |t: &str| -> BTreeSet<i64> {
+        calls
+            .iter()
+            .filter(|c| c.topic == t)
+            .map(Seen::seq)
+            .collect()
+    };
+    assert_eq!(per_topic(&a), (0..30).collect(), "{report:?}");
+    assert_eq!(per_topic(&b), (100..110).collect(), "{report:?}");
+    assert_eq!(report.processed, 40);
+    assert_partition_order(&calls);
+}
+
+/// `start_from = "latest"`: a new group starts at the end, so only messages produced after it
+/// joined are handled.
+#[test]
+fn start_from_latest_skips_what_was_there_before() {
+    let db = TestDb::new(Backend::Sqlite, "consume_latest");
+    let topic = create_topic("consume-latest", 1);
+    produce_seqs(&topic, 20, 2);
+    let cfg = config(&db, &route("latest", &topic, "start_from = \"latest\""));
+    let (registry, calls) = recording(accept());
+    let stop = Arc::new(AtomicBool::new(false));
+    let run = {
+        let (cfg, stop) = (cfg.clone(), stop.clone());
+        std::thread::spawn(move || {
+            devour::consume::run(
+                &cfg,
+                "latest",
+                &registry,
+                devour::consume::RunOptions::default(),
+                stop,
+            )
+        })
+    };
+    // New messages, one at a time, until the consumer (once it has its partition) sees one.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut next = 1000;
+    while calls.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "no new message was handled");
+        produce(&topic, &[Out::seq("new", next)]);
+        next += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop.store(true, Ordering::Relaxed);
+    run.join().unwrap().unwrap();
+    let seqs: Vec<i64> = calls.lock().unwrap().iter().map(Seen::seq).collect();
+    assert!(
+        seqs.iter().all(|s| *s >= 1000),
+        "messages from before the group joined were handled: {seqs:?}"
+    );
+    assert!(
+        seqs.windows(2).all(|w| w[1] == w[0] + 1),
+        "once joined, every new message is handled, in order: {seqs:?}"
+    );
+}
