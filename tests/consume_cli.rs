@@ -479,3 +479,60 @@ fn a_second_sigterm_exits_at_once_with_130() {
     );
     assert_eq!(status.code(), Some(130), "{status:?}");
 }
+
+/// `exec` gets the partition, the attempt, the headers (JSON) and the timestamp of each call.
+#[test]
+fn exec_gets_partition_attempt_headers_and_timestamp() {
+    let topic = create_topic("consume-exec-meta", 3);
+    let before_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    produce(
+        &topic,
+        &[Out {
+            headers: vec![("trace", "t-1"), ("event", "update")],
+            ..Out::seq("acct-7", 0)
+        }],
+    );
+    let written = read_all(&topic, Duration::from_secs(30));
+    assert_eq!(written.len(), 1);
+    let group = common::unique("exec-meta");
+    let dir = setup(&format!(
+        "[consumers.meta]\ntopic = \"{topic}\"\ngroup = \"{group}\"\nhandler = \"exec\"\n\
+         retry = {{ max_attempts = 3, initial_backoff_ms = 10 }}\n\
+         command = [\"sh\", \"meta.sh\"]\n"
+    ));
+    std::fs::write(
+        dir.path().join("meta.sh"),
+        "printf '%s|%s|%s|%s\\n' \"$DEVOUR_PARTITION\" \"$DEVOUR_ATTEMPT\" \"$DEVOUR_HEADERS\" \
+         \"$DEVOUR_TIMESTAMP_MS\" >> meta.txt\n[ \"$DEVOUR_ATTEMPT\" -ge 2 ] || exit 1\n",
+    )
+    .unwrap();
+    let (code, _, stderr) = run(dir.path(), &["consume", "meta", "--drain"]);
+    assert_eq!(code, 0, "{stderr}");
+    let out = std::fs::read_to_string(dir.path().join("meta.txt")).unwrap();
+    let calls: Vec<Vec<&str>> = out.lines().map(|l| l.split('|').collect()).collect();
+    assert_eq!(calls.len(), 2, "attempt 1 fails, attempt 2 succeeds: {out}");
+    for (i, call) in calls.iter().enumerate() {
+        assert_eq!(
+            call[0],
+            written[0].partition.to_string(),
+            "partition: {out}"
+        );
+        assert_eq!(call[1], (i + 1).to_string(), "attempt: {out}");
+        let headers: serde_json::Value = serde_json::from_str(call[2]).unwrap();
+        assert_eq!(
+            headers,
+            serde_json::json!({"trace": "t-1", "event": "update"}),
+            "headers: {out}"
+        );
+        let ts: i64 = call[3]
+            .parse()
+            .unwrap_or_else(|e| panic!("timestamp: {e}: {out}"));
+        assert!(
+            (before_ms - 5_000..before_ms + 60_000).contains(&ts),
+            "timestamp {ts} is the message's (produced at about {before_ms})"
+        );
+    }
+}
