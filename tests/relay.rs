@@ -177,6 +177,27 @@ fn set_limit(topic: &str, bytes: &str) {
     {
         r.unwrap();
     }
+    // The broker applies the change a moment later: wait until it describes the topic so.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let described = futures::executor::block_on(
+            admin.describe_configs([&ResourceSpecifier::Topic(topic)], &AdminOptions::new()),
+        )
+        .unwrap();
+        let value = described[0]
+            .as_ref()
+            .ok()
+            .and_then(|r| r.get("max.message.bytes"))
+            .and_then(|e| e.value.clone());
+        if value.as_deref() == Some(bytes) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{topic}: max.message.bytes is still {value:?}, not {bytes}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Rows: k1 seq 1 (small), k1 seq 2 (too large for the topic), k1 seq 3, k2 seq 4. Returns
@@ -392,7 +413,6 @@ fn block_key_holds_later_rows_until_retry_or_discard() {
 
     // Once the topic takes the message, a retry delivers it, then the row that waited.
     raise_limit(&topic);
-    std::thread::sleep(Duration::from_millis(500));
     outbox_cli(&db, "retry", big_id);
     handle.wake();
     wait_for("the outbox to empty", || c.count("devour_outbox") == 0);
@@ -489,7 +509,6 @@ fn released_key_keeps_its_order_under_writes<C: TestConn + Send + 'static>(
     wait_for("the dead letter", || c.count("devour_dead_letters") == 1);
     if action == "retry" {
         raise_limit(&topic);
-        std::thread::sleep(Duration::from_millis(500));
     }
 
     // Rows keep coming, k1's among them, faster than reads find none (a read that finds
@@ -750,11 +769,24 @@ fn postgres_notify_wakes_the_relay_without_polling() {
     // The lease keeper wakes the reader on each renewal (every third of the TTL): keep it quiet.
     config.relay.lease_ttl_ms = 60_000;
     let handle = relay::start(&config, RunOptions::default()).unwrap();
-    std::thread::sleep(Duration::from_secs(2));
     let mut c = PgConnection::establish(&db.url).unwrap();
+    // Settled: every shard held (gaining one starts a pass, which would deliver without the
+    // NOTIFY) and the relay listening.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.count("devour_relay_leases WHERE owner IS NOT NULL") < 256
+        || c.count("pg_stat_activity WHERE datname = current_database() AND query ILIKE 'LISTEN%'")
+            == 0
+    {
+        assert!(Instant::now() < deadline, "the relay did not settle");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Its first passes (on start, on claiming) are over.
+    std::thread::sleep(Duration::from_millis(500));
     let started = Instant::now();
     common::insert_rows(&mut c, &topic, 0, 1, 1);
-    common::consume_seqs(&topic, 1, Duration::from_secs(10));
+    while c.count("devour_outbox") > 0 && started.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let took = started.elapsed();
     handle.shutdown();
     handle.join().unwrap();
@@ -762,6 +794,7 @@ fn postgres_notify_wakes_the_relay_without_polling() {
         took < Duration::from_secs(5),
         "delivered {took:?} after the insert: not woken by NOTIFY"
     );
+    common::consume_seqs(&topic, 1, Duration::from_secs(10));
 }
 
 /// Dropping a `RelayHandle` stops its relay and waits for it: when the drop returns, the
