@@ -97,7 +97,8 @@ impl ProducerContext for RelayContext {
             }
             Err((KafkaError::MessageProduction(code), m)) if is_permanent(*code) => {
                 Outcome::Rejected(
-                    format!("{code} ({code:?})"),
+                    // "TopicAuthorizationFailed (Broker: Topic authorization failed)".
+                    code.to_string(),
                     m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
                 )
             }
