@@ -471,6 +471,9 @@ impl KafkaConfig {
 // ---------------------------------------------------------------------------------------------
 // Loading
 
+/// The levels a `log.level` directive may name.
+const LOG_LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error", "off"];
+
 /// The known keys of each section and their types: the single source for validation,
 /// suggestions and environment variable names.
 const KEYS: &[(&str, Kind)] = &[
@@ -911,12 +914,24 @@ impl Config {
         }
         let mut log = LogConfig::default();
         if let Some(level) = r.string("log.level")? {
-            tracing_subscriber::EnvFilter::try_new(&level).map_err(|e| {
+            let bad = |why: String| {
                 r.err(
                     "log.level",
-                    format!("`{level}` is not a log filter such as `info` or `devour=debug,rdkafka=warn`: {e}"),
+                    format!("`{level}` is not a log filter such as `info` or `devour=debug,rdkafka=warn`: {why}"),
                 )
-            })?;
+            };
+            tracing_subscriber::EnvFilter::try_new(&level).map_err(|e| bad(e.to_string()))?;
+            // The filter takes a bare word as a target with every level, and nothing else: a
+            // misspelt level (`warning`, `verbose`) would silence every message, errors too.
+            for directive in level.split(',').map(str::trim) {
+                let named = directive.rsplit_once('=').map_or(directive, |(_, l)| l);
+                if !LOG_LEVELS.contains(&named.to_ascii_lowercase().as_str()) {
+                    return Err(bad(format!(
+                        "`{directive}` has no level; levels are {}",
+                        LOG_LEVELS.join(", ")
+                    )));
+                }
+            }
             log.level = Some(level);
         }
         if let Some(f) = r.string("log.format")? {

@@ -676,6 +676,21 @@ fn bad_metrics_and_log_settings_name_the_key() {
         Some("log.level"),
         &["not a log filter"],
     );
+    // A misspelt level would read as a target and silence everything, errors included.
+    for level in ["verbose", "warning", "", "info,devour"] {
+        assert_names(
+            &format!("{OK}[log]\nlevel = \"{level}\"\n"),
+            &[],
+            Some("log.level"),
+            &["has no level", "trace, debug, info, warn, error, off"],
+        );
+    }
+    assert_names(
+        OK,
+        &[("DEVOUR_LOG_LEVEL", "warning")],
+        Some("log.level"),
+        &["DEVOUR_LOG_LEVEL", "`warning` has no level"],
+    );
     assert_names(
         OK,
         &[("DEVOUR_METRICS_LISTEN", "nope")],
