@@ -218,6 +218,52 @@ fn migrate_against_an_unreachable_database_exits_1() {
     assert!(!err.contains("hunter2"), "password leaked: {err}");
 }
 
+/// A database that refuses for good (wrong password, no such database, a SQLite file in a
+/// directory that does not exist) fails the command at once, saying why, instead of being
+/// tried again until the connect timeout with a log line per attempt.
+#[test]
+fn a_database_that_refuses_fails_the_command_at_once() {
+    let hosts = common::kafka_hosts();
+    let admin = common::pg_admin_url();
+    let wrong_password = admin.replacen("postgres:postgres@", "postgres:wrong@", 1);
+    assert_ne!(
+        wrong_password, admin,
+        "the admin URL has the expected credentials"
+    );
+    let (base, _) = admin.rsplit_once('/').unwrap();
+    let no_database = format!("{base}/devour_no_such_database");
+    let cases = [
+        (wrong_password.as_str(), "password authentication failed"),
+        (
+            no_database.as_str(),
+            "devour_no_such_database\" does not exist",
+        ),
+        (
+            "sqlite:///devour-no-such-dir/x.db",
+            "the directory /devour-no-such-dir does not exist",
+        ),
+    ];
+    for (url, says) in cases {
+        let env = [
+            ("DEVOUR_DATABASE_URL", url),
+            ("DEVOUR_DATABASE_CONNECT_TIMEOUT_MS", "30000"),
+            ("DEVOUR_KAFKA_HOSTS", hosts.as_str()),
+        ];
+        let started = std::time::Instant::now();
+        let (_, err) = assert_code(devour(&["outbox", "pending"], &env), 1, &[url]);
+        assert!(err.contains(says), "{url}: {err}");
+        assert!(
+            !err.contains("r2d2"),
+            "{url}: retried through the pool: {err}"
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "{url}: waited {:?} for a refusal that does not go away",
+            started.elapsed()
+        );
+    }
+}
+
 #[test]
 fn migrate_with_bad_config_exits_2() {
     let (_, err) = assert_code(

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use diesel::r2d2::{ConnectionManager, Pool, PooledConnection};
+use diesel::r2d2::{ConnectionManager, ManageConnection, Pool, PooledConnection};
 
 use crate::config::{DatabaseConfig, DatabaseUrl};
 
@@ -197,17 +197,27 @@ impl DbPool {
         match &config.url {
             #[cfg(feature = "postgres")]
             DatabaseUrl::Postgres(url) => {
+                let manager = ConnectionManager::new(postgres::with_client_timeouts(url));
+                // Once, outside the pool: r2d2 would try again until the timeout, logging each
+                // refusal, where a wrong password or database never goes away.
+                drop(manager.connect().map_err(|e| err(e.to_string()))?);
                 let pool = Pool::builder()
                     .max_size(config.pool_size)
                     .min_idle(Some(0))
                     .connection_timeout(timeout)
-                    .build(ConnectionManager::new(postgres::with_client_timeouts(url)))
+                    .build(manager)
                     .map_err(|e| err(e.to_string()))?;
                 drop(pool.get().map_err(|e| err(e.to_string()))?);
                 Ok(DbPool::Postgres(pool))
             }
             #[cfg(feature = "sqlite")]
             DatabaseUrl::Sqlite(path) => {
+                let manager = ConnectionManager::<diesel::SqliteConnection>::new(path.as_str());
+                drop(
+                    manager
+                        .connect()
+                        .map_err(|e| err(sqlite::open_error(path, e)))?,
+                );
                 let pool = Pool::builder()
                     .max_size(config.pool_size)
                     .min_idle(Some(0))
@@ -215,7 +225,7 @@ impl DbPool {
                     .connection_customizer(Box::new(sqlite::ConnectionOptions {
                         busy_timeout_ms: config.busy_timeout_ms,
                     }))
-                    .build(ConnectionManager::new(path.as_str()))
+                    .build(manager)
                     .map_err(|e| err(e.to_string()))?;
                 drop(pool.get().map_err(|e| err(e.to_string()))?);
                 Ok(DbPool::Sqlite(pool))

@@ -114,3 +114,17 @@ pub fn configure(conn: &mut diesel::SqliteConnection, busy_timeout_ms: u64) -> Q
     diesel::sql_query("PRAGMA foreign_keys = ON").execute(conn)?;
     Ok(())
 }
+
+/// Why opening the SQLite file `path` failed, saying which directory is missing when that is
+/// the cause (SQLite says only "unable to open database file").
+pub(crate) fn open_error(path: &str, e: impl std::fmt::Display) -> String {
+    let parent = std::path::Path::new(path)
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty());
+    match parent {
+        Some(dir) if !dir.is_dir() => {
+            format!("{e} (the directory {} does not exist)", dir.display())
+        }
+        _ => e.to_string(),
+    }
+}
