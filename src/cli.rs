@@ -384,14 +384,29 @@ fn on_dead_letters(
     Ok(())
 }
 
-/// A flag set by the first SIGINT or SIGTERM; a second one exits the process with 130.
+/// A flag set by the first SIGINT or SIGTERM; a second one exits the process with 130 at once,
+/// killing the commands `exec` handlers run.
 fn stop_on_signals() -> std::io::Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+    use std::sync::atomic::Ordering;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        // A second signal while stopping exits at once.
-        signal_hook::flag::register_conditional_shutdown(signal, 130, stop.clone())?;
-        signal_hook::flag::register(signal, stop.clone())?;
-    }
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])?;
+    let flag = stop.clone();
+    std::thread::Builder::new()
+        .name("devour-signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                if flag.swap(true, Ordering::SeqCst) {
+                    crate::consume::kill_running_commands();
+                    // `_exit`: no destructors or exit handlers of libraries whose threads run.
+                    signal_hook::low_level::exit(130);
+                }
+                let name = if signal == signal_hook::consts::SIGINT { "SIGINT" } else { "SIGTERM" };
+                tracing::info!("{name}: stopping once the work in hand is finished (a second signal exits at once)");
+            }
+        })?;
     Ok(stop)
 }
 

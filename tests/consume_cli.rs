@@ -469,15 +469,97 @@ fn a_second_sigterm_exits_at_once_with_130() {
     common::sigterm(&child);
     let t = Instant::now();
     let status = bounded_wait(&mut child, "devour consume after a second SIGTERM");
+    let elapsed = t.elapsed();
+    // The command it was running went with it (it would finish a message whose offset was not
+    // committed, which the next run handles again).
+    std::thread::sleep(Duration::from_millis(200));
+    let left = Command::new("pgrep")
+        .args(["-f", &format!("sleep 28.{pid}")])
+        .output()
+        .unwrap();
     let _ = Command::new("pkill")
         .args(["-f", &format!("sleep 28.{pid}")])
         .status();
     assert!(
-        t.elapsed() < Duration::from_secs(10),
-        "the second SIGTERM took {:?}",
-        t.elapsed()
+        elapsed < Duration::from_secs(10),
+        "the second SIGTERM took {elapsed:?}"
     );
     assert_eq!(status.code(), Some(130), "{status:?}");
+    assert!(
+        left.stdout.is_empty(),
+        "the exec command outlived the consumer: {}",
+        String::from_utf8_lossy(&left.stdout)
+    );
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(
+        stderr.contains("SIGTERM: stopping once the work in hand is finished"),
+        "the first SIGTERM says that a stop is under way: {stderr}"
+    );
+}
+
+/// A command that cannot be started (here its interpreter is missing) stops the consumer with
+/// exit 1 and its message unfinished, instead of sending every message to the dead-letter
+/// topic.
+#[test]
+fn an_exec_command_that_cannot_start_stops_the_consumer() {
+    let topic = create_topic("consume-exec-nostart", 1);
+    common::consume::produce_seqs(&topic, 3, 1);
+    let group = common::unique("exec-nostart");
+    let dir = setup(&format!(
+        "[consumers.run]\ntopic = \"{topic}\"\ngroup = \"{group}\"\nhandler = \"exec\"\n\
+         command = [\"./handler.sh\"]\n"
+    ));
+    let script = dir.path().join("handler.sh");
+    std::fs::write(&script, "#!/devour/no/such/interpreter\n").unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let (code, _, stderr) = run(dir.path(), &["consume", "run", "--drain"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("cannot start `./handler.sh`"), "{stderr}");
+    assert!(
+        !stderr.contains("sent to dead-letter topic"),
+        "nothing is dead-lettered: {stderr}"
+    );
+    let at = committed(&offsets_reader(&group), &topic, 1)[0];
+    assert!(
+        at <= 0,
+        "offset {at} committed past the unfinished message: {stderr}"
+    );
+}
+
+/// `exec` gets the payload's bytes as they came (not re-encoded JSON), and a tombstone as an
+/// empty stdin with DEVOUR_TOMBSTONE=1.
+#[test]
+fn exec_gets_the_payload_as_it_came_and_tombstones_flagged() {
+    let topic = create_topic("consume-exec-bytes", 1);
+    let spaced = "{ \"z\": 1,\n  \"a\": 2 }";
+    produce(
+        &topic,
+        &[
+            Out {
+                key: Some("k"),
+                payload: Some(spaced.as_bytes().to_vec()),
+                headers: vec![],
+            },
+            Out {
+                key: Some("k"),
+                payload: None,
+                headers: vec![],
+            },
+        ],
+    );
+    let group = common::unique("exec-bytes");
+    let dir = setup(&format!(
+        "[consumers.run]\ntopic = \"{topic}\"\ngroup = \"{group}\"\nhandler = \"exec\"\n\
+         command = [\"sh\", \"-c\", \"cat > in-$DEVOUR_OFFSET.txt; echo $DEVOUR_TOMBSTONE > tomb-$DEVOUR_OFFSET.txt\"]\n"
+    ));
+    let (code, _, stderr) = run(dir.path(), &["consume", "run", "--drain"]);
+    assert_eq!(code, 0, "{stderr}");
+    let read = |f: &str| std::fs::read_to_string(dir.path().join(f)).unwrap();
+    assert_eq!(read("in-0.txt"), spaced, "the payload's own bytes");
+    assert_eq!(read("tomb-0.txt"), "0\n");
+    assert_eq!(read("in-1.txt"), "", "a tombstone: empty stdin");
+    assert_eq!(read("tomb-1.txt"), "1\n");
 }
 
 /// `exec` gets the partition, the attempt, the headers (JSON) and the timestamp of each call.

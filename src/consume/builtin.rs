@@ -101,14 +101,18 @@ impl Consumer for Print {
 /// the dead-letter topic at once (sysexits' `EX_DATAERR`).
 pub const EXEC_GIVE_UP_STATUS: i32 = 65;
 
-/// `handler = "exec"`: runs the route's `command` once per message, with the payload on stdin
-/// (`dump = "raw"`: the bytes; `"json"`: the JSON, compact) and the metadata in environment
-/// variables: `DEVOUR_ROUTE`, `DEVOUR_TOPIC`, `DEVOUR_PARTITION`, `DEVOUR_OFFSET`, `DEVOUR_KEY`
-/// (a key that is not UTF-8 text, or holds a NUL byte, comes as `DEVOUR_KEY_BASE64` instead),
-/// `DEVOUR_TIMESTAMP_MS`, `DEVOUR_EVENT`, `DEVOUR_MESSAGE_ID`, `DEVOUR_ATTEMPT` and
-/// `DEVOUR_HEADERS` (a JSON object). Exit 0 = done; exit 65 = give up (dead letter now); any
-/// other status, a signal, or running longer than `exec_timeout_ms` = an error, retried. The
-/// command runs in a process group of its own, which a timeout kills whole.
+/// `handler = "exec"`: runs the route's `command` once per message, with the payload's bytes
+/// on stdin as they came (with `dump = "json"`, a payload that is not JSON goes to the
+/// dead-letter topic instead; a tombstone gives an empty stdin and `DEVOUR_TOMBSTONE=1`) and the
+/// metadata in environment variables: `DEVOUR_ROUTE`, `DEVOUR_TOPIC`, `DEVOUR_PARTITION`,
+/// `DEVOUR_OFFSET`, `DEVOUR_KEY` (a key that is not UTF-8 text, or holds a NUL byte, comes as
+/// `DEVOUR_KEY_BASE64` instead), `DEVOUR_TIMESTAMP_MS`, `DEVOUR_EVENT`, `DEVOUR_MESSAGE_ID`,
+/// `DEVOUR_ATTEMPT`, `DEVOUR_HEADERS` (a JSON object) and `DEVOUR_TOMBSTONE` (`1` or `0`).
+/// Exit 0 = done; exit 65 = give up (dead letter now); any other status, a signal, or running
+/// longer than `exec_timeout_ms` = an error, retried. A command that cannot be started (it or
+/// its interpreter is missing) stops the consumer, its message unfinished, rather than sending
+/// every message to the dead-letter topic. The command runs in a process group of its own,
+/// which a timeout kills whole, as does a second SIGINT/SIGTERM that ends the consumer.
 /// The command's stdout and stderr are the consumer's; it inherits the consumer's environment
 /// without devour's own `DEVOUR_*` variables (they may hold secrets).
 pub struct Exec {
@@ -161,6 +165,46 @@ fn find_program(program: &str) -> Option<std::path::PathBuf> {
         .find(|p| runnable(p))
 }
 
+/// The process groups of the `exec` commands running now, so that a consumer that exits at
+/// once (a second SIGINT/SIGTERM) takes them with it instead of leaving them to finish a
+/// message whose offset it did not commit.
+static RUNNING: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+/// One command in [`RUNNING`] while this lives.
+struct Running(u32);
+
+impl Running {
+    fn register(child: &std::process::Child) -> Running {
+        RUNNING
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(child.id());
+        Running(child.id())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        RUNNING
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|g| *g != self.0);
+    }
+}
+
+/// Kills the process group of every `exec` command running now.
+pub(crate) fn kill_running_commands() {
+    let running = RUNNING.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    for group in running {
+        if let Some(group) = i32::try_from(group)
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+        {
+            let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+        }
+    }
+}
+
 /// Kills the process group `child` leads (the command and whatever it started).
 fn kill_group(child: &mut std::process::Child) {
     if let Some(group) = i32::try_from(child.id())
@@ -194,12 +238,9 @@ impl Consumer for Exec {
         message: Payload<'_, Value>,
         _ctx: &mut Ctx<'_>,
     ) -> Result<(), DigestError> {
-        let input = match message {
-            Payload::Raw(b) => b.to_vec(),
-            Payload::Json(v) | Payload::Obj(v) => {
-                serde_json::to_vec(&v).map_err(DigestError::give_up)?
-            }
-        };
+        // The bytes as they came (`message` was decoded only to check them).
+        drop(message);
+        let input = meta.payload.unwrap_or_default().to_vec();
         let text = |v: Option<&str>| v.unwrap_or("").to_string();
         let headers = headers_json(meta);
         let mut command = Command::new(&self.program);
@@ -241,9 +282,16 @@ impl Consumer for Exec {
             .env("DEVOUR_MESSAGE_ID", text(meta.message_id()))
             .env("DEVOUR_ATTEMPT", meta.attempt.to_string())
             .env("DEVOUR_HEADERS", Value::Object(headers).to_string())
+            .env(
+                "DEVOUR_TOMBSTONE",
+                if meta.payload.is_none() { "1" } else { "0" },
+            )
             .stdin(Stdio::piped())
             .spawn()
-            .map_err(|e| DigestError::retry(format!("cannot start `{}`: {e}", self.program)))?;
+            // It (or its interpreter) is gone, or the system cannot start processes: no
+            // message would get through, so stop rather than dead-letter them all.
+            .map_err(|e| DigestError::stop(format!("cannot start `{}`: {e}", self.program)))?;
+        let _running = Running::register(&child);
         // Feed stdin from a thread: a command that does not read it must not block us.
         let mut stdin = child.stdin.take().expect("stdin is piped");
         let feeder = std::thread::spawn(move || {

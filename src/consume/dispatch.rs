@@ -39,6 +39,7 @@ fn meta_of<'a, M: Message>(
         key: m.key(),
         timestamp_ms: m.timestamp().to_millis(),
         attempt,
+        payload: m.payload(),
         headers,
     }
 }

@@ -78,6 +78,10 @@ pub struct Meta<'a> {
     pub timestamp_ms: Option<i64>,
     /// Which attempt this is for this message (1 for the first).
     pub attempt: u32,
+    /// The payload's bytes as they came, whatever the route's `dump`; `None` for a message
+    /// without payload (a tombstone), which `dump = "raw"` hands over as empty bytes and
+    /// `dump = "json"` as `null`.
+    pub payload: Option<&'a [u8]>,
     pub(crate) headers: HeadersRef<'a>,
 }
 

@@ -32,6 +32,7 @@ mod runner;
 
 use std::time::Duration;
 
+pub(crate) use builtin::kill_running_commands;
 pub use builtin::{Exec, Print, EXEC_GIVE_UP_STATUS};
 pub use dead_letter::{
     HEADER_DLQ_ATTEMPTS, HEADER_DLQ_ERROR, HEADER_DLQ_FAILED_AT, HEADER_DLQ_GROUP,
