@@ -881,6 +881,28 @@ impl Config {
             relay.relay_id = Some(id);
         }
         relay.producer = r.properties("relay.producer")?;
+        for (name, value) in &relay.producer {
+            let fixed = crate::relay::ORDERING_SETTINGS
+                .iter()
+                .find(|(k, _)| k == name);
+            if let Some((_, want)) = fixed.filter(|(_, want)| value != want) {
+                return Err(r.err(
+                    &format!("relay.producer.{name}"),
+                    format!("per-key order relies on {name} = {want}; remove this setting"),
+                ));
+            }
+            if name == "partitioner"
+                && crate::relay::KEY_SPREADING_PARTITIONERS.contains(&value.as_str())
+            {
+                return Err(r.err(
+                    "relay.producer.partitioner",
+                    format!(
+                        "`{value}` spreads one key's messages over several partitions, losing their order; \
+                         use a key-hashing partitioner such as murmur2_random (the default)"
+                    ),
+                ));
+            }
+        }
         // More rows in flight than the producer's queue holds would wait on a full queue for
         // good.
         let queue = relay

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod consume;
 pub mod db;
+mod kafka_log;
 pub mod outbox;
 pub mod relay;
 pub mod status;

@@ -386,11 +386,11 @@ fn probe_broker(
     let _ = std::thread::Builder::new()
         .name("devour-broker-probe".into())
         .spawn(move || {
-            let mut client: Option<BaseConsumer> = None;
+            let mut client: Option<BaseConsumer<crate::kafka_log::QuietContext>> = None;
             while !stop.load(Ordering::Relaxed) {
                 if client.is_none() {
                     client = c
-                        .create()
+                        .create_with_context(crate::kafka_log::QuietContext::default())
                         .map_err(|e| {
                             health().report(
                                 "broker",

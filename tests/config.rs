@@ -792,3 +792,35 @@ fn config_check_survives_a_non_utf8_environment_variable() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `[relay.producer]` cannot undo what per-key order relies on; other tuning is taken.
+#[test]
+fn relay_producer_settings_that_would_break_key_order_are_refused() {
+    for (name, value) in [
+        ("message.timeout.ms", "5000"),
+        ("enable.gapless.guarantee", "false"),
+        ("enable.idempotence", "false"),
+    ] {
+        assert_names(
+            &format!("{OK}[relay.producer]\n\"{name}\" = \"{value}\"\n"),
+            &[],
+            Some(&format!("relay.producer.{name}")),
+            &["per-key order relies on"],
+        );
+    }
+    assert_names(
+        &format!("{OK}[relay.producer]\n\"partitioner\" = \"random\"\n"),
+        &[],
+        Some("relay.producer.partitioner"),
+        &["spreads one key's messages"],
+    );
+    let c = Config::from_toml_str(
+        &format!(
+            "{OK}[relay.producer]\n\"linger.ms\" = 10\n\"enable.idempotence\" = true\n\"message.timeout.ms\" = 0\n\"partitioner\" = \"consistent_random\"\n"
+        ),
+        devour::config::Origin::Defaults,
+        &Default::default(),
+    )
+    .unwrap();
+    assert_eq!(c.relay.producer["linger.ms"], "10");
+}

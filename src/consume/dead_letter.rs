@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
-use rdkafka::ClientContext;
 
 use super::handler::Meta;
 use super::ConsumeError;
@@ -32,9 +31,12 @@ pub const HEADER_DLQ_FAILED_AT: &str = "devour-dlq-failed-at-ms";
 /// Longest error text carried in a header.
 const MAX_ERROR_BYTES: usize = 4096;
 
-struct Context;
+#[derive(Default)]
+struct Context {
+    quiet: crate::kafka_log::Quiet,
+}
 
-impl ClientContext for Context {}
+crate::kafka_log::quiet_client_context!(Context);
 
 impl ProducerContext for Context {
     type DeliveryOpaque = Box<std::sync::mpsc::SyncSender<Result<(), String>>>;
@@ -67,7 +69,7 @@ impl DeadLetters {
             );
         }
         let producer = c
-            .create_with_context(Context)
+            .create_with_context(Context::default())
             .map_err(|e| ConsumeError::Kafka(format!("dead-letter producer: {e}")))?;
         Ok(DeadLetters {
             producer,

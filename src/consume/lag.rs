@@ -34,18 +34,18 @@ pub fn route_lag(
 
 /// Reads a route's lag again and again with one client (it never joins the group).
 pub struct LagReader {
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<crate::kafka_log::QuietContext>,
     route: ConsumerRoute,
 }
 
 impl LagReader {
     /// A reader for `route`.
     pub fn new(config: &Config, route: &ConsumerRoute) -> Result<LagReader, String> {
-        let consumer: BaseConsumer = super::consumer_config(config, route, |c| {
+        let consumer = super::consumer_config(config, route, |c| {
             c.set("group.id", &route.group)
                 .set("enable.auto.commit", "false");
         })
-        .create()
+        .create_with_context(crate::kafka_log::QuietContext::default())
         .map_err(|e| format!("creating a consumer: {e}"))?;
         Ok(LagReader {
             consumer,
@@ -60,7 +60,7 @@ impl LagReader {
 }
 
 fn lag_of(
-    consumer: &BaseConsumer,
+    consumer: &BaseConsumer<crate::kafka_log::QuietContext>,
     route: &ConsumerRoute,
     timeout: Duration,
 ) -> Result<Vec<PartitionLag>, String> {

@@ -10,7 +10,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Reb
 use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedMessage;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use rdkafka::{ClientContext, Message};
+use rdkafka::Message;
 
 use super::dead_letter::DeadLetters;
 use super::dispatch::{Dispatcher, Stats};
@@ -144,9 +144,10 @@ impl Drop for Settle<'_> {
 struct RunnerContext {
     shared: Arc<Shared>,
     route: String,
+    quiet: crate::kafka_log::Quiet,
 }
 
-impl ClientContext for RunnerContext {}
+crate::kafka_log::quiet_client_context!(RunnerContext);
 
 impl ConsumerContext for RunnerContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -418,6 +419,7 @@ fn create_consumer(
         }
     })
     .create_with_context(RunnerContext {
+        quiet: Default::default(),
         shared,
         route: route.name.clone(),
     })

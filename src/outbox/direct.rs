@@ -13,7 +13,7 @@ use crate::config::{Config, KafkaConfig};
 /// A Kafka producer that sends one message and waits for its acknowledgement.
 #[derive(Clone)]
 pub struct DirectProducer {
-    inner: FutureProducer,
+    inner: FutureProducer<crate::kafka_log::QuietContext>,
 }
 
 impl DirectProducer {
@@ -33,7 +33,7 @@ impl DirectProducer {
             cfg.set(k, v);
         }
         Ok(DirectProducer {
-            inner: cfg.create()?,
+            inner: cfg.create_with_context(Default::default())?,
         })
     }
 

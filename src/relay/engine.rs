@@ -577,12 +577,26 @@ impl Relay {
         let (tx, rx) = crossbeam_channel::unbounded::<Report>();
         let mut producer = kafka::create_producer(&self.producer_config, tx.clone())?;
         let mut limits = TopicLimits::new(&self.config.kafka)?;
+        let properties = self.config.kafka.client_properties();
         tracing::info!(
             relay = %shared.relay_id,
             database = %self.config.database.url,
-            brokers = %self.config.kafka.hosts.join(","),
+            brokers = %properties.get("bootstrap.servers").map_or("", String::as_str),
             "relay starting"
         );
+        let overridden = super::kafka::overridden_properties(&self.config.kafka);
+        if !overridden.is_empty() {
+            tracing::warn!(
+                relay = %shared.relay_id,
+                "[kafka.properties] {} does not apply to the relay's producer: per-key order relies on {}",
+                overridden.join(", "),
+                super::kafka::ORDERING_SETTINGS
+                    .iter()
+                    .map(|(k, v)| format!("{k} = {v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
 
         // Each background thread gets a connection of its own. The relay cannot go on without
         // a `vital` one: its panic stops the relay.

@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
-use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders};
@@ -73,9 +72,10 @@ pub(crate) fn is_permanent(code: RDKafkaErrorCode) -> bool {
 /// Routes delivery reports to the committer.
 pub(crate) struct RelayContext {
     reports: Sender<Report>,
+    quiet: crate::kafka_log::Quiet,
 }
 
-impl ClientContext for RelayContext {}
+crate::kafka_log::quiet_client_context!(RelayContext);
 
 impl ProducerContext for RelayContext {
     type DeliveryOpaque = Box<InFlight>;
@@ -129,8 +129,35 @@ pub(crate) fn batch_size_for_limit(limit: usize) -> usize {
     limit.saturating_sub(limit / 50 + 512).max(1)
 }
 
+/// The relay producer's settings that per-key order relies on: `[relay.producer]` may not
+/// change them (checked when the configuration loads), and those `[kafka.properties]` sets
+/// for devour's other clients do not apply to the relay.
+pub(crate) const ORDERING_SETTINGS: &[(&str, &str)] = &[
+    ("enable.idempotence", "true"),
+    ("enable.gapless.guarantee", "true"),
+    ("message.timeout.ms", "0"),
+];
+
+/// Partitioners that spread one key's messages over several partitions (their order lost).
+pub(crate) const KEY_SPREADING_PARTITIONERS: &[&str] = &["random"];
+
+/// The `[kafka.properties]` that the relay does not apply, as "name = value" (for a warning).
+pub(crate) fn overridden_properties(kafka: &KafkaConfig) -> Vec<String> {
+    ORDERING_SETTINGS
+        .iter()
+        .filter_map(|(k, v)| {
+            kafka
+                .properties
+                .get(*k)
+                .filter(|set| set.as_str() != *v)
+                .map(|set| format!("{k} = {set}"))
+        })
+        .collect()
+}
+
 /// librdkafka settings of the relay's producer, lowest precedence first: devour's defaults,
-/// then `[kafka]` (with `[kafka.properties]`), then `[relay.producer]`.
+/// then `[kafka]` (with `[kafka.properties]`), then `[relay.producer]`; the
+/// [`ORDERING_SETTINGS`] always.
 pub(crate) fn producer_config(
     kafka: &KafkaConfig,
     tuning: &BTreeMap<String, String>,
@@ -171,6 +198,9 @@ pub(crate) fn producer_config(
     for (k, v) in tuning {
         cfg.set(k, v);
     }
+    for (k, v) in ORDERING_SETTINGS {
+        cfg.set(*k, *v);
+    }
     cfg
 }
 
@@ -179,7 +209,10 @@ pub(crate) fn create_producer(
     cfg: &ClientConfig,
     reports: Sender<Report>,
 ) -> Result<RelayProducer, KafkaError> {
-    cfg.create_with_context(RelayContext { reports })
+    cfg.create_with_context(RelayContext {
+        reports,
+        quiet: Default::default(),
+    })
 }
 
 /// The Kafka headers of a row: `message-id`, `content-type`, `event`, then its `headers`.
@@ -283,7 +316,7 @@ pub(crate) fn row_size(row: &Row) -> usize {
 /// topic can never take is dead-lettered before it is sent (and so before any later row of its
 /// key).
 pub(crate) struct TopicLimits {
-    admin: AdminClient<DefaultClientContext>,
+    admin: AdminClient<crate::kafka_log::QuietContext>,
     known: HashMap<String, (Option<usize>, Instant)>,
 }
 
@@ -292,7 +325,9 @@ const LIMIT_TTL: Duration = Duration::from_secs(300);
 impl TopicLimits {
     pub(crate) fn new(kafka: &KafkaConfig) -> Result<Self, KafkaError> {
         Ok(TopicLimits {
-            admin: kafka.client_config().create()?,
+            admin: kafka
+                .client_config()
+                .create_with_context(Default::default())?,
             known: HashMap::new(),
         })
     }
@@ -335,6 +370,30 @@ impl TopicLimits {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `[kafka.properties]` set for devour's other clients do not loosen the relay's producer.
+    #[test]
+    fn the_relay_keeps_its_ordering_settings_over_kafka_properties() {
+        let config = crate::Config::from_toml_str(
+            "[kafka]\nhosts = \"a:1\"\n[kafka.properties]\n\"message.timeout.ms\" = 5000\n\
+             \"enable.gapless.guarantee\" = false\n\"linger.ms\" = 7\n",
+            crate::config::Origin::Defaults,
+            &Default::default(),
+        )
+        .unwrap();
+        let cfg = producer_config(&config.kafka, &config.relay.producer);
+        assert_eq!(cfg.get("message.timeout.ms"), Some("0"));
+        assert_eq!(cfg.get("enable.gapless.guarantee"), Some("true"));
+        assert_eq!(cfg.get("enable.idempotence"), Some("true"));
+        assert_eq!(cfg.get("linger.ms"), Some("7"), "other properties apply");
+        assert_eq!(
+            overridden_properties(&config.kafka),
+            vec![
+                "enable.gapless.guarantee = false".to_string(),
+                "message.timeout.ms = 5000".to_string()
+            ]
+        );
+    }
     use rdkafka::message::Headers as _;
 
     /// A plain-SQL writer's `headers` column cannot add a second message-id, event or

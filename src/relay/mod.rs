@@ -24,6 +24,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub use engine::RelayReport;
+pub(crate) use kafka::{KEY_SPREADING_PARTITIONERS, ORDERING_SETTINGS};
 
 use crate::config::{Config, ConfigError};
 use crate::db::DbError;

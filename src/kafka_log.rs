@@ -1,0 +1,137 @@
+//! How devour's Kafka clients report librdkafka's logs and global errors: as rdkafka's default
+//! does, except that a global error repeating while a broker is down (librdkafka reports one
+//! every few hundred milliseconds per connection) is logged once per [`REPEAT_AFTER`], with
+//! how many were held back, and that librdkafka's warning about a setting devour makes on
+//! purpose is not repeated at every start.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::error::KafkaError;
+use rdkafka::ClientContext;
+
+/// How long the same global error stays quiet after it was logged.
+pub(crate) const REPEAT_AFTER: Duration = Duration::from_secs(30);
+
+/// librdkafka warns that `enable.gapless.guarantee` is experimental: the relay relies on it.
+const DELIBERATE: &str = "enable.gapless.guarantee is experimental";
+
+/// Global errors last logged, by kind: when, and how many came since.
+#[derive(Default)]
+pub(crate) struct Quiet(Mutex<HashMap<String, (Instant, u64)>>);
+
+impl Quiet {
+    /// Logs `error` unless one of its kind was logged less than [`REPEAT_AFTER`] ago.
+    pub(crate) fn error(&self, error: &KafkaError, reason: &str) {
+        let kind = match error.rdkafka_error_code() {
+            Some(code) => format!("{code:?}"),
+            None => error.to_string(),
+        };
+        let held_back = {
+            let mut seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            match seen.get_mut(&kind) {
+                Some((at, n)) if at.elapsed() < REPEAT_AFTER => {
+                    *n += 1;
+                    return;
+                }
+                Some((at, n)) => {
+                    *at = Instant::now();
+                    std::mem::take(n)
+                }
+                None => {
+                    seen.insert(kind, (Instant::now(), 0));
+                    0
+                }
+            }
+        };
+        if held_back > 0 {
+            tracing::error!(
+                "librdkafka: {error}: {reason} ({held_back} more like it in the last {} s)",
+                REPEAT_AFTER.as_secs()
+            );
+        } else {
+            tracing::error!("librdkafka: {error}: {reason}");
+        }
+    }
+}
+
+/// rdkafka's default log, without the warning about a setting devour makes on purpose.
+pub(crate) fn log(level: RDKafkaLogLevel, fac: &str, message: &str) {
+    if message.contains(DELIBERATE) {
+        tracing::debug!(target: "librdkafka", "librdkafka: {fac} {message}");
+        return;
+    }
+    match level {
+        RDKafkaLogLevel::Emerg
+        | RDKafkaLogLevel::Alert
+        | RDKafkaLogLevel::Critical
+        | RDKafkaLogLevel::Error => {
+            tracing::error!(target: "librdkafka", "librdkafka: {fac} {message}")
+        }
+        RDKafkaLogLevel::Warning => {
+            tracing::warn!(target: "librdkafka", "librdkafka: {fac} {message}")
+        }
+        RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+            tracing::info!(target: "librdkafka", "librdkafka: {fac} {message}")
+        }
+        RDKafkaLogLevel::Debug => {
+            tracing::debug!(target: "librdkafka", "librdkafka: {fac} {message}")
+        }
+    }
+}
+
+/// A client context that only reports as above (for clients with no context of their own).
+#[derive(Default)]
+pub(crate) struct QuietContext(Quiet);
+
+impl ClientContext for QuietContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        log(level, fac, message);
+    }
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.0.error(&error, reason);
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for QuietContext {}
+
+/// Implements `ClientContext` for a context type with a `quiet: Quiet` field.
+macro_rules! quiet_client_context {
+    ($t:ty) => {
+        impl rdkafka::ClientContext for $t {
+            fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+                $crate::kafka_log::log(level, fac, message);
+            }
+            fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+                self.quiet.error(&error, reason);
+            }
+        }
+    };
+}
+pub(crate) use quiet_client_context;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::types::RDKafkaErrorCode;
+
+    #[test]
+    fn a_repeated_error_is_counted_not_logged() {
+        let q = Quiet::default();
+        let down = KafkaError::Global(RDKafkaErrorCode::AllBrokersDown);
+        let other = KafkaError::Global(RDKafkaErrorCode::BrokerTransportFailure);
+        for _ in 0..5 {
+            q.error(&down, "1/1 brokers are down");
+        }
+        q.error(&other, "connection refused");
+        let seen = q.0.lock().unwrap();
+        assert_eq!(seen.len(), 2, "one entry per kind");
+        assert_eq!(
+            seen["AllBrokersDown"].1, 4,
+            "four held back after the first"
+        );
+        assert_eq!(seen["BrokerTransportFailure"].1, 0);
+    }
+}
