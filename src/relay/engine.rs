@@ -584,6 +584,10 @@ impl Relay {
             brokers = %properties.get("bootstrap.servers").map_or("", String::as_str),
             "relay starting"
         );
+        // The counters exist from the start (at 0), so that a rate over them sees their first
+        // increase.
+        metrics::counter!(names::RELAY_DELIVERED).increment(0);
+        metrics::counter!(names::RELAY_DEAD_LETTERED).increment(0);
         let overridden = super::kafka::overridden_properties(&self.config.kafka);
         if !overridden.is_empty() {
             tracing::warn!(
