@@ -564,6 +564,12 @@ fn run(cli: Cli, registry: &crate::consume::Registry) -> Result<(), Failure> {
             let mut m = crate::outbox::OutboxMessage::new(args.topic, None);
             m.key = args.key;
             m.event = args.event;
+            if args.content_type.trim().is_empty() || args.content_type.contains(char::is_control) {
+                return Err(Failure::Usage(format!(
+                    "--content-type {:?}: expected a media type such as application/json",
+                    args.content_type
+                )));
+            }
             m.content_type = args.content_type;
             for h in &args.headers {
                 let Some((k, v)) = h.split_once('=') else {
@@ -571,7 +577,14 @@ fn run(cli: Cli, registry: &crate::consume::Registry) -> Result<(), Failure> {
                         "--header `{h}`: expected NAME=VALUE"
                     )));
                 };
-                m.headers.insert(k.to_string(), v.to_string());
+                if k.is_empty() {
+                    return Err(Failure::Usage(format!("--header `{h}`: the name is empty")));
+                }
+                if m.headers.insert(k.to_string(), v.to_string()).is_some() {
+                    return Err(Failure::Usage(format!(
+                        "--header `{k}` given twice: a message holds one value per header name"
+                    )));
+                }
             }
             // Everything but the payload is checked before stdin is read (it may be a terminal).
             m.validate(max).map_err(|e| Failure::Usage(e.to_string()))?;

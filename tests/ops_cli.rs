@@ -409,6 +409,22 @@ fn put_enqueues_a_message_that_the_relay_delivers() {
             "devour's own",
         ),
         (vec!["--header", "event=x"], Some("{}"), "devour's own"),
+        (vec!["--header", "=abc"], Some("{}"), "the name is empty"),
+        (
+            vec!["--header", "a=b", "--header", "a=c"],
+            Some("{}"),
+            "given twice",
+        ),
+        (
+            vec!["--content-type", ""],
+            Some("{}"),
+            "expected a media type",
+        ),
+        (
+            vec!["--content-type", "text/plain\nx: y"],
+            Some("{}"),
+            "expected a media type",
+        ),
         (vec![], Some(""), "stdin is empty"),
         (vec!["--tombstone"], None, "--tombstone needs --key"),
     ] {
