@@ -340,6 +340,21 @@ pub fn main_with(registry: crate::consume::Registry) -> ExitCode {
     }
 }
 
+/// `text` for one cell of a table: at most `max` characters, control characters (a payload's
+/// newlines) written as escapes, so that every row stays on one line.
+fn one_line(text: &str, max: usize) -> String {
+    text.chars()
+        .take(max)
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
+}
+
 /// Prints `rows` as JSON lines, or as a table: `header`, a line each, `(N what shown)`.
 fn print_rows<T: serde::Serialize>(
     json: bool,
@@ -510,11 +525,11 @@ fn run(cli: Cli, registry: &crate::consume::Registry) -> Result<(), Failure> {
                     "{:>8}  {:<24} {:<16} {:>8} {:>7}  {:<26} {}",
                     r.id,
                     r.topic,
-                    r.partition_key.as_deref().unwrap_or("-"),
+                    one_line(r.partition_key.as_deref().unwrap_or("-"), 64),
                     r.attempts,
                     r.payload_bytes,
                     r.failed_at,
-                    r.error.chars().take(100).collect::<String>()
+                    one_line(&r.error, 100)
                 )
             })?;
             Ok(())
@@ -661,11 +676,11 @@ fn run(cli: Cli, registry: &crate::consume::Registry) -> Result<(), Failure> {
                     "{:>8}  {:<24} {:<16} {:<8} {:>7}  {:<26} {}",
                     r.id,
                     r.topic,
-                    r.partition_key.as_deref().unwrap_or("-"),
-                    r.event.as_deref().unwrap_or("-"),
+                    one_line(r.partition_key.as_deref().unwrap_or("-"), 64),
+                    one_line(r.event.as_deref().unwrap_or("-"), 32),
                     r.payload_bytes,
                     r.created_at,
-                    r.payload_preview
+                    one_line(&r.payload_preview, 80)
                 )
             })?;
             Ok(())

@@ -310,6 +310,23 @@ fn outbox_pending_lists_rows_in_order() {
     assert_eq!(lines.len(), 1);
     assert_eq!(lines[0]["event"], "create");
     assert_eq!(lines[0]["partition_key"], "1");
+    // A payload with newlines keeps its row on one line of the table.
+    c.batch_execute(
+        "INSERT INTO devour_outbox (topic, partition_key, payload, shard) \
+         VALUES ('t', 'k', CAST('{\n  \"a\": 1\n}' AS BLOB), 0)",
+    )
+    .unwrap();
+    let (out, _) = assert_code(
+        devour(&["outbox", "pending"], &env),
+        0,
+        &["outbox", "pending"],
+    );
+    assert_eq!(
+        out.lines().count(),
+        1 + 3 + 1,
+        "header, 3 rows, count:\n{out}"
+    );
+    assert!(out.contains(r#"{\n  "a": 1\n}"#), "{out}");
 }
 
 #[test]
