@@ -748,15 +748,26 @@ pub fn relay_main() -> ExitCode {
     };
     match run() {
         Ok(report) => {
-            crate::telemetry::say(
-                false,
-                &format!(
-                    "devour-relay: delivered {} message(s), dead-lettered {}, in {:.1} s",
-                    report.delivered,
-                    report.dead_lettered,
-                    report.elapsed.as_secs_f64()
-                ),
+            let mut line = format!(
+                "devour-relay: delivered {} message(s), dead-lettered {}, in {:.1} s",
+                report.delivered,
+                report.dead_lettered,
+                report.elapsed.as_secs_f64()
             );
+            if report.abandoned > 0 {
+                line += &format!(
+                    "; {} still in flight when the stop's time ran out (they go again)",
+                    report.abandoned
+                );
+            }
+            if report.left > 0 {
+                line += &format!(
+                    "; {} row(s) left in the outbox (keys held back by a dead letter: \
+                     `devour outbox list`; or written meanwhile)",
+                    report.left
+                );
+            }
+            crate::telemetry::say(false, &line);
             ExitCode::SUCCESS
         }
         Err(e) => {

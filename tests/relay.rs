@@ -822,3 +822,19 @@ fn dropping_the_handle_stops_the_relay() {
         "the dropped relay is still registered"
     );
 }
+
+/// A drain ends with the rows a dead letter holds back (`block_key`) still in the outbox, and
+/// says how many.
+#[test]
+fn a_drain_reports_the_rows_a_dead_letter_holds_back() {
+    let db = TestDb::new(Backend::Postgres, "drain_left");
+    let topic = small_topic("drain-left");
+    let mut c = PgConnection::establish(&db.url).unwrap();
+    insert_with_a_large_one(&mut c, &topic);
+    let report = common::relay_drain(&common::config(&db, "on_dead_letter = \"block_key\""));
+    assert_eq!(
+        (report.delivered, report.dead_lettered, report.left),
+        (2, 1, 1),
+        "k1's later row is left behind its dead letter: {report:?}"
+    );
+}

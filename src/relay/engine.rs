@@ -36,6 +36,9 @@ pub struct RelayReport {
     pub passes_from_oldest: u64,
     /// Rows still in flight when a stop's time ran out (they will be delivered again).
     pub abandoned: u64,
+    /// A drain's rows left in the outbox when it ended: rows of keys held back by a dead
+    /// letter (`block_key`), or written while it ran (always 0 in follow mode).
+    pub left: u64,
     /// Commit → acknowledgement latency, 50th percentile, in ms.
     pub latency_p50_ms: u64,
     /// Commit → acknowledgement latency, 99th percentile, in ms.
@@ -678,7 +681,13 @@ impl Relay {
         if let Some(message) = panicked {
             return Err(RelayError::Panicked(message));
         }
+        let left = if self.options.mode == Mode::Drain {
+            self.reader.backlog().map_or(0, |n| n.max(0) as u64)
+        } else {
+            0
+        };
         let report = RelayReport {
+            left,
             delivered: shared.delivered.load(Ordering::Relaxed),
             dead_lettered: shared.dead_lettered.load(Ordering::Relaxed),
             restarts: counts.restarts,
