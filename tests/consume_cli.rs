@@ -618,3 +618,22 @@ fn exec_gets_partition_attempt_headers_and_timestamp() {
         );
     }
 }
+
+/// A drain of a topic that does not exist (a misspelt name) fails saying so, rather than
+/// reporting, after waiting for partitions, that it drained nothing.
+#[test]
+fn a_drain_of_a_topic_that_does_not_exist_fails() {
+    let topic = format!("consume-no-such-topic-{}", common::unique("t"));
+    let dir = setup(&format!(
+        "[consumers.show]\ntopic = \"{topic}\"\ngroup = \"{}\"\nhandler = \"print\"\n",
+        common::unique("no-topic")
+    ));
+    let (code, _, stderr) = run(dir.path(), &["consume", "show", "--drain"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "topic {topic} does not exist, so there is nothing to drain"
+        )),
+        "{stderr}"
+    );
+}

@@ -254,6 +254,17 @@ pub fn run(
     let dead_letters = Arc::new(DeadLetters::new(config, &route)?);
     let shared = Arc::new(Shared::default());
     let consumer = create_consumer(config, &route, options.drain, shared.clone())?;
+    if options.drain {
+        // Nothing to drain from a topic that does not exist: most likely a misspelt name,
+        // which a drain would otherwise report as done.
+        let missing = missing_topics(&consumer, &route);
+        if !missing.is_empty() {
+            return Err(ConsumeError::Kafka(format!(
+                "`consumers.{name}`: topic {} does not exist, so there is nothing to drain",
+                missing.join(", ")
+            )));
+        }
+    }
     let stats = Arc::new(Stats::default());
     tracing::info!(
         route = name,
@@ -424,6 +435,30 @@ fn create_consumer(
         route: route.name.clone(),
     })
     .map_err(|e| ConsumeError::Kafka(format!("creating the consumer: {e}")))
+}
+
+/// The route's topics the broker says do not exist (none when it does not answer: the run then
+/// waits for it as usual).
+fn missing_topics(consumer: &BaseConsumer<RunnerContext>, route: &ConsumerRoute) -> Vec<String> {
+    route
+        .topics
+        .iter()
+        .filter(|topic| {
+            consumer
+                .fetch_metadata(Some(topic), Duration::from_secs(10))
+                .ok()
+                .and_then(|m| {
+                    m.topics().iter().find(|t| t.name() == *topic).map(|t| {
+                        matches!(
+                            t.error(),
+                            Some(rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART)
+                        )
+                    })
+                })
+                .unwrap_or(false)
+        })
+        .cloned()
+        .collect()
 }
 
 /// `consumer_type = "simple"`: assigns every partition of the route's topics, resuming from the
