@@ -119,7 +119,7 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// `[log]`.
     pub log: LogConfig,
-    /// Deprecation warnings met while loading (also logged through `tracing`).
+    /// Warnings met while loading: deprecated keys, `DEVOUR_*` variables that are no setting.
     pub warnings: Vec<String>,
 }
 
@@ -657,7 +657,7 @@ impl Config {
         };
         apply_env_overrides(&mut table, env, &mut origins)?;
         check_unknown_keys(&table, &origins)?;
-        let mut warnings = Vec::new();
+        let mut warnings = unknown_env_warnings(env);
         let r = Reader {
             table: &table,
             origins: &origins,
@@ -1266,6 +1266,42 @@ fn apply_env_overrides(
         }
     }
     Ok(())
+}
+
+/// Warnings for `DEVOUR_*` variables that look like a setting but are none (a misspelt name,
+/// or a table that is read from the file only): they would be ignored without a word.
+fn unknown_env_warnings(env: &BTreeMap<String, String>) -> Vec<String> {
+    let known: Vec<String> = KEYS
+        .iter()
+        .filter(|(_, kind)| *kind != Kind::Table)
+        .map(|(k, _)| env_var_for(k))
+        .collect();
+    let mut warnings = Vec::new();
+    for var in env.keys().filter(|v| v.starts_with("DEVOUR_")) {
+        if var == CONFIG_ENV || var.starts_with(PROPERTY_ENV_PREFIX) || known.contains(var) {
+            continue;
+        }
+        let why = if let Some(rest) = var.strip_prefix("DEVOUR_KAFKA_PROPERTIES_") {
+            Some(format!("did you mean {PROPERTY_ENV_PREFIX}{rest}?"))
+        } else if var.starts_with("DEVOUR_RELAY_PRODUCER_") {
+            Some("[relay.producer] is read from the file only".to_string())
+        } else if var.starts_with("DEVOUR_CONSUMERS_") {
+            Some("consumer routes are read from the file only".to_string())
+        } else {
+            known
+                .iter()
+                .map(|k| (strsim::levenshtein(var, k), k))
+                .filter(|(d, _)| *d <= 2)
+                .min()
+                .map(|(_, k)| format!("did you mean {k}?"))
+        };
+        if let Some(why) = why {
+            warnings.push(format!(
+                "the environment variable {var} is not a devour setting and is ignored: {why}"
+            ));
+        }
+    }
+    warnings
 }
 
 fn suggest<'a>(unknown: &str, known: impl IntoIterator<Item = &'a str>) -> String {

@@ -824,3 +824,54 @@ fn relay_producer_settings_that_would_break_key_order_are_refused() {
     .unwrap();
     assert_eq!(c.relay.producer["linger.ms"], "10");
 }
+
+/// `DEVOUR_*` variables that look like settings but are none are named in a warning (they
+/// would be ignored silently); the scripts' own variables are not settings and pass quietly.
+#[test]
+fn environment_variables_that_are_no_setting_are_warned_about() {
+    let env: std::collections::BTreeMap<String, String> = [
+        ("DEVOUR_KAFKA_HOTS", "x"),
+        ("DEVOUR_RELAY_BATCHSIZE", "5"),
+        ("DEVOUR_KAFKA_PROPERTIES_COMPRESSION_TYPE", "zstd"),
+        ("DEVOUR_RELAY_PRODUCER_LINGER_MS", "5"),
+        ("DEVOUR_CONSUMERS_P_TOPIC", "x"),
+        ("DEVOUR_KAFKA_PORT", "19092"),
+        ("DEVOUR_PG_VERSION", "15"),
+        ("DEVOUR_TEST_PG_URL", "postgres://x"),
+        ("DEVOUR_LOG_LEVEL", "info"),
+        ("DEVOUR_KAFKA_PROPERTY_LINGER_MS", "3"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let c = Config::from_toml_str(OK, devour::config::Origin::Defaults, &env).unwrap();
+    let w = c.warnings.join("\n");
+    for (var, says) in [
+        ("DEVOUR_KAFKA_HOTS", "did you mean DEVOUR_KAFKA_HOSTS?"),
+        (
+            "DEVOUR_RELAY_BATCHSIZE",
+            "did you mean DEVOUR_RELAY_BATCH_SIZE?",
+        ),
+        (
+            "DEVOUR_KAFKA_PROPERTIES_COMPRESSION_TYPE",
+            "did you mean DEVOUR_KAFKA_PROPERTY_COMPRESSION_TYPE?",
+        ),
+        (
+            "DEVOUR_RELAY_PRODUCER_LINGER_MS",
+            "[relay.producer] is read from the file only",
+        ),
+        (
+            "DEVOUR_CONSUMERS_P_TOPIC",
+            "consumer routes are read from the file only",
+        ),
+    ] {
+        assert!(
+            w.contains(&format!(
+                "{var} is not a devour setting and is ignored: {says}"
+            )),
+            "{var}: {w}"
+        );
+    }
+    assert_eq!(c.warnings.len(), 5, "only those: {w}");
+    assert_eq!(c.kafka.properties["linger.ms"], "3");
+}
