@@ -623,6 +623,7 @@ fn bad_routes_name_the_key() {
         ("[consumers.a]\ntopic = \"t\"\ninbox = \"yes\"\n", "consumers.a.inbox", &["expected a boolean"]),
         ("[consumers.a]\ntopic = \"t\"\ninbox_batch = 20000\n", "consumers.a.inbox_batch", &["at most 10000"]),
         ("[consumers.a]\ntopic = \"t\"\ncommand = [\"x\"]\n", "consumers.a.command", &["only used by `handler = \"exec\"`"]),
+        ("[consumers.a]\ntopic = \"t\"\nhandler = \"print\"\nexec_timeout_ms = 100\n", "consumers.a.exec_timeout_ms", &["only used by `handler = \"exec\"`"]),
         ("[consumers.a]\ntopic = \"t\"\nhandler = \"exec\"\ncommand = [\"\"]\n", "consumers.a.command", &["missing"]),
         ("[consumers.a]\ntopic = \"t\"\nproperties = \"fetch.min.bytes=1\"\n", "consumers.a.properties", &["expected a table"]),
         ("[consumers.a]\ntopic = \"t\"\n[consumers.a.properties]\n\"auto.offset.reset\" = \"latest\"\n", "consumers.a.properties.auto.offset.reset", &["`start_from`"]),

@@ -209,7 +209,7 @@ pub(super) fn check_keys(t: &Table, origins: &Origins) -> Result<(), ConfigError
                 origin: origins.of(&prefix),
                 key: prefix,
                 reason: format!(
-                    "wrong type: a route is a table `[consumers.{name}]` with at least `topic` and `handler`, found {}",
+                    "wrong type: a route is a table `[consumers.{name}]` with at least `topic` (and `handler`, which defaults to the route's name), found {}",
                     value.type_str()
                 ),
             });
@@ -465,6 +465,12 @@ fn parse_route(
     } else if !command.is_empty() {
         return Err(r.err(
             &key("command"),
+            format!("is only used by `handler = \"exec\"`; this route's handler is `{handler}`"),
+        ));
+    }
+    if handler != "exec" && r.get(&key("exec_timeout_ms")).is_some() {
+        return Err(r.err(
+            &key("exec_timeout_ms"),
             format!("is only used by `handler = \"exec\"`; this route's handler is `{handler}`"),
         ));
     }
