@@ -747,11 +747,18 @@ impl Relay {
 
         while !shared.stopping() {
             if shared.restart.swap(false, Ordering::AcqRel) {
-                // A delivery failed without a verdict: let everything in flight settle, then
-                // start over from the oldest row with a fresh producer (its idempotence state
-                // may be broken).
+                // A delivery failed without a verdict, or a topic takes smaller record batches
+                // than the producer builds: let everything in flight settle, then start over
+                // from the oldest row with a fresh producer (its idempotence state may be
+                // broken; its batch.size is lowered).
                 restarts += 1;
-                tracing::warn!(relay = %shared.relay_id, "delivery failure: starting over from the oldest undelivered row");
+                let wanted = shared.wanted_batch_size.load(Ordering::Acquire);
+                let smaller = wanted < shared.batch_size.load(Ordering::Acquire);
+                if smaller {
+                    tracing::info!(relay = %shared.relay_id, "a topic takes smaller record batches (its max.message.bytes): the producer's batch.size is now {wanted} bytes, from the oldest undelivered row");
+                } else {
+                    tracing::warn!(relay = %shared.relay_id, "delivery failure: starting over from the oldest undelivered row");
+                }
                 // Within shutdown_timeout_ms, and not past a stop (which has its own bound: a
                 // stop during a broker outage must not wait here first).
                 let deadline = Instant::now() + Duration::from_millis(rc.shutdown_timeout_ms);
@@ -764,9 +771,9 @@ impl Relay {
                 if shared.stopping() {
                     continue;
                 }
+                // Read again: a refused batch may have lowered it while in-flight rows settled.
                 let wanted = shared.wanted_batch_size.load(Ordering::Acquire);
                 if wanted < shared.batch_size.load(Ordering::Acquire) {
-                    tracing::warn!(relay = %shared.relay_id, "a topic takes smaller record batches: the producer's batch.size is now {wanted} bytes");
                     self.producer_config.set("batch.size", wanted.to_string());
                     shared.batch_size.store(wanted, Ordering::Release);
                 }
@@ -1059,7 +1066,7 @@ impl Relay {
                 }
                 Err((KafkaError::MessageProduction(code), _)) if kafka::is_permanent(code) => {
                     shared.remove_in_flight([row.shard]);
-                    self.dead_letter_now(row, epoch, &format!("{code} ({code:?})"));
+                    self.dead_letter_now(row, epoch, &code.to_string());
                     return true;
                 }
                 Err((e, _)) => {
