@@ -55,16 +55,21 @@ impl std::fmt::Display for AccessError {
 
 /// Connects with `config` and asks for metadata for up to `timeout`. `Err` when librdkafka
 /// refuses the settings, or with its reason when the brokers refused the credentials or the
-/// TLS handshake; `Ok` when they answered, or did not answer at all.
+/// TLS handshake; `Ok` when they answered, or did not answer at all, or `stop` was set (the
+/// caller then stops at once rather than after the whole `timeout`).
 pub(crate) fn check_access(
     config: &rdkafka::ClientConfig,
     timeout: Duration,
+    stop: &std::sync::atomic::AtomicBool,
 ) -> Result<(), AccessError> {
     let producer: BaseProducer<Refusals> = config
         .create_with_context(Refusals::default())
         .map_err(|e| AccessError::Settings(e.to_string()))?;
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
         if producer
             .client()
             .fetch_metadata(None, Duration::from_millis(500))

@@ -365,3 +365,36 @@ fn every_command_explains_itself_with_an_example() {
         assert!(text.lines().count() > 5, "{bin} {args:?}:\n{text}");
     }
 }
+
+/// A relay still waiting for brokers that do not answer (its start-up check lasts 10 s) stops
+/// on SIGTERM without waiting the check out.
+#[test]
+fn a_relay_stops_on_sigterm_while_it_waits_for_the_brokers() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("r.db").display());
+    let mut relay = std::process::Command::new(env!("CARGO_BIN_EXE_devour-relay"))
+        .arg("--migrate")
+        .env_clear()
+        .env("DEVOUR_DATABASE_URL", &url)
+        .env("DEVOUR_KAFKA_HOSTS", "127.0.0.1:1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    common::sigterm(&relay);
+    let stopped = std::time::Instant::now();
+    let log = dir.path().join("none.log");
+    let status = common::wait_exit(
+        &mut relay,
+        std::time::Duration::from_secs(30),
+        "the relay after SIGTERM",
+        &log,
+    );
+    assert!(status.success(), "{status:?}");
+    assert!(
+        stopped.elapsed() < std::time::Duration::from_secs(5),
+        "the relay took {:?} to stop: it waited the broker check out",
+        stopped.elapsed()
+    );
+}

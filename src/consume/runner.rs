@@ -248,7 +248,7 @@ pub fn run(
             }
         }
         super::route_connection(&mut c, &route);
-        crate::broker::check_access(&c, Duration::from_secs(10))
+        crate::broker::check_access(&c, Duration::from_secs(10), &stop)
             .map_err(|e| ConsumeError::Kafka(e.to_string()))?;
     }
     let dead_letters = Arc::new(DeadLetters::new(config, &route)?);

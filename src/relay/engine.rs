@@ -528,7 +528,7 @@ impl Relay {
         // Without devour's tables every query would fail and be retried forever: say so now.
         reader.check_tables(&rc)?;
         let producer_config = super::producer_config(config);
-        crate::broker::check_access(&producer_config, ACCESS_CHECK)?;
+        crate::broker::check_access(&producer_config, ACCESS_CHECK, &stop)?;
         let batch_size = kafka::batch_size(&producer_config);
         // The name gets a suffix of this run's: two relays given one name (a deploy overlapping
         // the old process's stop, one config shared by two instances) must not share leases,
