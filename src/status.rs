@@ -19,6 +19,9 @@ pub struct Status {
     pub shards: Vec<ShardBacklog>,
     /// Dead letters.
     pub dead_letters: Backlog,
+    /// With `on_dead_letter = "block_key"`: undelivered rows of keys that have a dead letter,
+    /// per key (they wait for `devour outbox retry` or `discard`); empty otherwise.
+    pub held_back: Vec<crate::db::KeyRows>,
     /// Relays that heartbeat, with the shards they hold.
     pub relays: Vec<RelayState>,
     /// A relay whose last heartbeat is older than its own `lease_ttl_ms` (this, the status
@@ -91,6 +94,13 @@ pub fn gather(config: &Config, timeout: Duration) -> Result<Status, DbError> {
     let (topics, shards) = conn.backlog()?;
     let outbox = Backlog::of(topics);
     let dead_letters = Backlog::of(conn.dead_letters_by_topic()?);
+    let held_back = if config.relay.on_dead_letter == crate::config::DeadLetterPolicy::BlockKey
+        && dead_letters.rows > 0
+    {
+        conn.held_back()?
+    } else {
+        Vec::new()
+    };
     let relays = conn.relays()?;
     let held = conn.held_shards()?;
     // Side by side: with the broker away each read takes the whole timeout, and the status
@@ -144,6 +154,7 @@ pub fn gather(config: &Config, timeout: Duration) -> Result<Status, DbError> {
         outbox,
         shards,
         dead_letters,
+        held_back,
         relays,
         silent_after_s,
         silent,
@@ -220,6 +231,23 @@ pub fn render(s: &Status) -> String {
     );
     for t in &s.dead_letters.topics {
         let _ = writeln!(o, "  {:<32} {:>10}", t.topic, t.rows);
+    }
+    if !s.held_back.is_empty() {
+        let rows: i64 = s.held_back.iter().map(|k| k.rows).sum();
+        let keys: Vec<String> = s
+            .held_back
+            .iter()
+            .take(5)
+            .map(|k| format!("{} ({})", k.key, k.rows))
+            .collect();
+        let _ = writeln!(
+            o,
+            "  held back (block_key): {rows} row(s) of {} key(s) wait for their dead letters: {}{} \
+             (devour outbox list --key KEY; retry or discard)",
+            s.held_back.len(),
+            keys.join(", "),
+            if s.held_back.len() > 5 { ", …" } else { "" }
+        );
     }
     let silent = |r: &RelayState| s.silent.contains(&r.relay_id);
     let n_silent = s.silent.len();

@@ -195,6 +195,27 @@ fn status_counts_backlog_dead_letters_and_consumer_lag() {
     let age = s["outbox"]["oldest_age_s"].as_f64().unwrap();
     assert!((3600.0..3660.0).contains(&age), "oldest row age {age} s");
     assert_eq!(s["dead_letters"]["rows"], 1);
+    assert_eq!(
+        s["held_back"],
+        serde_json::json!([]),
+        "nothing waits under the default policy"
+    );
+    // Under block_key, k1's rows wait behind its dead letter: 5 of status-a's, 4 of status-b's.
+    let blocking = setup("[relay]\non_dead_letter = \"block_key\"\n");
+    let b = json(blocking.path(), &db, &["status", "--json"]);
+    assert_eq!(
+        b["held_back"],
+        serde_json::json!([{"key": "k1", "rows": 9}]),
+        "{b:#}"
+    );
+    let (code, table, err) = devour(blocking.path(), &db, &["status"], None);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        table.contains(
+            "held back (block_key): 9 row(s) of 1 key(s) wait for their dead letters: k1 (9)"
+        ),
+        "{table}"
+    );
     assert_eq!(s["unheld_shards"], 256, "no relay runs");
     assert_eq!(
         s["silent"],

@@ -7,6 +7,17 @@ use diesel::sql_types::{BigInt, Double, Integer, Nullable, Text};
 
 use super::{each_backend, DbConnection, DbError};
 
+/// Undelivered rows of one key.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, QueryableByName)]
+pub struct KeyRows {
+    /// The key.
+    #[diesel(sql_type = Text)]
+    pub key: String,
+    /// Its undelivered rows.
+    #[diesel(sql_type = BigInt)]
+    pub rows: i64,
+}
+
 /// Undelivered rows of one topic.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, QueryableByName)]
 pub struct TopicBacklog {
@@ -233,6 +244,17 @@ impl DbConnection {
         }
         topics.sort_by(|a, b| b.rows.cmp(&a.rows).then_with(|| a.topic.cmp(&b.topic)));
         Ok((topics, shards.into_values().collect()))
+    }
+
+    /// Undelivered rows of keys that have a dead letter, per key, most rows first (at most 1,000
+    /// keys): under `on_dead_letter = "block_key"` these rows wait until the dead letter is
+    /// retried or discarded.
+    pub fn held_back(&mut self) -> Result<Vec<KeyRows>, DbError> {
+        let q =
+            "SELECT o.partition_key AS key, CAST(count(*) AS BIGINT) AS rows FROM devour_outbox o \
+                 WHERE o.partition_key IN (SELECT d.partition_key FROM devour_dead_letters d) \
+                 GROUP BY o.partition_key ORDER BY 2 DESC, 1 LIMIT 1000";
+        Ok(each_backend!(self, c => diesel::sql_query(q).load(&mut **c)?))
     }
 
     /// Dead letters per topic (as [`TopicBacklog`]: rows and the oldest's age since it failed).

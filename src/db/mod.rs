@@ -11,7 +11,7 @@ use diesel::r2d2::{ConnectionManager, ManageConnection, Pool, PooledConnection};
 use crate::config::{DatabaseConfig, DatabaseUrl};
 
 mod admin;
-pub use admin::{DeadLetter, DeadLetters, RelayState, ShardBacklog, TopicBacklog};
+pub use admin::{DeadLetter, DeadLetters, KeyRows, RelayState, ShardBacklog, TopicBacklog};
 
 #[cfg(feature = "postgres")]
 pub mod postgres;
