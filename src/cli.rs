@@ -58,6 +58,7 @@ impl ConfigOpts {
     /// [`load`](Self::load), then one connection to the configured database.
     fn connect(&self) -> Result<(Config, crate::db::DbConnection), Failure> {
         let config = self.load()?;
+        crate::db::require_existing_file(&config.database)?;
         let conn = DbPool::connect(&config.database)?.get()?;
         Ok((config, conn))
     }
@@ -439,6 +440,8 @@ fn run(cli: Cli, registry: &crate::consume::Registry) -> Result<(), Failure> {
             }
             if args.migrate {
                 DbPool::connect(&config.database)?.migrate()?;
+            } else if config.consumers[&args.name].inbox {
+                crate::db::require_existing_file(&config.database)?;
             }
             let mut config = config;
             if let Some(a) = args.metrics_listen {
@@ -632,6 +635,7 @@ fn run(cli: Cli, registry: &crate::consume::Registry) -> Result<(), Failure> {
                 }
                 m.payload = Some(buf);
             }
+            crate::db::require_existing_file(&config.database)?;
             let mut conn = DbPool::connect(&config.database)?.get()?;
             let ids = crate::db::each_backend!(&mut conn, c => crate::outbox::write_messages(&mut **c, std::slice::from_ref(&m), max))
                 .map_err(|e| match e {
@@ -646,6 +650,7 @@ fn run(cli: Cli, registry: &crate::consume::Registry) -> Result<(), Failure> {
         }
         Command::Status(args) => {
             let config = args.config.load()?;
+            crate::db::require_existing_file(&config.database)?;
             let status = crate::status::gather(&config, Duration::from_millis(args.timeout_ms))?;
             let mut out = std::io::stdout().lock();
             if args.json {

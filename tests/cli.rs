@@ -133,10 +133,10 @@ fn a_command_on_a_database_without_devour_s_tables_hints_at_devour_migrate() {
     let hosts = common::kafka_hosts();
     for i in 0..3 {
         let dir = tempfile::tempdir().unwrap();
-        let url = format!(
-            "sqlite://{}",
-            dir.path().join(format!("bare{i}.db")).display()
-        );
+        // An empty file: a SQLite database without tables.
+        let path = dir.path().join(format!("bare{i}.db"));
+        std::fs::write(&path, b"").unwrap();
+        let url = format!("sqlite://{}", path.display());
         let env = [
             ("DEVOUR_DATABASE_URL", url.as_str()),
             ("DEVOUR_KAFKA_HOSTS", hosts.as_str()),
@@ -145,6 +145,29 @@ fn a_command_on_a_database_without_devour_s_tables_hints_at_devour_migrate() {
         assert!(err.contains("run `devour migrate`"), "{err}");
         assert!(!err.contains("database is locked"), "{err}");
     }
+    // A file that is not there is not created by a command that only reads or writes rows.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("typo.db");
+    let url = format!("sqlite://{}", path.display());
+    let env = [
+        ("DEVOUR_DATABASE_URL", url.as_str()),
+        ("DEVOUR_KAFKA_HOSTS", hosts.as_str()),
+    ];
+    for args in [&["status"][..], &["outbox", "pending"], &["outbox", "list"]] {
+        let (_, err) = assert_code(devour(args, &env), 1, args);
+        assert!(
+            err.contains("the file does not exist; `devour migrate` (or --migrate) creates it"),
+            "{err}"
+        );
+        assert!(!path.exists(), "{args:?} created {}", path.display());
+    }
+    let relay = env!("CARGO_BIN_EXE_devour-relay");
+    let (_, err) = assert_code(run(relay, &["--drain"], &env), 2, &["(relay) --drain"]);
+    assert!(
+        err.contains("does not exist") && err.contains("devour migrate"),
+        "{err}"
+    );
+    assert!(!path.exists(), "the relay created {}", path.display());
 }
 
 /// Short commands exit cleanly: a pool that opened connections on a thread of its own could
@@ -240,7 +263,7 @@ fn a_database_that_refuses_fails_the_command_at_once() {
         ),
         (
             "sqlite:///devour-no-such-dir/x.db",
-            "the directory /devour-no-such-dir does not exist",
+            "the file does not exist",
         ),
     ];
     for (url, says) in cases {

@@ -158,6 +158,24 @@ pub(crate) fn query_is_retriable(e: &diesel::result::Error) -> bool {
     }
 }
 
+/// Fails when `config` names a SQLite file that does not exist: opening it would create an
+/// empty one (a misspelt path left behind), where only migrations should create it.
+pub fn require_existing_file(config: &DatabaseConfig) -> Result<(), DbError> {
+    #[cfg(feature = "sqlite")]
+    if let DatabaseUrl::Sqlite(path) = &config.url {
+        let special = path == ":memory:" || path.starts_with("file:");
+        if !special && !std::path::Path::new(path).exists() {
+            return Err(DbError::Connect {
+                url: config.url.redacted(),
+                reason: "the file does not exist; `devour migrate` (or --migrate) creates it"
+                    .into(),
+            });
+        }
+    }
+    let _ = config;
+    Ok(())
+}
+
 /// A pool of connections to the configured database.
 #[derive(Clone)]
 #[non_exhaustive]

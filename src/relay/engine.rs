@@ -524,6 +524,15 @@ impl Relay {
         wake: Arc<Wake>,
     ) -> Result<Relay, RelayError> {
         let rc = config.relay.clone();
+        // Opening a SQLite file that is not there would create an empty one.
+        if crate::db::require_existing_file(&config.database).is_err() {
+            return Err(RelayError::Schema {
+                missing: format!(
+                    "table devour_outbox (the SQLite file {} does not exist)",
+                    config.database.url
+                ),
+            });
+        }
         let mut reader = Store::open(config)?;
         // Without devour's tables every query would fail and be retried forever: say so now.
         reader.check_tables(&rc)?;
