@@ -1018,12 +1018,11 @@ impl Config {
         if let Some(t) = k.socket_timeout_ms {
             kt.insert("socket_timeout_ms".into(), i64::from(t).into());
         }
-        if let Some(t) = k.offsets_channel_socket_timeout_ms {
-            kt.insert(
-                "offsets_channel_socket_timeout_ms".into(),
-                i64::from(t).into(),
-            );
-        }
+        // Its default is devour's (socket_timeout_ms's is librdkafka's, shown only when set).
+        kt.insert(
+            "offsets_channel_socket_timeout_ms".into(),
+            (k.offsets_timeout().as_millis() as i64).into(),
+        );
         if let Some(a) = k.source_address {
             kt.insert("source_address".into(), a.to_string().into());
         }
@@ -1657,6 +1656,21 @@ mod tests {
             );
         }
         assert!(shown.contains("\"client.rack\" = \"r1\""), "{shown}");
+    }
+
+    /// `config check` shows the defaults devour applies, not only what was set.
+    #[test]
+    fn config_check_shows_devour_s_own_defaults() {
+        let c = Config::from_toml_str("[kafka]\nhosts = \"a:1\"\n", Origin::Defaults, &env(&[]))
+            .unwrap();
+        let shown = c.to_redacted_toml();
+        for line in [
+            "offsets_channel_socket_timeout_ms = 5000",
+            "pool_size = 10",
+            "exclude_internal_topics = true",
+        ] {
+            assert!(shown.contains(line), "{line} missing:\n{shown}");
+        }
     }
 
     #[test]
