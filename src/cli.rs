@@ -33,8 +33,10 @@ pub struct Cli {
 /// Where the configuration comes from; flattened into every subcommand.
 #[derive(Debug, Clone, Args)]
 pub struct ConfigOpts {
-    /// Path of devour.toml (default: ./devour.toml; keys can be overridden by DEVOUR_* variables).
-    #[arg(long = "config", short = 'c', env = CONFIG_ENV, global = true, value_name = "PATH")]
+    /// Path of devour.toml (default: $DEVOUR_CONFIG, else ./devour.toml; keys can be
+    /// overridden by DEVOUR_* variables).
+    // DEVOUR_CONFIG is read when the configuration loads, where an empty one counts as unset.
+    #[arg(long = "config", short = 'c', global = true, value_name = "PATH")]
     pub config: Option<PathBuf>,
 }
 

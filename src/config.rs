@@ -1152,7 +1152,7 @@ fn read_config_file(path: &Path) -> Result<String, ConfigError> {
     let bytes = std::fs::read(path).map_err(|e| ConfigError::File {
         origin: origin.clone(),
         reason: if e.kind() == std::io::ErrorKind::NotFound {
-            format!("cannot read the configuration file: it does not exist (set {CONFIG_ENV} to its path)")
+            format!("cannot read the configuration file: it does not exist (named by --config or {CONFIG_ENV})")
         } else {
             format!("cannot read the configuration file: {e}")
         },

@@ -876,3 +876,35 @@ fn environment_variables_that_are_no_setting_are_warned_about() {
     assert_eq!(c.warnings.len(), 5, "only those: {w}");
     assert_eq!(c.kafka.properties["linger.ms"], "3");
 }
+
+/// An empty DEVOUR_CONFIG counts as unset; a configuration file named but missing says where
+/// its name came from.
+#[test]
+fn devour_config_empty_is_unset_and_a_missing_file_is_named() {
+    let (code, out, err) = devour(
+        &["config", "check"],
+        &[
+            ("DEVOUR_CONFIG", ""),
+            ("DEVOUR_KAFKA_HOSTS", "127.0.0.1:9092"),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("127.0.0.1:9092"), "{out}");
+    for (args, env) in [
+        (
+            &["config", "check", "--config", "/devour-missing.toml"][..],
+            &[][..],
+        ),
+        (
+            &["config", "check"][..],
+            &[("DEVOUR_CONFIG", "/devour-missing.toml")][..],
+        ),
+    ] {
+        let (code, _, err) = devour(args, env);
+        assert_eq!(code, 2, "{err}");
+        assert!(
+            err.contains("/devour-missing.toml: cannot read the configuration file: it does not exist (named by --config or DEVOUR_CONFIG)"),
+            "{err}"
+        );
+    }
+}
