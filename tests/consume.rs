@@ -912,20 +912,8 @@ fn dead_letters_go_through_the_route_s_own_connection_settings() {
 fn an_inbox_consumer_the_server_allows_too_few_connections_fails_at_start() {
     let db = TestDb::new(Backend::Postgres, "consume_conn_limit");
     let topic = create_topic("consume-conn-limit", 3);
-    let mut c = PgConnection::establish(&db.url).unwrap();
-    let role = format!("devour_consume_limited_{}", std::process::id());
-    c.batch_execute(&format!(
-        "CREATE ROLE {role} LOGIN PASSWORD 'limited' CONNECTION LIMIT 2; \
-         GRANT ALL ON ALL TABLES IN SCHEMA public TO {role};"
-    ))
-    .unwrap();
-    let url = db
-        .url
-        .replacen("postgres:postgres@", &format!("{role}:limited@"), 1);
-    assert_ne!(
-        url, db.url,
-        "the test database URL has the expected credentials"
-    );
+    let limited = common::LimitedRole::new(&db, 2);
+    let url = &limited.url;
     let cfg = devour::Config::from_toml_str(
         &format!(
             "[database]\nurl = \"{url}\"\nconnect_timeout_ms = 2000\n[kafka]\nhosts = \"{}\"\n{}",
@@ -944,8 +932,7 @@ fn an_inbox_consumer_the_server_allows_too_few_connections_fails_at_start() {
         devour::consume::RunOptions::drain(),
         Arc::new(AtomicBool::new(false)),
     );
-    c.batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}"))
-        .unwrap();
+    drop(limited);
     let err = result.expect_err("4 connections at once, the role allows 2");
     assert!(
         err.to_string()

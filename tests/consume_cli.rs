@@ -320,20 +320,11 @@ fn exec_passes_binary_keys_in_base64_and_a_timeout_kills_the_whole_group() {
 
 /// Waits up to 60 s for `child` (its stderr piped, read after); kills it and fails past that.
 fn bounded_wait(child: &mut std::process::Child, what: &str) -> std::process::ExitStatus {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            let mut stderr = String::new();
-            let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr);
-            panic!("{what} did not exit within 60 s\n{stderr}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::exit_within(child, Duration::from_secs(60)).unwrap_or_else(|| {
+        let mut stderr = String::new();
+        let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr);
+        panic!("{what} did not exit within 60 s\n{stderr}");
+    })
 }
 
 #[test]

@@ -595,20 +595,8 @@ fn a_relay_that_fails_at_start_leaves_no_lease_holder_behind() {
     let mut c = PgConnection::establish(&db.url).unwrap();
     // A role allowed three connections: the reader, the committer and the lease keeper; the
     // backlog counter (metrics on) is refused.
-    let role = format!("devour_limited_{}", std::process::id());
-    c.batch_execute(&format!(
-        "CREATE ROLE {role} LOGIN PASSWORD 'limited' CONNECTION LIMIT 3; \
-         GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}; \
-         GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role};"
-    ))
-    .unwrap();
-    let url = db
-        .url
-        .replacen("postgres:postgres@", &format!("{role}:limited@"), 1);
-    assert_ne!(
-        url, db.url,
-        "the test database URL has the expected credentials"
-    );
+    let limited = common::LimitedRole::new(&db, 3);
+    let url = &limited.url;
     let config = devour::Config::from_toml_str(
         &format!(
             "[database]\nurl = \"{url}\"\n[kafka]\nhosts = \"{}\"\n[relay]\nlease_ttl_ms = 3000\n\
@@ -654,8 +642,7 @@ fn a_relay_that_fails_at_start_leaves_no_lease_holder_behind() {
             break;
         }
     }
-    c.batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}"))
-        .unwrap();
+    drop(limited);
     assert_eq!(failure, None);
     assert!(
         claimed,

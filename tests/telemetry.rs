@@ -80,18 +80,8 @@ fn spawn(bin: &str, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Child {
 
 fn stop(mut child: Child) -> String {
     common::sigterm(&child);
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("the process did not exit within 60 s of SIGTERM");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = common::exit_within(&mut child, Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("the process did not exit within 60 s of SIGTERM"));
     let mut err = String::new();
     child
         .stderr

@@ -847,6 +847,25 @@ pub fn log_tail(log: &std::path::Path) -> String {
     )
 }
 
+/// Waits up to `limit` for `child` to exit; past that, kills it and returns `None`.
+pub fn exit_within(
+    child: &mut std::process::Child,
+    limit: Duration,
+) -> Option<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Waits up to `limit` for `child` to exit; past that, kills it and fails, showing `log`.
 pub fn wait_exit(
     child: &mut std::process::Child,
@@ -854,18 +873,8 @@ pub fn wait_exit(
     what: &str,
     log: &std::path::Path,
 ) -> std::process::ExitStatus {
-    let deadline = std::time::Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{what} did not exit within {limit:?}\n{}", log_tail(log));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    exit_within(child, limit)
+        .unwrap_or_else(|| panic!("{what} did not exit within {limit:?}\n{}", log_tail(log)))
 }
 
 /// Sends SIGTERM to `child`, failing if it cannot be sent.
@@ -875,4 +884,50 @@ pub fn sigterm(child: &std::process::Child) {
         .status()
         .unwrap();
     assert!(status.success(), "kill -TERM {}: {status:?}", child.id());
+}
+
+/// A PostgreSQL role on `db` allowed `limit` connections at once, with rights on devour's
+/// tables; dropped with this value.
+pub struct LimitedRole {
+    admin_url: String,
+    pub role: String,
+    /// `db`'s URL, logging in as the role.
+    pub url: String,
+}
+
+impl LimitedRole {
+    pub fn new(db: &TestDb, limit: u32) -> LimitedRole {
+        use diesel::connection::SimpleConnection;
+        use diesel::Connection;
+        let role = unique("devour_limited");
+        let mut c = diesel::PgConnection::establish(&db.url).unwrap();
+        c.batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN PASSWORD 'limited' CONNECTION LIMIT {limit}; \
+             GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}; \
+             GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role};"
+        ))
+        .unwrap();
+        let url = db
+            .url
+            .replacen("postgres:postgres@", &format!("{role}:limited@"), 1);
+        assert_ne!(
+            url, db.url,
+            "the test database URL has the expected credentials"
+        );
+        LimitedRole {
+            admin_url: db.url.clone(),
+            role,
+            url,
+        }
+    }
+}
+
+impl Drop for LimitedRole {
+    fn drop(&mut self) {
+        use diesel::connection::SimpleConnection;
+        use diesel::Connection;
+        if let Ok(mut c) = diesel::PgConnection::establish(&self.admin_url) {
+            let _ = c.batch_execute(&format!("DROP OWNED BY {0}; DROP ROLE {0}", self.role));
+        }
+    }
 }
