@@ -628,3 +628,34 @@ fn a_drain_of_a_topic_that_does_not_exist_fails() {
         "{stderr}"
     );
 }
+
+/// A message whose own metadata no process can take (a NUL byte in a header) goes to the
+/// dead-letter topic; the consumer goes on with the next one.
+#[test]
+fn an_exec_message_whose_metadata_cannot_be_passed_is_dead_lettered() {
+    let topic = create_topic("consume-exec-nul", 1);
+    produce(
+        &topic,
+        &[
+            Out {
+                headers: vec![("event", "bad\0event")],
+                ..Out::seq("a", 0)
+            },
+            Out::seq("b", 1),
+        ],
+    );
+    let dir = setup(&format!(
+        "[consumers.run]\ntopic = \"{topic}\"\ngroup = \"{}\"\nhandler = \"exec\"\n\
+         command = [\"sh\", \"-c\", \"cat >> out.txt; echo >> out.txt\"]\n",
+        common::unique("exec-nul")
+    ));
+    let (code, _, stderr) = run(dir.path(), &["consume", "run", "--drain"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("1 processed, 1 dead-lettered"), "{stderr}");
+    assert!(
+        stderr.contains("metadata cannot be passed to a process"),
+        "{stderr}"
+    );
+    let out = std::fs::read_to_string(dir.path().join("out.txt")).unwrap();
+    assert_eq!(out, "{\"seq\":1,\"key\":\"b\"}\n");
+}

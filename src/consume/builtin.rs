@@ -110,8 +110,9 @@ pub const EXEC_GIVE_UP_STATUS: i32 = 65;
 /// `DEVOUR_ATTEMPT`, `DEVOUR_HEADERS` (a JSON object) and `DEVOUR_TOMBSTONE` (`1` or `0`).
 /// Exit 0 = done; exit 65 = give up (dead letter now); any other status, a signal, or running
 /// longer than `exec_timeout_ms` = an error, retried. A command that cannot be started (it or
-/// its interpreter is missing) stops the consumer, its message unfinished, rather than sending
-/// every message to the dead-letter topic. The command runs in a process group of its own,
+/// its interpreter is missing or not executable) stops the consumer, its message unfinished,
+/// rather than sending every message to the dead-letter topic; a message whose metadata no
+/// process can take (a NUL byte in a header) goes to the dead-letter topic. The command runs in a process group of its own,
 /// which a timeout kills whole, as does a second SIGINT/SIGTERM that ends the consumer.
 /// The command's stdout and stderr are the consumer's; it inherits the consumer's environment
 /// without devour's own `DEVOUR_*` variables (they may hold secrets).
@@ -228,6 +229,25 @@ fn finish_feeder(feeder: std::thread::JoinHandle<()>) {
     }
 }
 
+impl Exec {
+    /// What a failure to start the command means. The program or its interpreter missing or
+    /// not executable: no message would get through, so the consumer stops rather than
+    /// dead-letter them all. This message's own metadata that no process can take (a NUL byte
+    /// in a header, an environment over the system's limit): it goes to the dead-letter topic.
+    /// Anything else (no processes left, the file being replaced): retried.
+    fn spawn_failed(&self, e: std::io::Error) -> DigestError {
+        use std::io::ErrorKind as K;
+        let why = format!("cannot start `{}`: {e}", self.program);
+        match e.kind() {
+            K::NotFound | K::PermissionDenied => DigestError::stop(why),
+            K::InvalidInput | K::ArgumentListTooLong => DigestError::give_up(format!(
+                "{why} (this message's metadata cannot be passed to a process)"
+            )),
+            _ => DigestError::retry(why),
+        }
+    }
+}
+
 impl Consumer for Exec {
     type Message = Value;
     const DUMPS: &'static [Dump] = &[Dump::Raw, Dump::Json];
@@ -288,10 +308,8 @@ impl Consumer for Exec {
             )
             .stdin(Stdio::piped())
             .spawn()
-            // It (or its interpreter) is gone, or the system cannot start processes: no
-            // message would get through, so stop rather than dead-letter them all.
-            .map_err(|e| DigestError::stop(format!("cannot start `{}`: {e}", self.program)))?;
-        let _running = Running::register(&child);
+            .map_err(|e| self.spawn_failed(e))?;
+        let running = Running::register(&child);
         // Feed stdin from a thread: a command that does not read it must not block us.
         let mut stdin = child.stdin.take().expect("stdin is piped");
         let feeder = std::thread::spawn(move || {
@@ -306,6 +324,7 @@ impl Consumer for Exec {
                 Ok(None) if started.elapsed() >= self.timeout => {
                     kill_group(&mut child);
                     let _ = child.wait();
+                    drop(running);
                     finish_feeder(feeder);
                     return Err(DigestError::retry(format!(
                         "`{}` ran longer than exec_timeout_ms ({} ms) and was killed",
@@ -320,6 +339,8 @@ impl Consumer for Exec {
                 Err(e) => return Err(DigestError::retry(e)),
             }
         };
+        // Reaped: its process group id may be reused from now on.
+        drop(running);
         finish_feeder(feeder);
         match status.code() {
             Some(0) => Ok(()),
