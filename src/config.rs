@@ -882,24 +882,10 @@ impl Config {
         }
         relay.producer = r.properties("relay.producer")?;
         for (name, value) in &relay.producer {
-            let fixed = crate::relay::ORDERING_SETTINGS
-                .iter()
-                .find(|(k, _)| k == name);
-            if let Some((_, want)) = fixed.filter(|(_, want)| value != want) {
+            if let Some(why) = crate::relay::ordering_conflict(name, value) {
                 return Err(r.err(
                     &format!("relay.producer.{name}"),
-                    format!("per-key order relies on {name} = {want}; remove this setting"),
-                ));
-            }
-            if name == "partitioner"
-                && crate::relay::KEY_SPREADING_PARTITIONERS.contains(&value.as_str())
-            {
-                return Err(r.err(
-                    "relay.producer.partitioner",
-                    format!(
-                        "`{value}` spreads one key's messages over several partitions, losing their order; \
-                         use a key-hashing partitioner such as murmur2_random (the default)"
-                    ),
+                    format!("{why}; remove this setting"),
                 ));
             }
         }

@@ -799,6 +799,7 @@ fn config_check_survives_a_non_utf8_environment_variable() {
 fn relay_producer_settings_that_would_break_key_order_are_refused() {
     for (name, value) in [
         ("message.timeout.ms", "5000"),
+        ("delivery.timeout.ms", "5000"),
         ("enable.gapless.guarantee", "false"),
         ("enable.idempotence", "false"),
     ] {

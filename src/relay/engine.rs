@@ -604,7 +604,7 @@ impl Relay {
         if !overridden.is_empty() {
             tracing::warn!(
                 relay = %shared.relay_id,
-                "[kafka.properties] {} does not apply to the relay's producer: per-key order relies on {}",
+                "[kafka.properties] {} does not apply to the relay's producer: per-key order relies on {} and a key-hashing partitioner",
                 overridden.join(", "),
                 super::kafka::ORDERING_SETTINGS
                     .iter()

@@ -138,20 +138,36 @@ pub(crate) const ORDERING_SETTINGS: &[(&str, &str)] = &[
     ("message.timeout.ms", "0"),
 ];
 
+/// Other names librdkafka takes for an ordering setting.
+const ALIASES: &[(&str, &str)] = &[("delivery.timeout.ms", "message.timeout.ms")];
+
 /// Partitioners that spread one key's messages over several partitions (their order lost).
-pub(crate) const KEY_SPREADING_PARTITIONERS: &[&str] = &["random"];
+const KEY_SPREADING_PARTITIONERS: &[&str] = &["random"];
+
+/// Why producer property `name` = `value` would break per-key order, if it would.
+pub(crate) fn ordering_conflict(name: &str, value: &str) -> Option<String> {
+    let canonical = ALIASES
+        .iter()
+        .find(|(alias, _)| *alias == name)
+        .map_or(name, |(_, c)| *c);
+    if let Some((_, want)) = ORDERING_SETTINGS.iter().find(|(k, _)| *k == canonical) {
+        return (value != *want).then(|| format!("per-key order relies on {canonical} = {want}"));
+    }
+    (name == "partitioner" && KEY_SPREADING_PARTITIONERS.contains(&value)).then(|| {
+        format!(
+            "`{value}` spreads one key's messages over several partitions, losing their order; \
+             use a key-hashing partitioner such as murmur2_random (the default)"
+        )
+    })
+}
 
 /// The `[kafka.properties]` that the relay does not apply, as "name = value" (for a warning).
 pub(crate) fn overridden_properties(kafka: &KafkaConfig) -> Vec<String> {
-    ORDERING_SETTINGS
+    kafka
+        .properties
         .iter()
-        .filter_map(|(k, v)| {
-            kafka
-                .properties
-                .get(*k)
-                .filter(|set| set.as_str() != *v)
-                .map(|set| format!("{k} = {set}"))
-        })
+        .filter(|(k, v)| ordering_conflict(k, v).is_some())
+        .map(|(k, v)| format!("{k} = {v}"))
         .collect()
 }
 
@@ -198,8 +214,17 @@ pub(crate) fn producer_config(
     for (k, v) in tuning {
         cfg.set(k, v);
     }
+    for (alias, _) in ALIASES {
+        cfg.remove(alias);
+    }
     for (k, v) in ORDERING_SETTINGS {
         cfg.set(*k, *v);
+    }
+    if cfg
+        .get("partitioner")
+        .is_some_and(|p| ordering_conflict("partitioner", p).is_some())
+    {
+        cfg.set("partitioner", "murmur2_random");
     }
     cfg
 }
@@ -376,6 +401,7 @@ mod tests {
     fn the_relay_keeps_its_ordering_settings_over_kafka_properties() {
         let config = crate::Config::from_toml_str(
             "[kafka]\nhosts = \"a:1\"\n[kafka.properties]\n\"message.timeout.ms\" = 5000\n\
+             \"delivery.timeout.ms\" = 9000\n\"partitioner\" = \"random\"\n\
              \"enable.gapless.guarantee\" = false\n\"linger.ms\" = 7\n",
             crate::config::Origin::Defaults,
             &Default::default(),
@@ -383,14 +409,22 @@ mod tests {
         .unwrap();
         let cfg = producer_config(&config.kafka, &config.relay.producer);
         assert_eq!(cfg.get("message.timeout.ms"), Some("0"));
+        assert_eq!(
+            cfg.get("delivery.timeout.ms"),
+            None,
+            "its alias is left out"
+        );
+        assert_eq!(cfg.get("partitioner"), Some("murmur2_random"));
         assert_eq!(cfg.get("enable.gapless.guarantee"), Some("true"));
         assert_eq!(cfg.get("enable.idempotence"), Some("true"));
         assert_eq!(cfg.get("linger.ms"), Some("7"), "other properties apply");
         assert_eq!(
             overridden_properties(&config.kafka),
             vec![
+                "delivery.timeout.ms = 9000".to_string(),
                 "enable.gapless.guarantee = false".to_string(),
-                "message.timeout.ms = 5000".to_string()
+                "message.timeout.ms = 5000".to_string(),
+                "partitioner = random".to_string(),
             ]
         );
     }

@@ -24,7 +24,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub use engine::RelayReport;
-pub(crate) use kafka::{KEY_SPREADING_PARTITIONERS, ORDERING_SETTINGS};
+pub(crate) use kafka::ordering_conflict;
 
 use crate::config::{Config, ConfigError};
 use crate::db::DbError;
