@@ -105,25 +105,32 @@ fn outbox_to_relay_to_consume_sqlite() {
 
 #[test]
 fn a_handler_failing_three_times_then_succeeding_commits_only_after() {
-    failing_three_times_then_succeeding("");
+    failing_three_times_then_succeeding("", 10);
 }
 
 #[test]
 fn a_handler_failing_three_times_then_succeeding_commits_only_after_with_workers() {
-    failing_three_times_then_succeeding("concurrency = 2");
+    failing_three_times_then_succeeding("concurrency = 2", 10);
+}
+
+/// As above with workers, when more messages wait than the worker's queue holds: the poll
+/// thread, blocked handing it the next one, still stores what was finished.
+#[test]
+fn a_handler_failing_three_times_then_succeeding_commits_only_after_with_a_full_worker_queue() {
+    failing_three_times_then_succeeding("concurrency = 2", 2_000);
 }
 
 #[test]
 fn a_handler_failing_three_times_then_succeeding_commits_only_after_with_an_inbox() {
-    failing_three_times_then_succeeding("inbox = true");
+    failing_three_times_then_succeeding("inbox = true", 10);
 }
 
-/// Message 4 of 10 (one partition) fails three times: it is retried, the messages after it
+/// Message 4 of `n` (one partition) fails three times: it is retried, the messages after it
 /// wait, the ones before it are committed meanwhile, and nothing from it on until it succeeds.
-fn failing_three_times_then_succeeding(extra: &str) {
+fn failing_three_times_then_succeeding(extra: &str, n: i64) {
     let db = TestDb::new(Backend::Sqlite, "consume_retry");
     let topic = create_topic("consume-retry", 1);
-    produce_seqs(&topic, 10, 1);
+    produce_seqs(&topic, n, 1);
     let name = "retry";
     let r = route(
         name,
@@ -185,7 +192,7 @@ fn failing_three_times_then_succeeding(extra: &str) {
     );
     assert_eq!(
         (report.processed, report.retries, report.dead_lettered),
-        (10, 3, 0),
+        (n as u64, 3, 0),
         "{report:?}"
     );
     // Offsets are per-partition watermarks: while offset 4 was failing, nothing at or past it
@@ -215,10 +222,10 @@ fn failing_three_times_then_succeeding(extra: &str) {
         .collect();
     assert_partition_order(&firsts);
     let order: Vec<i64> = firsts.iter().map(Seen::seq).collect();
-    assert_eq!(order, (0..10).collect::<Vec<_>>());
+    assert_eq!(order, (0..n).collect::<Vec<_>>());
     assert_eq!(
         committed(&offsets_reader(&group), &topic, 1),
-        vec![10],
+        vec![n],
         "all committed after success"
     );
 }

@@ -722,7 +722,24 @@ impl<'a> LoopState<'a> {
                 break;
             }
             *self.shared.in_flight.lock().expect("in-flight lock") += 1;
-            if senders[worker].send(m.detach()).is_err() {
+            let mut message = m.detach();
+            let sent = loop {
+                match senders[worker].send_timeout(message, STORE_EVERY) {
+                    Ok(()) => break true,
+                    Err(crossbeam_channel::SendTimeoutError::Timeout(back)) => {
+                        // The worker's queue is full (it is waiting out a message's retries):
+                        // what the workers finished meanwhile is stored all the same.
+                        message = back;
+                        self.shared.store(self.consumer);
+                        self.last_store = Instant::now();
+                        if workers[worker].is_finished() {
+                            break false;
+                        }
+                    }
+                    Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => break false,
+                }
+            };
+            if !sent {
                 self.shared.finished(1);
                 break;
             }
