@@ -217,8 +217,14 @@ impl DbPool {
             DatabaseUrl::Postgres(url) => {
                 let manager = ConnectionManager::new(postgres::with_client_timeouts(url));
                 // Once, outside the pool: r2d2 would try again until the timeout, logging each
-                // refusal, where a wrong password or database never goes away.
-                drop(manager.connect().map_err(|e| err(e.to_string()))?);
+                // refusal, where a wrong password or database never goes away. A server that
+                // is not up yet (refused, starting up, too many clients) is waited for.
+                if let Err(e) = manager.connect() {
+                    let reason = e.to_string();
+                    if postgres::refused_for_good(&reason) {
+                        return Err(err(reason));
+                    }
+                }
                 let pool = Pool::builder()
                     .max_size(config.pool_size)
                     .min_idle(Some(0))

@@ -132,3 +132,19 @@ mod tests {
         );
     }
 }
+
+/// Whether a connection error is one that trying again will not mend: the server answered and
+/// refused these credentials, this database or this client.
+pub(crate) fn refused_for_good(reason: &str) -> bool {
+    [
+        "password authentication failed",
+        "authentication failed for user",
+        "no pg_hba.conf entry",
+        "does not exist",
+        "invalid connection option",
+        "invalid URI",
+        "is not permitted to log in",
+    ]
+    .iter()
+    .any(|s| reason.contains(s))
+}
