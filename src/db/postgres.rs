@@ -110,6 +110,22 @@ macro_rules! __model_store_postgres {
     };
 }
 
+/// Whether a connection error is one that trying again will not mend: the server answered and
+/// refused these credentials, this database or this client.
+pub(crate) fn refused_for_good(reason: &str) -> bool {
+    [
+        "password authentication failed",
+        "authentication failed for user",
+        "no pg_hba.conf entry",
+        "does not exist",
+        "invalid connection option",
+        "invalid URI",
+        "is not permitted to log in",
+    ]
+    .iter()
+    .any(|s| reason.contains(s))
+}
+
 #[cfg(test)]
 mod tests {
     use super::with_client_timeouts;
@@ -131,20 +147,4 @@ mod tests {
              &keepalives_count=3&tcp_user_timeout=30000"
         );
     }
-}
-
-/// Whether a connection error is one that trying again will not mend: the server answered and
-/// refused these credentials, this database or this client.
-pub(crate) fn refused_for_good(reason: &str) -> bool {
-    [
-        "password authentication failed",
-        "authentication failed for user",
-        "no pg_hba.conf entry",
-        "does not exist",
-        "invalid connection option",
-        "invalid URI",
-        "is not permitted to log in",
-    ]
-    .iter()
-    .any(|s| reason.contains(s))
 }
