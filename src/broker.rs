@@ -16,6 +16,10 @@ use rdkafka::ClientContext;
 struct Refusals(Mutex<Option<String>>);
 
 impl ClientContext for Refusals {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        crate::kafka_log::log(level, fac, message);
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         let refused = matches!(
             error.rdkafka_error_code(),
