@@ -254,7 +254,7 @@ pub fn run(
     let dead_letters = Arc::new(DeadLetters::new(config, &route)?);
     let shared = Arc::new(Shared::default());
     let consumer = create_consumer(config, &route, options.drain, shared.clone())?;
-    if options.drain {
+    if options.drain && !stop.load(Ordering::Relaxed) {
         // Nothing to drain from a topic that does not exist: most likely a misspelt name,
         // which a drain would otherwise report as done.
         let missing = missing_topics(&consumer, &route);
@@ -437,26 +437,16 @@ fn create_consumer(
     .map_err(|e| ConsumeError::Kafka(format!("creating the consumer: {e}")))
 }
 
-/// The route's topics the broker says do not exist (none when it does not answer: the run then
-/// waits for it as usual).
+/// The route's topics the broker says do not exist, from one metadata request (none when it
+/// does not answer: the run then waits for it as usual).
 fn missing_topics(consumer: &BaseConsumer<RunnerContext>, route: &ConsumerRoute) -> Vec<String> {
+    let Ok(metadata) = consumer.fetch_metadata(None, Duration::from_secs(5)) else {
+        return Vec::new();
+    };
     route
         .topics
         .iter()
-        .filter(|topic| {
-            consumer
-                .fetch_metadata(Some(topic), Duration::from_secs(10))
-                .ok()
-                .and_then(|m| {
-                    m.topics().iter().find(|t| t.name() == *topic).map(|t| {
-                        matches!(
-                            t.error(),
-                            Some(rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART)
-                        )
-                    })
-                })
-                .unwrap_or(false)
-        })
+        .filter(|topic| !metadata.topics().iter().any(|t| t.name() == topic.as_str()))
         .cloned()
         .collect()
 }
