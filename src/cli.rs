@@ -769,8 +769,8 @@ pub fn relay_main() -> ExitCode {
             }
             if report.left > 0 {
                 line += &format!(
-                    "; {} row(s) left in the outbox (keys held back by a dead letter: \
-                     `devour outbox list`; or written meanwhile)",
+                    "; {} row(s) still in the outbox: held back by a dead letter (`devour status`), \
+                     written meanwhile, or in other relays' shards",
                     report.left
                 );
             }

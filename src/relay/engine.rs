@@ -36,8 +36,9 @@ pub struct RelayReport {
     pub passes_from_oldest: u64,
     /// Rows still in flight when a stop's time ran out (they will be delivered again).
     pub abandoned: u64,
-    /// A drain's rows left in the outbox when it ended: rows of keys held back by a dead
-    /// letter (`block_key`), or written while it ran (always 0 in follow mode).
+    /// Rows left in the outbox when a drain ran to its end (not counting `abandoned`): rows of
+    /// keys held back by a dead letter (`block_key`), rows written while it ran, or rows of
+    /// shards other relays hold (0 in follow mode and for a drain that was stopped).
     pub left: u64,
     /// Commit → acknowledgement latency, 50th percentile, in ms.
     pub latency_p50_ms: u64,
@@ -660,6 +661,8 @@ impl Relay {
         }
 
         let result = self.read_loop(&mut producer, &mut limits, &tx);
+        // A drain that ran to its end (not stopped, not failed).
+        let drained = self.options.mode == Mode::Drain && !shared.stopping() && result.is_ok();
 
         // Stop: no new sends; wait for what is in flight (acked and removed), all within one
         // `shutdown_timeout_ms`, then let the others finish.
@@ -690,8 +693,10 @@ impl Relay {
         if let Some(message) = panicked {
             return Err(RelayError::Panicked(message));
         }
-        let left = if self.options.mode == Mode::Drain {
-            self.reader.backlog().map_or(0, |n| n.max(0) as u64)
+        let left = if drained {
+            self.reader
+                .backlog()
+                .map_or(0, |n| (n.max(0) as u64).saturating_sub(abandoned))
         } else {
             0
         };
