@@ -44,6 +44,16 @@ impl ConfigOpts {
     /// Loads and validates the configuration, honouring `--config`, and sets up logging as
     /// its `[log]` section says.
     pub fn load(&self) -> Result<Config, ConfigError> {
+        if self
+            .config
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Err(ConfigError::File {
+                origin: crate::config::Origin::Defaults,
+                reason: "--config needs a path".into(),
+            });
+        }
         let mut env = crate::config::process_env();
         if let Some(path) = &self.config {
             env.retain(|(k, _)| k != CONFIG_ENV);
@@ -343,21 +353,6 @@ pub fn main_with(registry: crate::consume::Registry) -> ExitCode {
     }
 }
 
-/// `text` for one cell of a table: at most `max` characters, control characters (a payload's
-/// newlines) written as escapes, so that every row stays on one line.
-fn one_line(text: &str, max: usize) -> String {
-    text.chars()
-        .take(max)
-        .flat_map(|c| {
-            if c.is_control() {
-                c.escape_default().collect::<Vec<_>>()
-            } else {
-                vec![c]
-            }
-        })
-        .collect()
-}
-
 /// Prints `rows` as JSON lines, or as a table: `header`, a line each, `(N what shown)`.
 fn print_rows<T: serde::Serialize>(
     json: bool,
@@ -415,8 +410,12 @@ fn stop_on_signals() -> std::io::Result<std::sync::Arc<std::sync::atomic::Atomic
     std::thread::Builder::new()
         .name("devour-signals".into())
         .spawn(move || {
+            // Counted here: the flag is also set by the run itself (a handler that stops it).
+            let mut seen = 0;
             for signal in signals.forever() {
-                if flag.swap(true, Ordering::SeqCst) {
+                seen += 1;
+                flag.store(true, Ordering::SeqCst);
+                if seen > 1 {
                     crate::consume::kill_running_commands();
                     // `_exit`: no destructors or exit handlers of libraries whose threads run.
                     signal_hook::low_level::exit(130);
@@ -530,11 +529,11 @@ fn run(cli: Cli, registry: &crate::consume::Registry) -> Result<(), Failure> {
                     "{:>8}  {:<24} {:<16} {:>8} {:>7}  {:<26} {}",
                     r.id,
                     r.topic,
-                    one_line(r.partition_key.as_deref().unwrap_or("-"), 64),
+                    crate::status::one_line(r.partition_key.as_deref().unwrap_or("-"), 64),
                     r.attempts,
                     r.payload_bytes,
                     r.failed_at,
-                    one_line(&r.error, 100)
+                    crate::status::one_line(&r.error, 100)
                 )
             })?;
             Ok(())
@@ -683,11 +682,11 @@ fn run(cli: Cli, registry: &crate::consume::Registry) -> Result<(), Failure> {
                     "{:>8}  {:<24} {:<16} {:<8} {:>7}  {:<26} {}",
                     r.id,
                     r.topic,
-                    one_line(r.partition_key.as_deref().unwrap_or("-"), 64),
-                    one_line(r.event.as_deref().unwrap_or("-"), 32),
+                    crate::status::one_line(r.partition_key.as_deref().unwrap_or("-"), 64),
+                    crate::status::one_line(r.event.as_deref().unwrap_or("-"), 32),
                     r.payload_bytes,
                     r.created_at,
-                    one_line(&r.payload_preview, 80)
+                    crate::status::one_line(&r.payload_preview, 80)
                 )
             })?;
             Ok(())

@@ -931,9 +931,19 @@ impl Config {
             tracing_subscriber::EnvFilter::try_new(&level).map_err(|e| bad(e.to_string()))?;
             // The filter takes a bare word as a target with every level, and nothing else: a
             // misspelt level (`warning`, `verbose`) would silence every message, errors too.
-            for directive in level.split(',').map(str::trim) {
+            let directives: Vec<&str> = level
+                .split(',')
+                .map(str::trim)
+                .filter(|d| !d.is_empty())
+                .collect();
+            if directives.is_empty() {
+                return Err(bad("it is empty".into()));
+            }
+            for directive in directives {
                 let named = directive.rsplit_once('=').map_or(directive, |(_, l)| l);
-                if !LOG_LEVELS.contains(&named.to_ascii_lowercase().as_str()) {
+                // The filter also takes levels as numbers: 0 (off) to 5 (trace).
+                let numeric = matches!(named, "0" | "1" | "2" | "3" | "4" | "5");
+                if !numeric && !LOG_LEVELS.contains(&named.to_ascii_lowercase().as_str()) {
                     return Err(bad(format!(
                         "`{directive}` has no level; levels are {}",
                         LOG_LEVELS.join(", ")

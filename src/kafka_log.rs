@@ -46,13 +46,15 @@ impl Quiet {
                 }
             }
         };
+        // rdkafka's own target, so that a `log.level` part for `rdkafka` still governs it.
         if held_back > 0 {
             tracing::error!(
+                target: "rdkafka::client",
                 "librdkafka: {error}: {reason} ({held_back} more like it in the last {} s)",
                 REPEAT_AFTER.as_secs()
             );
         } else {
-            tracing::error!("librdkafka: {error}: {reason}");
+            tracing::error!(target: "rdkafka::client", "librdkafka: {error}: {reason}");
         }
     }
 }

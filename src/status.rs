@@ -163,6 +163,21 @@ pub fn gather(config: &Config, timeout: Duration) -> Result<Status, DbError> {
     })
 }
 
+/// `text` for one cell of a table: at most `max` characters, control characters (a payload's
+/// newlines) written as escapes, so that every row stays on one line.
+pub(crate) fn one_line(text: &str, max: usize) -> String {
+    text.chars()
+        .take(max)
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
+}
+
 /// Seconds as a short human duration.
 fn age(s: Option<f64>) -> String {
     match s {
@@ -238,7 +253,7 @@ pub fn render(s: &Status) -> String {
             .held_back
             .iter()
             .take(5)
-            .map(|k| format!("{} ({})", k.key, k.rows))
+            .map(|k| format!("{} ({})", one_line(&k.key, 64), k.rows))
             .collect();
         let _ = writeln!(
             o,

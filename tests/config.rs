@@ -678,13 +678,28 @@ fn bad_metrics_and_log_settings_name_the_key() {
         &["not a log filter"],
     );
     // A misspelt level would read as a target and silence everything, errors included.
-    for level in ["verbose", "warning", "", "info,devour"] {
+    for level in ["verbose", "warning", "info,devour"] {
         assert_names(
             &format!("{OK}[log]\nlevel = \"{level}\"\n"),
             &[],
             Some("log.level"),
             &["has no level", "trace, debug, info, warn, error, off"],
         );
+    }
+    assert_names(
+        &format!("{OK}[log]\nlevel = \"\"\n"),
+        &[],
+        Some("log.level"),
+        &["it is empty"],
+    );
+    // What the filter takes is taken: a trailing comma, levels as numbers.
+    for level in ["info,", "devour=4,rdkafka=1", "WARN"] {
+        Config::from_toml_str(
+            &format!("{OK}[log]\nlevel = \"{level}\"\n"),
+            devour::config::Origin::Defaults,
+            &Default::default(),
+        )
+        .unwrap_or_else(|e| panic!("{level}: {e}"));
     }
     assert_names(
         OK,

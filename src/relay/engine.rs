@@ -590,11 +590,10 @@ impl Relay {
         let (tx, rx) = crossbeam_channel::unbounded::<Report>();
         let mut producer = kafka::create_producer(&self.producer_config, tx.clone())?;
         let mut limits = TopicLimits::new(&self.config.kafka)?;
-        let properties = self.config.kafka.client_properties();
         tracing::info!(
             relay = %shared.relay_id,
             database = %self.config.database.url,
-            brokers = %properties.get("bootstrap.servers").map_or("", String::as_str),
+            brokers = %self.producer_config.get("bootstrap.servers").unwrap_or(""),
             "relay starting"
         );
         // The counters exist from the start (at 0), so that a rate over them sees their first
