@@ -68,7 +68,7 @@ pub(crate) fn check_access(
 ) -> Result<(), AccessError> {
     let producer: BaseProducer<Refusals> = config
         .create_with_context(Refusals::default())
-        .map_err(|e| AccessError::Settings(e.to_string()))?;
+        .map_err(|e| AccessError::Settings(crate::kafka_log::redact(e).to_string()))?;
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if stop.load(std::sync::atomic::Ordering::Relaxed) {

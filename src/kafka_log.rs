@@ -59,6 +59,25 @@ impl Quiet {
     }
 }
 
+/// `e` with the value of a secret property replaced by `***`: librdkafka's error about a
+/// property it refuses repeats the property's value (a password pasted under its Java client
+/// name, for one), and devour prints such errors.
+pub(crate) fn redact(e: KafkaError) -> KafkaError {
+    match e {
+        KafkaError::ClientConfig(code, desc, key, value)
+            if crate::config::is_secret_property(&key) =>
+        {
+            let desc = if value.is_empty() {
+                desc
+            } else {
+                desc.replace(&value, "***")
+            };
+            KafkaError::ClientConfig(code, desc, key, "***".into())
+        }
+        other => other,
+    }
+}
+
 /// rdkafka's default log, without the warning about a setting devour makes on purpose.
 pub(crate) fn log(level: RDKafkaLogLevel, fac: &str, message: &str) {
     if message.contains(DELIBERATE) {

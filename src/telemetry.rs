@@ -395,7 +395,10 @@ fn probe_broker(
                             health().report(
                                 "broker",
                                 false,
-                                format!("cannot create a Kafka client: {e}"),
+                                format!(
+                                    "cannot create a Kafka client: {}",
+                                    crate::kafka_log::redact(e)
+                                ),
                             )
                         })
                         .ok();

@@ -123,6 +123,22 @@ fn relay_with_a_property_librdkafka_refuses_says_so() {
         err.contains("invalid Kafka settings") && err.contains("no.such.property"),
         "{err}"
     );
+    // A secret under a name librdkafka does not know (the Java client's): its refusal repeats
+    // the value, which devour must not print, from the relay, a consumer or status.
+    let secret = "hunter2-truststore";
+    let env = [
+        ("DEVOUR_DATABASE_URL", url.as_str()),
+        ("DEVOUR_KAFKA_HOSTS", hosts.as_str()),
+        ("DEVOUR_KAFKA_PROPERTY_SSL_TRUSTSTORE_PASSWORD", secret),
+    ];
+    let (_, err) = assert_code(run(relay, &["--drain"], &env), 1, &["(relay) --drain"]);
+    assert!(err.contains("ssl.truststore.password ***"), "{err}");
+    assert!(!err.contains(secret), "the secret leaked: {err}");
+    let (_, out, err) = devour(&["status"], &env);
+    assert!(
+        !out.contains(secret) && !err.contains(secret),
+        "the secret leaked: {out}{err}"
+    );
 }
 
 /// A command on a database without devour's tables says what to run; opening the pool on a

@@ -68,9 +68,12 @@ impl DeadLetters {
                 crate::config::PRODUCER_MESSAGE_MAX_BYTES,
             );
         }
-        let producer = c
-            .create_with_context(Context::default())
-            .map_err(|e| ConsumeError::Kafka(format!("dead-letter producer: {e}")))?;
+        let producer = c.create_with_context(Context::default()).map_err(|e| {
+            ConsumeError::Kafka(format!(
+                "dead-letter producer: {}",
+                crate::kafka_log::redact(e)
+            ))
+        })?;
         Ok(DeadLetters {
             producer,
             route: route.clone(),

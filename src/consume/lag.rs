@@ -46,7 +46,7 @@ impl LagReader {
                 .set("enable.auto.commit", "false");
         })
         .create_with_context(crate::kafka_log::QuietContext::default())
-        .map_err(|e| format!("creating a consumer: {e}"))?;
+        .map_err(|e| format!("creating a consumer: {}", crate::kafka_log::redact(e)))?;
         Ok(LagReader {
             consumer,
             route: route.clone(),

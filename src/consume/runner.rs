@@ -434,7 +434,12 @@ fn create_consumer(
         shared,
         route: route.name.clone(),
     })
-    .map_err(|e| ConsumeError::Kafka(format!("creating the consumer: {e}")))
+    .map_err(|e| {
+        ConsumeError::Kafka(format!(
+            "creating the consumer: {}",
+            crate::kafka_log::redact(e)
+        ))
+    })
 }
 
 /// The route's topics the broker says do not exist, from one metadata request (none when it

@@ -33,7 +33,9 @@ impl DirectProducer {
             cfg.set(k, v);
         }
         Ok(DirectProducer {
-            inner: cfg.create_with_context(Default::default())?,
+            inner: cfg
+                .create_with_context(Default::default())
+                .map_err(crate::kafka_log::redact)?,
         })
     }
 

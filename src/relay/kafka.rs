@@ -238,6 +238,7 @@ pub(crate) fn create_producer(
         reports,
         quiet: Default::default(),
     })
+    .map_err(crate::kafka_log::redact)
 }
 
 /// The Kafka headers of a row: `message-id`, `content-type`, `event`, then its `headers`.
@@ -352,7 +353,8 @@ impl TopicLimits {
         Ok(TopicLimits {
             admin: kafka
                 .client_config()
-                .create_with_context(Default::default())?,
+                .create_with_context(Default::default())
+                .map_err(crate::kafka_log::redact)?,
             known: HashMap::new(),
         })
     }
