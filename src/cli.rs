@@ -343,6 +343,8 @@ pub fn main_with(registry: crate::consume::Registry) -> ExitCode {
     };
     match run(cli, &registry) {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader went away (`devour outbox pending | head`): what it wanted was written.
+        Err(Failure::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
         Err(e) => {
             crate::telemetry::say(true, &format!("devour: error: {e}"));
             if let Some(hint) = e.hint() {

@@ -437,3 +437,28 @@ fn a_relay_stops_on_sigterm_while_it_waits_for_the_brokers() {
         stopped.elapsed()
     );
 }
+
+/// A reader that goes away (`| head`) is no error: the command exits 0 quietly.
+#[test]
+fn output_cut_short_by_the_reader_is_no_error() {
+    let hosts = common::kafka_hosts();
+    let db = TestDb::new(Backend::Sqlite, "broken_pipe");
+    let mut c = SqliteConnection::open(&db);
+    common::insert_rows(&mut c, "t", 0, 2000, 10);
+    let script = format!(
+        "set -o pipefail; DEVOUR_DATABASE_URL='{}' DEVOUR_KAFKA_HOSTS='{hosts}' '{}' outbox pending --limit 2000 \
+         | head -c 1 >/dev/null; echo \"status ${{PIPESTATUS[0]}}\"",
+        db.url,
+        env!("CARGO_BIN_EXE_devour")
+    );
+    let out = std::process::Command::new("bash")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(stdout.trim(), "status 0", "{stderr}");
+    assert!(!stderr.contains("Broken pipe"), "{stderr}");
+}
