@@ -471,6 +471,34 @@ impl KafkaConfig {
 // ---------------------------------------------------------------------------------------------
 // Loading
 
+/// Checks a log filter (`log.level`, `RUST_LOG`): one the tracing filter refuses, and also one
+/// it takes but that would silence devour. The filter takes a bare word as a target with every
+/// level, and nothing else: a misspelt level (`warning`, `verbose`) would silence every message,
+/// errors too.
+pub(crate) fn check_log_filter(filter: &str) -> Result<(), String> {
+    tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| e.to_string())?;
+    let directives: Vec<&str> = filter
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    if directives.is_empty() {
+        return Err("it is empty".into());
+    }
+    for directive in directives {
+        let named = directive.rsplit_once('=').map_or(directive, |(_, l)| l);
+        // The filter also takes levels as numbers: 0 (off) to 5 (trace).
+        let numeric = matches!(named, "0" | "1" | "2" | "3" | "4" | "5");
+        if !numeric && !LOG_LEVELS.contains(&named.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "`{directive}` has no level; levels are {}",
+                LOG_LEVELS.join(", ")
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The levels a `log.level` directive may name.
 const LOG_LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error", "off"];
 
@@ -922,34 +950,12 @@ impl Config {
         }
         let mut log = LogConfig::default();
         if let Some(level) = r.string("log.level")? {
-            let bad = |why: String| {
+            check_log_filter(&level).map_err(|why| {
                 r.err(
                     "log.level",
                     format!("`{level}` is not a log filter such as `info` or `devour=debug,rdkafka=warn`: {why}"),
                 )
-            };
-            tracing_subscriber::EnvFilter::try_new(&level).map_err(|e| bad(e.to_string()))?;
-            // The filter takes a bare word as a target with every level, and nothing else: a
-            // misspelt level (`warning`, `verbose`) would silence every message, errors too.
-            let directives: Vec<&str> = level
-                .split(',')
-                .map(str::trim)
-                .filter(|d| !d.is_empty())
-                .collect();
-            if directives.is_empty() {
-                return Err(bad("it is empty".into()));
-            }
-            for directive in directives {
-                let named = directive.rsplit_once('=').map_or(directive, |(_, l)| l);
-                // The filter also takes levels as numbers: 0 (off) to 5 (trace).
-                let numeric = matches!(named, "0" | "1" | "2" | "3" | "4" | "5");
-                if !numeric && !LOG_LEVELS.contains(&named.to_ascii_lowercase().as_str()) {
-                    return Err(bad(format!(
-                        "`{directive}` has no level; levels are {}",
-                        LOG_LEVELS.join(", ")
-                    )));
-                }
-            }
+            })?;
             log.level = Some(level);
         }
         if let Some(f) = r.string("log.format")? {

@@ -65,12 +65,26 @@ pub fn say(error: bool, line: &str) {
 }
 
 /// Sets up `tracing` output on stderr once per process: `RUST_LOG` if set, else `[log] level`,
-/// else `info`; text (colours on a terminal) or JSON lines.
+/// else `info`; text (colours on a terminal) or JSON lines. An empty `RUST_LOG` counts as unset;
+/// one that would silence devour (a misspelt level) is set aside with a warning.
 pub fn init_logging(log: &LogConfig) {
     use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(log.level.as_deref().unwrap_or("info"))
-    });
+    let configured = log.level.as_deref().unwrap_or("info");
+    let filter = match std::env::var("RUST_LOG") {
+        // Set but empty: as if unset.
+        Ok(v) if v.trim().is_empty() => configured.to_string(),
+        Ok(v) => {
+            match crate::config::check_log_filter(&v) {
+                Ok(()) => v,
+                Err(why) => {
+                    eprintln!("devour: warning: RUST_LOG={v:?} is set aside ({why}); using `{configured}`");
+                    configured.to_string()
+                }
+            }
+        }
+        Err(_) => configured.to_string(),
+    };
+    let filter = tracing_subscriber::EnvFilter::new(filter);
     let _ = JSON_LOGS.set(log.format == LogFormat::Json);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -924,3 +924,38 @@ fn devour_config_empty_is_unset_and_a_missing_file_is_named() {
         );
     }
 }
+
+/// A `RUST_LOG` that would silence devour (a misspelt level) is set aside with a warning, so the
+/// warnings and errors still show; an empty one counts as unset.
+#[test]
+fn a_rust_log_that_would_silence_devour_is_set_aside() {
+    let warns = |rust_log: &str| {
+        let (code, _, err) = devour(
+            &["config", "check"],
+            &[
+                ("DEVOUR_KAFKA_HOSTS", "127.0.0.1:9092"),
+                ("DEVOUR_KAFKA_HOTS", "x"),
+                ("RUST_LOG", rust_log),
+            ],
+        );
+        assert_eq!(code, 0, "{err}");
+        err
+    };
+    let err = warns("warning");
+    assert!(err.contains("RUST_LOG=\"warning\" is set aside"), "{err}");
+    assert!(
+        err.contains("DEVOUR_KAFKA_HOTS is not a devour setting"),
+        "{err}"
+    );
+    let err = warns("");
+    assert!(!err.contains("set aside"), "{err}");
+    assert!(
+        err.contains("DEVOUR_KAFKA_HOTS is not a devour setting"),
+        "{err}"
+    );
+    let err = warns("error");
+    assert!(
+        !err.contains("DEVOUR_KAFKA_HOTS"),
+        "a valid RUST_LOG wins: {err}"
+    );
+}
