@@ -506,7 +506,11 @@ fn an_exec_command_that_cannot_start_stops_the_consumer() {
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let (code, _, stderr) = run(dir.path(), &["consume", "run", "--drain"]);
     assert_eq!(code, 1, "{stderr}");
-    assert!(stderr.contains("cannot start `./handler.sh`"), "{stderr}");
+    assert!(
+        stderr.contains("cannot start `./handler.sh`")
+            && stderr.contains("the interpreter on its #! line is not"),
+        "{stderr}"
+    );
     assert!(
         !stderr.contains("sent to dead-letter topic"),
         "nothing is dead-lettered: {stderr}"

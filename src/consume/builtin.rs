@@ -239,6 +239,10 @@ impl Exec {
         use std::io::ErrorKind as K;
         let why = format!("cannot start `{}`: {e}", self.program);
         match e.kind() {
+            // The file is there: what is missing is the interpreter its `#!` line names.
+            K::NotFound if find_program(&self.program).is_some() => DigestError::stop(format!(
+                "{why} (the program is there: the interpreter on its #! line is not)"
+            )),
             K::NotFound | K::PermissionDenied => DigestError::stop(why),
             K::InvalidInput | K::ArgumentListTooLong => DigestError::give_up(format!(
                 "{why} (this message's metadata cannot be passed to a process)"
