@@ -1278,7 +1278,10 @@ fn unknown_env_warnings(env: &BTreeMap<String, String>) -> Vec<String> {
         .map(|(k, _)| env_var_for(k))
         .collect();
     let mut warnings = Vec::new();
-    for var in env.keys().filter(|v| v.starts_with("DEVOUR_")) {
+    for var in env
+        .keys()
+        .filter(|v| v.to_ascii_uppercase().starts_with("DEVOUR_"))
+    {
         if var == CONFIG_ENV || var.starts_with(PROPERTY_ENV_PREFIX) || known.contains(var) {
             continue;
         }
@@ -1289,12 +1292,20 @@ fn unknown_env_warnings(env: &BTreeMap<String, String>) -> Vec<String> {
         } else if var.starts_with("DEVOUR_CONSUMERS_") {
             Some("consumer routes are read from the file only".to_string())
         } else {
+            // Misspelt, in the wrong case, or a known name cut short or run on
+            // (DEVOUR_RELAY_LEASE_TTL, DEVOUR_METRICS_LISTEN_ADDR).
+            let upper = var.to_ascii_uppercase();
             known
                 .iter()
-                .map(|k| (strsim::levenshtein(var, k), k))
-                .filter(|(d, _)| *d <= 2)
+                .map(|k| {
+                    let near = strsim::levenshtein(&upper, k) <= 2
+                        || (upper.len() >= 12
+                            && (k.starts_with(&upper) || upper.starts_with(k.as_str())));
+                    (strsim::levenshtein(&upper, k), near, k)
+                })
+                .filter(|(_, near, _)| *near)
                 .min()
-                .map(|(_, k)| format!("did you mean {k}?"))
+                .map(|(_, _, k)| format!("did you mean {k}?"))
         };
         if let Some(why) = why {
             warnings.push(format!(

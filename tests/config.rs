@@ -852,7 +852,12 @@ fn environment_variables_that_are_no_setting_are_warned_about() {
         ("DEVOUR_KAFKA_PROPERTIES_COMPRESSION_TYPE", "zstd"),
         ("DEVOUR_RELAY_PRODUCER_LINGER_MS", "5"),
         ("DEVOUR_CONSUMERS_P_TOPIC", "x"),
+        ("DEVOUR_RELAY_LEASE_TTL", "3000"),
+        ("DEVOUR_METRICS_LISTEN_ADDR", "127.0.0.1:1"),
+        ("DEVOUR_kafka_hosts", "a:1"),
         ("DEVOUR_KAFKA_PORT", "19092"),
+        ("DEVOUR_KAFKA_SSL_PORT", "19094"),
+        ("DEVOUR_KAFKA_DIR", "/x"),
         ("DEVOUR_PG_VERSION", "15"),
         ("DEVOUR_TEST_PG_URL", "postgres://x"),
         ("DEVOUR_LOG_LEVEL", "info"),
@@ -889,7 +894,25 @@ fn environment_variables_that_are_no_setting_are_warned_about() {
             "{var}: {w}"
         );
     }
-    assert_eq!(c.warnings.len(), 5, "only those: {w}");
+    for (var, says) in [
+        (
+            "DEVOUR_RELAY_LEASE_TTL",
+            "did you mean DEVOUR_RELAY_LEASE_TTL_MS?",
+        ),
+        (
+            "DEVOUR_METRICS_LISTEN_ADDR",
+            "did you mean DEVOUR_METRICS_LISTEN?",
+        ),
+        ("DEVOUR_kafka_hosts", "did you mean DEVOUR_KAFKA_HOSTS?"),
+    ] {
+        assert!(
+            w.contains(&format!(
+                "{var} is not a devour setting and is ignored: {says}"
+            )),
+            "{var}: {w}"
+        );
+    }
+    assert_eq!(c.warnings.len(), 8, "only those: {w}");
     assert_eq!(c.kafka.properties["linger.ms"], "3");
 }
 
