@@ -4,23 +4,18 @@
 //! how many were held back, and that librdkafka's warning about a setting devour makes on
 //! purpose is not repeated at every start.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
-
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::KafkaError;
 use rdkafka::ClientContext;
 
-/// How long the same global error stays quiet after it was logged.
-pub(crate) const REPEAT_AFTER: Duration = Duration::from_secs(30);
+use crate::telemetry::REPEAT_AFTER;
 
 /// librdkafka warns that `enable.gapless.guarantee` is experimental: the relay relies on it.
 const DELIBERATE: &str = "enable.gapless.guarantee is experimental";
 
-/// Global errors last logged, by kind: when, and how many came since.
+/// Global errors logged, by kind, so that one that repeats is logged once per [`REPEAT_AFTER`].
 #[derive(Default)]
-pub(crate) struct Quiet(Mutex<HashMap<String, (Instant, u64)>>);
+pub(crate) struct Quiet(crate::telemetry::Repeats);
 
 impl Quiet {
     /// Logs `error` unless one of its kind was logged less than [`REPEAT_AFTER`] ago.
@@ -29,22 +24,8 @@ impl Quiet {
             Some(code) => format!("{code:?}"),
             None => error.to_string(),
         };
-        let held_back = {
-            let mut seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
-            match seen.get_mut(&kind) {
-                Some((at, n)) if at.elapsed() < REPEAT_AFTER => {
-                    *n += 1;
-                    return;
-                }
-                Some((at, n)) => {
-                    *at = Instant::now();
-                    std::mem::take(n)
-                }
-                None => {
-                    seen.insert(kind, (Instant::now(), 0));
-                    0
-                }
-            }
+        let Some(held_back) = self.0.due(&kind) else {
+            return;
         };
         // rdkafka's own target, so that a `log.level` part for `rdkafka` still governs it.
         if held_back > 0 {
@@ -147,12 +128,11 @@ mod tests {
             q.error(&down, "1/1 brokers are down");
         }
         q.error(&other, "connection refused");
-        let seen = q.0.lock().unwrap();
-        assert_eq!(seen.len(), 2, "one entry per kind");
         assert_eq!(
-            seen["AllBrokersDown"].1, 4,
+            q.0.held_back("AllBrokersDown"),
+            Some(4),
             "four held back after the first"
         );
-        assert_eq!(seen["BrokerTransportFailure"].1, 0);
+        assert_eq!(q.0.held_back("BrokerTransportFailure"), Some(0));
     }
 }

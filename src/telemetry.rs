@@ -18,6 +18,57 @@ use std::time::{Duration, Instant};
 
 use crate::config::{Config, LogConfig, LogFormat};
 
+/// How long a repeating warning stays quiet after it was logged (see [`Repeats`]).
+pub(crate) const REPEAT_AFTER: Duration = Duration::from_secs(30);
+
+/// Counts repeats of a warning, by kind, so that one repeating every second while a dependency
+/// is down (a broker, the database) is logged once per [`REPEAT_AFTER`], with how many were
+/// held back.
+#[derive(Default)]
+pub(crate) struct Repeats(Mutex<std::collections::HashMap<String, (Instant, u64)>>);
+
+impl Repeats {
+    /// `Some(n)`: log this one now (`n` were held back since the last); `None`: hold it back.
+    pub(crate) fn due(&self, kind: &str) -> Option<u64> {
+        let mut seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match seen.get_mut(kind) {
+            Some((at, n)) if at.elapsed() < REPEAT_AFTER => {
+                *n += 1;
+                None
+            }
+            Some((at, n)) => {
+                *at = Instant::now();
+                Some(std::mem::take(n))
+            }
+            None => {
+                seen.insert(kind.to_string(), (Instant::now(), 0));
+                Some(0)
+            }
+        }
+    }
+
+    /// How many of `kind` are held back now (tests).
+    #[cfg(test)]
+    pub(crate) fn held_back(&self, kind: &str) -> Option<u64> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(kind)
+            .map(|(_, n)| *n)
+    }
+}
+
+/// `e`'s text on one line: libpq's messages end in a newline, and some span several, which
+/// breaks line-oriented logs and health details.
+pub(crate) fn one_line_error(e: &dyn std::fmt::Display) -> String {
+    e.to_string()
+        .trim_end()
+        .split('\n')
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// Metric names, all prefixed `devour_`.
 pub mod names {
     /// Counter: rows delivered (acknowledged by the broker; a removal fenced off by a lost
@@ -128,7 +179,7 @@ impl Health {
                 Check {
                     ok,
                     at: Instant::now(),
-                    detail: detail.into(),
+                    detail: one_line_error(&detail.into()),
                 },
             );
     }
@@ -464,5 +515,25 @@ mod tests {
         assert!(h.ready().0, "fresh for 60 s when reports come every 20 s");
         h.report_every(Duration::from_secs(1));
         assert!(h.ready().0, "a faster reporter does not shorten it");
+    }
+}
+
+#[cfg(test)]
+mod repeat_tests {
+    use super::*;
+
+    #[test]
+    fn an_error_on_several_lines_is_reported_on_one() {
+        assert_eq!(
+            one_line_error(&"no connection to the server\n"),
+            "no connection to the server"
+        );
+        assert_eq!(
+            one_line_error(&"connection failed: refused\n  is the server running?\n"),
+            "connection failed: refused; is the server running?"
+        );
+        health().report("one-line-test", false, "a\nb\n");
+        let (_, checks) = health().ready();
+        assert_eq!(checks["one-line-test"]["detail"], "a; b", "{checks}");
     }
 }

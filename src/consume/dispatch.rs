@@ -335,7 +335,7 @@ impl Dispatcher {
                 crate::telemetry::health().report("database", false, e.to_string());
                 tracing::warn!(
                     route = %self.route.name, topic = meta.topic, partition = meta.partition, offset = meta.offset,
-                    "inbox database failed, trying again: {e}"
+                    "inbox database failed, trying again: {}", crate::telemetry::one_line_error(&e)
                 );
                 let wait = Duration::from_millis(self.route.retry.max_backoff_ms.min(2_000));
                 return if self.pause(wait) {

@@ -484,6 +484,23 @@ enum Role {
     Background,
 }
 
+/// The relay's warnings about its database and LISTEN connection, which repeat every second or
+/// so while the database is away: logged once per `REPEAT_AFTER` each, with a count.
+static DB_WARNINGS: std::sync::LazyLock<crate::telemetry::Repeats> =
+    std::sync::LazyLock::new(Default::default);
+
+/// Logs warning `kind` (`: e` after it) unless it repeats (see [`DB_WARNINGS`]).
+fn warn_db(relay: &str, kind: &str, e: &dyn std::fmt::Display) {
+    if let Some(held_back) = DB_WARNINGS.due(kind) {
+        let e = crate::telemetry::one_line_error(e);
+        if held_back > 0 {
+            tracing::warn!(relay = %relay, "{kind}: {e} ({held_back} more like it in the last {} s)", crate::telemetry::REPEAT_AFTER.as_secs());
+        } else {
+            tracing::warn!(relay = %relay, "{kind}: {e}");
+        }
+    }
+}
+
 /// Retries `f` with backoff (100 ms doubling to 5 s) until it succeeds or `role` must stop,
 /// reconnecting the store after a failure. Transient failures never end the relay.
 fn with_retry<T>(
@@ -499,7 +516,7 @@ fn with_retry<T>(
         match f(store) {
             Ok(v) => return Some(v),
             Err(e) => {
-                tracing::warn!(relay = %shared.relay_id, "{what} failed, retrying in {backoff:?}: {e}");
+                warn_db(&shared.relay_id, &format!("{what} failed, retrying"), &e);
                 let give_up = match role {
                     Role::Reader => shared.stopping(),
                     Role::Background => shared.threads_stop.load(Ordering::Acquire),
@@ -1429,7 +1446,7 @@ fn lease_loop(shared: &Shared, mut store: Store, config: &Config) {
                 health.report("work", held > 0, work);
             }
             Err(e) => {
-                tracing::warn!(relay = %id, "lease renewal failed: {e}");
+                warn_db(&id, "lease renewal failed", &e);
                 crate::telemetry::health().report("database", false, e.to_string());
                 if let Ok(s) = Store::open(config) {
                     store = s;
@@ -1464,13 +1481,17 @@ fn listen_loop(shared: &Shared, url: &str) {
         ) {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(relay = %shared.relay_id, "LISTEN connection failed (polling meanwhile): {e}");
+                warn_db(
+                    &shared.relay_id,
+                    "LISTEN connection failed (polling meanwhile)",
+                    &e,
+                );
                 std::thread::sleep(Duration::from_secs(1));
                 continue;
             }
         };
         if let Err(e) = diesel::sql_query("LISTEN devour_outbox").execute(&mut conn) {
-            tracing::warn!(relay = %shared.relay_id, "LISTEN failed (polling meanwhile): {e}");
+            warn_db(&shared.relay_id, "LISTEN failed (polling meanwhile)", &e);
             std::thread::sleep(Duration::from_secs(1));
             continue;
         }
@@ -1489,7 +1510,7 @@ fn listen_loop(shared: &Shared, url: &str) {
                         }
                     }
                     Err(e) => {
-                        tracing::warn!(relay = %shared.relay_id, "LISTEN connection lost: {e}");
+                        warn_db(&shared.relay_id, "LISTEN connection lost", &e);
                         break 'conn;
                     }
                 }
