@@ -462,3 +462,44 @@ fn output_cut_short_by_the_reader_is_no_error() {
     assert_eq!(stdout.trim(), "status 0", "{stderr}");
     assert!(!stderr.contains("Broken pipe"), "{stderr}");
 }
+
+/// devour-relay waits for a PostgreSQL that does not answer yet, up to connect_timeout_ms (as
+/// the commands do), but not for one that refuses its credentials.
+#[test]
+fn a_relay_waits_for_a_database_that_is_not_up_but_not_for_one_that_refuses() {
+    let hosts = common::kafka_hosts();
+    let relay = env!("CARGO_BIN_EXE_devour-relay");
+    let down = "postgres://postgres:postgres@127.0.0.1:1/postgres";
+    let env = [
+        ("DEVOUR_DATABASE_URL", down),
+        ("DEVOUR_DATABASE_CONNECT_TIMEOUT_MS", "3000"),
+        ("DEVOUR_KAFKA_HOSTS", hosts.as_str()),
+    ];
+    let started = std::time::Instant::now();
+    let (_, err) = assert_code(run(relay, &["--drain"], &env), 1, &["(relay) down"]);
+    let waited = started.elapsed();
+    assert!(err.contains("does not answer yet"), "{err}");
+    assert!(
+        waited >= std::time::Duration::from_millis(2500),
+        "gave up after {waited:?}, before connect_timeout_ms"
+    );
+    let admin = common::pg_admin_url();
+    let wrong = admin.replacen("postgres:postgres@", "postgres:wrong@", 1);
+    let env = [
+        ("DEVOUR_DATABASE_URL", wrong.as_str()),
+        ("DEVOUR_DATABASE_CONNECT_TIMEOUT_MS", "30000"),
+        ("DEVOUR_KAFKA_HOSTS", hosts.as_str()),
+    ];
+    let started = std::time::Instant::now();
+    let (_, err) = assert_code(
+        run(relay, &["--drain"], &env),
+        1,
+        &["(relay) wrong password"],
+    );
+    assert!(err.contains("password authentication failed"), "{err}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "waited {:?} for a refusal that does not go away",
+        started.elapsed()
+    );
+}

@@ -158,6 +158,17 @@ pub(crate) fn query_is_retriable(e: &diesel::result::Error) -> bool {
     }
 }
 
+/// Whether connecting to `url` failed for good with `reason`: only a PostgreSQL server that is
+/// not up yet (refused, starting up, too many clients) is worth waiting for.
+pub(crate) fn connect_failed_for_good(url: &DatabaseUrl, reason: &str) -> bool {
+    match url {
+        #[cfg(feature = "postgres")]
+        DatabaseUrl::Postgres(_) => postgres::refused_for_good(reason),
+        #[allow(unreachable_patterns)]
+        _ => true,
+    }
+}
+
 /// Fails when `config` names a SQLite file that does not exist: opening it would create an
 /// empty one (a misspelt path left behind), where only migrations should create it.
 pub fn require_existing_file(config: &DatabaseConfig) -> Result<(), DbError> {

@@ -501,6 +501,34 @@ fn warn_db(relay: &str, kind: &str, e: &dyn std::fmt::Display) {
     }
 }
 
+/// Opens the reader's connection at start, waiting up to `connect_timeout_ms` for a database
+/// that is not up yet (as devour's commands do); a refusal that does not go away (credentials,
+/// a missing database) fails at once.
+fn open_waiting(config: &Config, stop: &AtomicBool) -> Result<Store, DbError> {
+    let deadline = Instant::now() + Duration::from_millis(config.database.connect_timeout_ms);
+    let mut said = false;
+    loop {
+        match Store::open(config) {
+            Ok(store) => return Ok(store),
+            Err(DbError::Connect { reason, .. })
+                if !crate::db::connect_failed_for_good(&config.database.url, &reason)
+                    && Instant::now() < deadline
+                    && !stop.load(Ordering::Acquire) =>
+            {
+                if !said {
+                    said = true;
+                    tracing::warn!(
+                        "the database does not answer yet ({}); waiting up to connect_timeout_ms",
+                        crate::telemetry::one_line_error(&reason)
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Retries `f` with backoff (100 ms doubling to 5 s) until it succeeds or `role` must stop,
 /// reconnecting the store after a failure. Transient failures never end the relay.
 fn with_retry<T>(
@@ -551,7 +579,7 @@ impl Relay {
                 ),
             });
         }
-        let mut reader = Store::open(config)?;
+        let mut reader = open_waiting(config, &stop)?;
         // Without devour's tables every query would fail and be retried forever: say so now.
         reader.check_tables(&rc)?;
         let producer_config = super::producer_config(config);
