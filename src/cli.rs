@@ -151,8 +151,8 @@ struct StatusArgs {
     /// Print one JSON object instead of tables.
     #[arg(long)]
     json: bool,
-    /// How long to wait for each answer of the broker, in ms.
-    #[arg(long, default_value_t = 5000, value_name = "MS")]
+    /// How long to wait for each answer of the broker, in ms (at least 1).
+    #[arg(long, default_value_t = 5000, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
     timeout_ms: u64,
 }
 
@@ -444,7 +444,13 @@ fn run(cli: Cli, registry: &crate::consume::Registry) -> Result<(), Failure> {
             if args.migrate {
                 DbPool::connect(&config.database)?.migrate()?;
             } else if config.consumers[&args.name].inbox {
-                crate::db::require_existing_file(&config.database)?;
+                // As for a database without the inbox table: a setup problem (exit 2).
+                crate::db::require_existing_file(&config.database).map_err(|e| {
+                    crate::consume::ConsumeError::Inbox(format!(
+                        "`consumers.{}.inbox` needs the table devour_inbox ({e}); run `devour migrate` or start with --migrate",
+                        args.name
+                    ))
+                })?;
             }
             let mut config = config;
             if let Some(a) = args.metrics_listen {
@@ -585,7 +591,12 @@ fn run(cli: Cli, registry: &crate::consume::Registry) -> Result<(), Failure> {
             let mut m = crate::outbox::OutboxMessage::new(args.topic, None);
             m.key = args.key;
             m.event = args.event;
-            if args.content_type.trim().is_empty() || args.content_type.contains(char::is_control) {
+            // A media type: type/subtype, maybe with parameters; no spaces around, no controls.
+            let media = args.content_type.split(';').next().unwrap_or("");
+            let well_formed = media.split_once('/').is_some_and(|(t, s)| {
+                !t.is_empty() && !s.is_empty() && !media.contains(char::is_whitespace)
+            });
+            if !well_formed || args.content_type.contains(char::is_control) {
                 return Err(Failure::Usage(format!(
                     "--content-type {:?}: expected a media type such as application/json",
                     args.content_type
@@ -598,8 +609,10 @@ fn run(cli: Cli, registry: &crate::consume::Registry) -> Result<(), Failure> {
                         "--header `{h}`: expected NAME=VALUE"
                     )));
                 };
-                if k.is_empty() {
-                    return Err(Failure::Usage(format!("--header `{h}`: the name is empty")));
+                if k.trim().is_empty() || k.trim() != k {
+                    return Err(Failure::Usage(format!(
+                        "--header `{h}`: the name is empty or has spaces around it"
+                    )));
                 }
                 if m.headers.insert(k.to_string(), v.to_string()).is_some() {
                     return Err(Failure::Usage(format!(

@@ -431,6 +431,12 @@ fn put_enqueues_a_message_that_the_relay_delivers() {
         ),
         (vec!["--header", "event=x"], Some("{}"), "devour's own"),
         (vec!["--header", "=abc"], Some("{}"), "the name is empty"),
+        (vec!["--header", " sp=1"], Some("{}"), "spaces around it"),
+        (
+            vec!["--content-type", "garbage"],
+            Some("{}"),
+            "expected a media type",
+        ),
         (
             vec!["--header", "a=b", "--header", "a=c"],
             Some("{}"),

@@ -260,8 +260,17 @@ pub fn run(
         let missing = missing_topics(&consumer, &route);
         if !missing.is_empty() {
             return Err(ConsumeError::Kafka(format!(
-                "`consumers.{name}`: topic {} does not exist, so there is nothing to drain",
-                missing.join(", ")
+                "`consumers.{name}`: {} {} not exist, so there is nothing to drain",
+                if missing.len() == 1 {
+                    "topic"
+                } else {
+                    "topics"
+                },
+                if missing.len() == 1 {
+                    format!("{} does", missing[0])
+                } else {
+                    format!("{} do", missing.join(", "))
+                }
             )));
         }
     }

@@ -489,6 +489,28 @@ enum Role {
 static DB_WARNINGS: std::sync::LazyLock<crate::telemetry::Repeats> =
     std::sync::LazyLock::new(Default::default);
 
+/// Shards as ranges: "0-127, 200, 210-212".
+fn shard_ranges(shards: impl IntoIterator<Item = i32>) -> String {
+    let mut ranges: Vec<(i32, i32)> = Vec::new();
+    for s in shards {
+        match ranges.last_mut() {
+            Some((_, end)) if *end + 1 == s => *end = s,
+            _ => ranges.push((s, s)),
+        }
+    }
+    ranges
+        .iter()
+        .map(|(a, b)| {
+            if a == b {
+                a.to_string()
+            } else {
+                format!("{a}-{b}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Logs warning `kind` (`: e` after it) unless it repeats (see [`DB_WARNINGS`]).
 fn warn_db(relay: &str, kind: &str, e: &dyn std::fmt::Display) {
     if let Some(held_back) = DB_WARNINGS.due(kind) {
@@ -1419,7 +1441,7 @@ fn lease_loop(shared: &Shared, mut store: Store, config: &Config) {
                     if owned.len() < target {
                         let (claimed, _) = store.claim(&id, ttl, target - owned.len())?;
                         if !claimed.is_empty() {
-                            tracing::info!(relay = %id, "took {} shard(s): {:?}", claimed.len(), claimed.keys().collect::<Vec<_>>());
+                            tracing::info!(relay = %id, "took {} shard(s): {}", claimed.len(), shard_ranges(claimed.keys().copied()));
                         }
                         owned.extend(claimed);
                     } else if owned.len() > target {
@@ -1614,6 +1636,13 @@ mod tests {
     /// its own), thinned after each as `refresh` does: a few dozen stay instead of 300, they
     /// grow old, and the cap is the newest sample older than `WRITER_WAIT`, as without
     /// thinning.
+    #[test]
+    fn shards_are_logged_as_ranges() {
+        assert_eq!(shard_ranges(0..256), "0-255");
+        assert_eq!(shard_ranges([1, 2, 3, 7, 9, 10]), "1-3, 7, 9-10");
+        assert_eq!(shard_ranges([]), "");
+    }
+
     #[test]
     fn thinning_keeps_few_samples_that_grow_old() {
         let now = Instant::now();
