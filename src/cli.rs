@@ -294,18 +294,10 @@ enum Failure {
 impl Failure {
     /// What to do, when the error says it: a devour table or column the database lacks.
     fn hint(&self) -> Option<&'static str> {
-        // A query's error only: a connection's ("database … does not exist") is not about them.
-        let Failure::Db(e @ DbError::Query(_)) = self else {
-            return None;
-        };
-        let text = e.to_string();
-        let missing = (text.contains("relation") || text.contains("column"))
-            && text.contains("does not exist")
-            || text.contains("no such table")
-            || text.contains("no such column");
-        missing.then_some(
-            "devour's tables are missing or older than this devour: run `devour migrate`",
-        )
+        match self {
+            Failure::Db(e) => e.hint(),
+            _ => None,
+        }
     }
 
     fn exit_code(&self) -> u8 {
@@ -666,8 +658,7 @@ fn run(cli: Cli, registry: &crate::consume::Registry) -> Result<(), Failure> {
         }
         Command::Status(args) => {
             let config = args.config.load()?;
-            crate::db::require_existing_file(&config.database)?;
-            let status = crate::status::gather(&config, Duration::from_millis(args.timeout_ms))?;
+            let status = crate::status::gather(&config, Duration::from_millis(args.timeout_ms));
             let mut out = std::io::stdout().lock();
             if args.json {
                 writeln!(

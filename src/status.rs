@@ -13,6 +13,9 @@ use crate::db::{DbError, DbPool, RelayState, ShardBacklog, TopicBacklog};
 #[derive(Debug, Clone, serde::Serialize)]
 #[non_exhaustive]
 pub struct Status {
+    /// Why the database part (outbox, dead letters, relays) could not be read; those fields
+    /// are then empty.
+    pub database_error: Option<String>,
     /// Undelivered rows.
     pub outbox: Backlog,
     /// Rows per shard (shards with rows only).
@@ -76,23 +79,33 @@ pub struct RouteStatus {
 impl Status {
     /// Whether something could not be found out (a route's lag).
     pub fn problems(&self) -> Vec<String> {
-        self.consumers
+        self.database_error
             .iter()
-            .filter_map(|c| {
+            .map(|e| format!("database: {e}"))
+            .chain(self.consumers.iter().filter_map(|c| {
                 c.error
                     .as_ref()
                     .map(|e| format!("consumer route {}: {e}", c.route))
-            })
+            }))
             .collect()
     }
 }
 
-/// Gathers the status. The database must answer; a broker that does not is reported per route.
-pub fn gather(config: &Config, timeout: Duration) -> Result<Status, DbError> {
+/// What `devour status` reads from the database.
+struct DatabasePart {
+    outbox: Backlog,
+    shards: Vec<ShardBacklog>,
+    dead_letters: Backlog,
+    held_back: Vec<crate::db::KeyRows>,
+    relays: Vec<RelayState>,
+    held: i64,
+}
+
+fn database_part(config: &Config) -> Result<DatabasePart, DbError> {
+    crate::db::require_existing_file(&config.database)?;
     let pool = DbPool::connect(&config.database)?;
     let mut conn = pool.get()?;
     let (topics, shards) = conn.backlog()?;
-    let outbox = Backlog::of(topics);
     let dead_letters = Backlog::of(conn.dead_letters_by_topic()?);
     let held_back = if config.relay.on_dead_letter == crate::config::DeadLetterPolicy::BlockKey
         && dead_letters.rows > 0
@@ -101,8 +114,46 @@ pub fn gather(config: &Config, timeout: Duration) -> Result<Status, DbError> {
     } else {
         Vec::new()
     };
-    let relays = conn.relays()?;
-    let held = conn.held_shards()?;
+    Ok(DatabasePart {
+        outbox: Backlog::of(topics),
+        shards,
+        dead_letters,
+        held_back,
+        relays: conn.relays()?,
+        held: conn.held_shards()?,
+    })
+}
+
+/// Gathers the status. A part that cannot be read (the database, a route's lag) is reported as
+/// such ([`Status::problems`]); the others are still read.
+pub fn gather(config: &Config, timeout: Duration) -> Status {
+    let (db, database_error) = match database_part(config) {
+        Ok(db) => (db, None),
+        Err(e) => {
+            let text = match e.hint() {
+                Some(hint) => format!("{e} ({hint})"),
+                None => e.to_string(),
+            };
+            let empty = DatabasePart {
+                outbox: Backlog::of(Vec::new()),
+                shards: Vec::new(),
+                dead_letters: Backlog::of(Vec::new()),
+                held_back: Vec::new(),
+                relays: Vec::new(),
+                held: 0,
+            };
+            (empty, Some(crate::telemetry::one_line_error(&text)))
+        }
+    };
+    let read = database_error.is_none();
+    let DatabasePart {
+        outbox,
+        shards,
+        dead_letters,
+        held_back,
+        relays,
+        held,
+    } = db;
     // Side by side: with the broker away each read takes the whole timeout, and the status
     // should take one timeout, not one per route.
     let lags: Vec<Result<Vec<PartitionLag>, String>> = std::thread::scope(|s| {
@@ -150,7 +201,8 @@ pub fn gather(config: &Config, timeout: Duration) -> Result<Status, DbError> {
         })
         .map(|r| r.relay_id.clone())
         .collect();
-    Ok(Status {
+    Status {
+        database_error,
         outbox,
         shards,
         dead_letters,
@@ -158,9 +210,13 @@ pub fn gather(config: &Config, timeout: Duration) -> Result<Status, DbError> {
         relays,
         silent_after_s,
         silent,
-        unheld_shards: i64::from(crate::outbox::SHARDS) - held,
+        unheld_shards: if read {
+            i64::from(crate::outbox::SHARDS) - held
+        } else {
+            0
+        },
         consumers,
-    })
+    }
 }
 
 /// `text` for one cell of a table: at most `max` characters, control characters (a payload's
@@ -192,6 +248,11 @@ fn age(s: Option<f64>) -> String {
 /// The status as the table `devour status` prints.
 pub fn render(s: &Status) -> String {
     let mut o = String::new();
+    if let Some(e) = &s.database_error {
+        let _ = writeln!(o, "database: cannot be read: {e}");
+        render_consumers(&mut o, s);
+        return o;
+    }
     let _ = writeln!(
         o,
         "outbox: {} undelivered row(s), oldest {}",
@@ -288,6 +349,12 @@ pub fn render(s: &Status) -> String {
             if silent(r) { "  (silent)" } else { "" }
         );
     }
+    render_consumers(&mut o, s);
+    o
+}
+
+/// The consumer routes' part of [`render`].
+fn render_consumers(o: &mut String, s: &Status) {
     if s.consumers.is_empty() {
         let _ = writeln!(o, "consumers: no route configured");
     } else {
@@ -310,5 +377,4 @@ pub fn render(s: &Status) -> String {
             let _ = writeln!(o, "  {:<24} {:<24} {:>10}  {detail}", c.route, c.group, lag);
         }
     }
-    o
 }

@@ -563,3 +563,37 @@ fn status_and_dead_letters_on_sqlite() {
         "the dead letter is back in the outbox"
     );
 }
+
+/// When the database cannot be read, `devour status` still reports what it can (the routes'
+/// lag), says why the rest is missing, and exits 1.
+#[test]
+fn status_without_its_database_still_reports_consumer_lag() {
+    let db = TestDb::new(Backend::Sqlite, "status_no_db");
+    let topic = create_topic("ops-nodb", 1);
+    produce_seqs(&topic, 3, 1);
+    let dir = setup(&format!(
+        "[consumers.lagging]\ntopic = \"{topic}\"\ngroup = \"{}\"\nhandler = \"print\"\n",
+        common::unique("nodb")
+    ));
+    let missing = format!("sqlite://{}", dir.path().join("missing.db").display());
+    let out = command(env!("CARGO_BIN_EXE_devour"), dir.path(), &db)
+        .env("DEVOUR_DATABASE_URL", &missing)
+        .args(["status", "--json"])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let s: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    assert!(
+        s["database_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("the file does not exist")),
+        "{s:#}"
+    );
+    assert_eq!(s["consumers"][0]["route"], "lagging", "{s:#}");
+    assert_eq!(s["consumers"][0]["lag"], 3, "{s:#}");
+    assert!(stderr.contains("database: "), "{stderr}");
+}

@@ -129,6 +129,22 @@ pub enum DbError {
 }
 
 impl DbError {
+    /// What to do, when the error says it: a query about a devour table or column the database
+    /// lacks (a connection's "database … does not exist" is not about them).
+    pub fn hint(&self) -> Option<&'static str> {
+        let DbError::Query(_) = self else {
+            return None;
+        };
+        let text = self.to_string();
+        let missing = (text.contains("relation") || text.contains("column"))
+            && text.contains("does not exist")
+            || text.contains("no such table")
+            || text.contains("no such column");
+        missing.then_some(
+            "devour's tables are missing or older than this devour: run `devour migrate`",
+        )
+    }
+
     /// Whether trying again later may succeed (the database may come back).
     pub fn is_retriable(&self) -> bool {
         match self {
