@@ -71,6 +71,10 @@ pub struct RouteStatus {
     pub lag: Option<i64>,
     /// Per partition.
     pub partitions: Vec<PartitionLag>,
+    /// The route's topics that do not exist (yet): nothing to be behind on there, but a
+    /// misspelt name shows here.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub missing_topics: Vec<String>,
     /// Why the lag is unknown (broker unreachable, …).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -179,6 +183,13 @@ pub fn gather(config: &Config, timeout: Duration) -> Status {
                 route: route.name.clone(),
                 group: route.group.clone(),
                 lag: Some(partitions.iter().map(|p| p.lag).sum()),
+                // A topic that exists has partitions, each read above.
+                missing_topics: route
+                    .topics
+                    .iter()
+                    .filter(|t| !partitions.iter().any(|p| &p.topic == *t))
+                    .cloned()
+                    .collect(),
                 partitions,
                 error: None,
             },
@@ -187,6 +198,7 @@ pub fn gather(config: &Config, timeout: Duration) -> Status {
                 group: route.group.clone(),
                 lag: None,
                 partitions: Vec::new(),
+                missing_topics: Vec::new(),
                 error: Some(e),
             },
         })
@@ -372,7 +384,12 @@ fn render_consumers(o: &mut String, s: &Status) {
             };
             let detail = match &c.error {
                 Some(e) => format!("error: {e}"),
-                None => c.partitions.len().to_string(),
+                None if c.missing_topics.is_empty() => c.partitions.len().to_string(),
+                None => format!(
+                    "{} (no topic {})",
+                    c.partitions.len(),
+                    c.missing_topics.join(", ")
+                ),
             };
             let _ = writeln!(o, "  {:<24} {:<24} {:>10}  {detail}", c.route, c.group, lag);
         }

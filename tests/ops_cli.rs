@@ -571,8 +571,11 @@ fn status_without_its_database_still_reports_consumer_lag() {
     let db = TestDb::new(Backend::Sqlite, "status_no_db");
     let topic = create_topic("ops-nodb", 1);
     produce_seqs(&topic, 3, 1);
+    let ghost = format!("ops-nodb-ghost-{}", common::unique("g"));
     let dir = setup(&format!(
-        "[consumers.lagging]\ntopic = \"{topic}\"\ngroup = \"{}\"\nhandler = \"print\"\n",
+        "[consumers.lagging]\ntopic = \"{topic}\"\ngroup = \"{}\"\nhandler = \"print\"\n\
+         [consumers.two]\ntopics = [\"{topic}\", \"{ghost}\"]\ngroup = \"{}\"\nhandler = \"print\"\n",
+        common::unique("nodb"),
         common::unique("nodb")
     ));
     let missing = format!("sqlite://{}", dir.path().join("missing.db").display());
@@ -595,5 +598,13 @@ fn status_without_its_database_still_reports_consumer_lag() {
     );
     assert_eq!(s["consumers"][0]["route"], "lagging", "{s:#}");
     assert_eq!(s["consumers"][0]["lag"], 3, "{s:#}");
+    // A route's topic that does not exist is named, not taken for a topic with nothing to read.
+    assert_eq!(s["consumers"][1]["route"], "two", "{s:#}");
+    assert_eq!(
+        s["consumers"][1]["missing_topics"],
+        serde_json::json!([ghost]),
+        "{s:#}"
+    );
+    assert!(s["consumers"][0].get("missing_topics").is_none(), "{s:#}");
     assert!(stderr.contains("database: "), "{stderr}");
 }
