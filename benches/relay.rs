@@ -32,10 +32,9 @@
 //!
 //! Before each drain the backlog is inserted (untimed) with multi-row INSERTs of 1,000 rows,
 //! 50,000 rows per transaction, with `shard` computed in Rust, then `VACUUM ANALYZE`. Before
-//! every timed phase (relay drain, raw producer, latency run) the outbox is vacuumed (the rows
-//! the phase before deleted), PostgreSQL checkpoints, the page cache is flushed (`sync`) and the
-//! bench waits a second, so that no phase pays for the disk writes of the one before
-//! (PostgreSQL, the broker and the bench share one machine).
+//! every timed phase (relay drain, raw producer, latency run) PostgreSQL checkpoints, the page
+//! cache is flushed (`sync`) and the bench waits a second, so that no phase pays for the disk
+//! writes of the one before (PostgreSQL, the broker and the bench share one machine).
 //!
 //! The relay/raw comparison runs `ROUNDS` rounds (raw first in even rounds, relay first in odd
 //! ones, a fresh backlog and fresh topics each round); the ratio is the median of the rounds'
@@ -233,14 +232,9 @@ fn insert_rows(conn: &mut PgConnection, topic: &str, first: usize, n: usize, p: 
     }
 }
 
-/// Before every timed phase: the rows the phase before deleted vacuumed (else autovacuum
-/// cleans them up during this phase, and its writes stall the writer's commits: without it, the
-/// latency phase after three drains saw p99 137 and 171 ms in two of three runs, against
-/// 8-10 ms when run on its own),
-/// PostgreSQL's dirty pages written (CHECKPOINT), the page cache's flushed (`sync`), a second
-/// of quiet; so that no phase pays for the writes of the one before.
+/// Before every timed phase: PostgreSQL's dirty pages written (CHECKPOINT), the page cache's
+/// flushed (`sync`), a second of quiet; so that no phase pays for the writes of the one before.
 fn settle(conn: &mut PgConnection) {
-    conn.batch_execute("VACUUM devour_outbox").expect("vacuum");
     conn.batch_execute("CHECKPOINT").expect("checkpoint");
     let _ = Command::new("sync").status();
     std::thread::sleep(Duration::from_secs(1));
@@ -895,7 +889,7 @@ fn main() {
         p.latency_secs
     );
     println!(
-        "- backlog inserted untimed: INSERTs of 1000 rows, 50000 rows per transaction, then VACUUM ANALYZE; before every timed phase: VACUUM of the outbox, CHECKPOINT, sync, 1 s pause"
+        "- backlog inserted untimed: INSERTs of 1000 rows, 50000 rows per transaction, then VACUUM ANALYZE; before every timed phase: CHECKPOINT, sync, 1 s pause"
     );
     println!(
         "- postgres: {pg_version}; {pg_settings}; database {}",
