@@ -44,16 +44,6 @@ impl ConfigOpts {
     /// Loads and validates the configuration, honouring `--config`, and sets up logging as
     /// its `[log]` section says.
     pub fn load(&self) -> Result<Config, ConfigError> {
-        if self
-            .config
-            .as_ref()
-            .is_some_and(|p| p.as_os_str().is_empty())
-        {
-            return Err(ConfigError::File {
-                origin: crate::config::Origin::Defaults,
-                reason: "--config needs a path".into(),
-            });
-        }
         let mut env = crate::config::process_env();
         if let Some(path) = &self.config {
             env.retain(|(k, _)| k != CONFIG_ENV);

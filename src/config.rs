@@ -1297,15 +1297,14 @@ fn unknown_env_warnings(env: &BTreeMap<String, String>) -> Vec<String> {
             let upper = var.to_ascii_uppercase();
             known
                 .iter()
-                .map(|k| {
-                    let near = strsim::levenshtein(&upper, k) <= 2
+                .map(|k| (strsim::levenshtein(&upper, k), k))
+                .filter(|(distance, k)| {
+                    *distance <= 2
                         || (upper.len() >= 12
-                            && (k.starts_with(&upper) || upper.starts_with(k.as_str())));
-                    (strsim::levenshtein(&upper, k), near, k)
+                            && (k.starts_with(&upper) || upper.starts_with(k.as_str())))
                 })
-                .filter(|(_, near, _)| *near)
                 .min()
-                .map(|(_, _, k)| format!("did you mean {k}?"))
+                .map(|(_, k)| format!("did you mean {k}?"))
         };
         if let Some(why) = why {
             warnings.push(format!(

@@ -1,41 +1,31 @@
 //! How devour's Kafka clients report librdkafka's logs and global errors: as rdkafka's default
 //! does, except that a global error repeating while a broker is down (librdkafka reports one
-//! every few hundred milliseconds per connection) is logged once per [`REPEAT_AFTER`], with
-//! how many were held back, and that librdkafka's warning about a setting devour makes on
-//! purpose is not repeated at every start.
+//! every few hundred milliseconds per connection) is logged once per
+//! [`REPEAT_AFTER`](crate::telemetry::REPEAT_AFTER), with how many were held back, and that
+//! librdkafka's warning about a setting devour makes on purpose is not repeated at every start.
 
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::KafkaError;
-use rdkafka::ClientContext;
-
-use crate::telemetry::REPEAT_AFTER;
 
 /// librdkafka warns that `enable.gapless.guarantee` is experimental: the relay relies on it.
 const DELIBERATE: &str = "enable.gapless.guarantee is experimental";
 
-/// Global errors logged, by kind, so that one that repeats is logged once per [`REPEAT_AFTER`].
+/// Global errors logged, by kind, so that one that repeats is logged once per
+/// [`REPEAT_AFTER`](crate::telemetry::REPEAT_AFTER).
 #[derive(Default)]
 pub(crate) struct Quiet(crate::telemetry::Repeats);
 
 impl Quiet {
-    /// Logs `error` unless one of its kind was logged less than [`REPEAT_AFTER`] ago.
+    /// Logs `error` unless one of its kind was logged less than
+    /// [`REPEAT_AFTER`](crate::telemetry::REPEAT_AFTER) ago.
     pub(crate) fn error(&self, error: &KafkaError, reason: &str) {
         let kind = match error.rdkafka_error_code() {
             Some(code) => format!("{code:?}"),
             None => error.to_string(),
         };
-        let Some(held_back) = self.0.due(&kind) else {
-            return;
-        };
-        // rdkafka's own target, so that a `log.level` part for `rdkafka` still governs it.
-        if held_back > 0 {
-            tracing::error!(
-                target: "rdkafka::client",
-                "librdkafka: {error}: {reason} ({held_back} more like it in the last {} s)",
-                REPEAT_AFTER.as_secs()
-            );
-        } else {
-            tracing::error!(target: "rdkafka::client", "librdkafka: {error}: {reason}");
+        if let Some(more) = self.0.due(&kind) {
+            // rdkafka's own target, so that a `log.level` part for `rdkafka` still governs it.
+            tracing::error!(target: "rdkafka::client", "librdkafka: {error}: {reason}{more}");
         }
     }
 }
@@ -86,16 +76,11 @@ pub(crate) fn log(level: RDKafkaLogLevel, fac: &str, message: &str) {
 
 /// A client context that only reports as above (for clients with no context of their own).
 #[derive(Default)]
-pub(crate) struct QuietContext(Quiet);
-
-impl ClientContext for QuietContext {
-    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
-        log(level, fac, message);
-    }
-    fn error(&self, error: KafkaError, reason: &str) {
-        self.0.error(&error, reason);
-    }
+pub(crate) struct QuietContext {
+    quiet: Quiet,
 }
+
+quiet_client_context!(QuietContext);
 
 impl rdkafka::consumer::ConsumerContext for QuietContext {}
 

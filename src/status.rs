@@ -40,7 +40,7 @@ pub struct Status {
 }
 
 /// Rows in all, the oldest's age, and per topic.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Backlog {
     /// Rows.
     pub rows: i64,
@@ -96,6 +96,7 @@ impl Status {
 }
 
 /// What `devour status` reads from the database.
+#[derive(Default)]
 struct DatabasePart {
     outbox: Backlog,
     shards: Vec<ShardBacklog>,
@@ -138,15 +139,10 @@ pub fn gather(config: &Config, timeout: Duration) -> Status {
                 Some(hint) => format!("{e} ({hint})"),
                 None => e.to_string(),
             };
-            let empty = DatabasePart {
-                outbox: Backlog::of(Vec::new()),
-                shards: Vec::new(),
-                dead_letters: Backlog::of(Vec::new()),
-                held_back: Vec::new(),
-                relays: Vec::new(),
-                held: 0,
-            };
-            (empty, Some(crate::telemetry::one_line_error(&text)))
+            (
+                DatabasePart::default(),
+                Some(crate::telemetry::one_line_error(&text)),
+            )
         }
     };
     let read = database_error.is_none();

@@ -28,23 +28,32 @@ pub(crate) const REPEAT_AFTER: Duration = Duration::from_secs(30);
 pub(crate) struct Repeats(Mutex<std::collections::HashMap<String, (Instant, u64)>>);
 
 impl Repeats {
-    /// `Some(n)`: log this one now (`n` were held back since the last); `None`: hold it back.
-    pub(crate) fn due(&self, kind: &str) -> Option<u64> {
+    /// `Some(suffix)`: log this one now, ending with `suffix` (how many were held back since
+    /// the last, if any); `None`: hold it back.
+    pub(crate) fn due(&self, kind: &str) -> Option<String> {
         let mut seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        match seen.get_mut(kind) {
+        let held_back = match seen.get_mut(kind) {
             Some((at, n)) if at.elapsed() < REPEAT_AFTER => {
                 *n += 1;
-                None
+                return None;
             }
             Some((at, n)) => {
                 *at = Instant::now();
-                Some(std::mem::take(n))
+                std::mem::take(n)
             }
             None => {
                 seen.insert(kind.to_string(), (Instant::now(), 0));
-                Some(0)
+                0
             }
-        }
+        };
+        Some(if held_back > 0 {
+            format!(
+                " ({held_back} more like it in the last {} s)",
+                REPEAT_AFTER.as_secs()
+            )
+        } else {
+            String::new()
+        })
     }
 
     /// How many of `kind` are held back now (tests).

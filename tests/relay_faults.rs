@@ -50,11 +50,11 @@ fn kill_9_ten_times_during_a_50k_drain_loses_nothing_and_keeps_key_order() {
         left.push(c.count("devour_outbox"));
     }
     let mut last = relay_process(&db, &log, &["--drain"]);
-    let status = common::wait_exit(&mut last, Duration::from_secs(120), "the final drain", &log);
-    assert!(
-        status.success(),
-        "the final drain exits 0: {status:?}\n{}",
-        common::log_tail(&log)
+    common::wait_success(
+        &mut last,
+        Duration::from_secs(120),
+        "the final drain exits 0",
+        &log,
     );
     assert_eq!(c.count("devour_outbox"), 0, "drained");
     let msgs = common::consume_seqs(&topic, 50_000, Duration::from_secs(120));
@@ -151,11 +151,11 @@ fn three_relays_share_the_work_and_survive_one_being_killed() {
         common::sigterm(r);
     }
     for r in &mut relays {
-        let status = common::wait_exit(r, Duration::from_secs(60), "a relay after SIGTERM", &log);
-        assert!(
-            status.success(),
-            "relay stopped cleanly on SIGTERM: {status:?}\n{}",
-            common::log_tail(&log)
+        common::wait_success(
+            r,
+            Duration::from_secs(60),
+            "relay stopped cleanly on SIGTERM",
+            &log,
         );
     }
     let msgs = common::consume_seqs(&topic, written as usize, Duration::from_secs(120));

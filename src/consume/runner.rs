@@ -259,18 +259,14 @@ pub fn run(
         // which a drain would otherwise report as done.
         let missing = missing_topics(&consumer, &route);
         if !missing.is_empty() {
+            let (noun, verb) = if missing.len() == 1 {
+                ("topic", "does")
+            } else {
+                ("topics", "do")
+            };
             return Err(ConsumeError::Kafka(format!(
-                "`consumers.{name}`: {} {} not exist, so there is nothing to drain",
-                if missing.len() == 1 {
-                    "topic"
-                } else {
-                    "topics"
-                },
-                if missing.len() == 1 {
-                    format!("{} does", missing[0])
-                } else {
-                    format!("{} do", missing.join(", "))
-                }
+                "`consumers.{name}`: {noun} {} {verb} not exist, so there is nothing to drain",
+                missing.join(", ")
             )));
         }
     }

@@ -203,6 +203,40 @@ pub fn require_existing_file(config: &DatabaseConfig) -> Result<(), DbError> {
     Ok(())
 }
 
+/// [`DbPool::connect`]'s pool of either backend: one connection first, outside the pool, since
+/// r2d2 would try again until the timeout, logging each refusal, where a wrong password or a
+/// missing database or file never goes away (`describe` words its error); only a PostgreSQL
+/// server that is not up yet is waited for, by the pool's first connection.
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+fn build_pool<C>(
+    manager: ConnectionManager<C>,
+    builder: diesel::r2d2::Builder<ConnectionManager<C>>,
+    config: &DatabaseConfig,
+    describe: impl Fn(String) -> String,
+) -> Result<Pool<ConnectionManager<C>>, DbError>
+where
+    C: diesel::r2d2::R2D2Connection + 'static,
+{
+    let err = |reason: String| DbError::Connect {
+        url: config.url.redacted(),
+        reason,
+    };
+    if let Err(e) = manager.connect() {
+        let reason = describe(e.to_string());
+        if connect_failed_for_good(&config.url, &reason) {
+            return Err(err(reason));
+        }
+    }
+    let pool = builder
+        .max_size(config.pool_size)
+        .min_idle(Some(0))
+        .connection_timeout(Duration::from_millis(config.connect_timeout_ms))
+        .build(manager)
+        .map_err(|e| err(e.to_string()))?;
+    drop(pool.get().map_err(|e| err(e.to_string()))?);
+    Ok(pool)
+}
+
 /// A pool of connections to the configured database.
 #[derive(Clone)]
 #[non_exhaustive]
@@ -234,57 +268,30 @@ impl DbPool {
     /// background, still connecting when a short command exited. r2d2 connects on threads of
     /// its own: a caller that gives up waiting leaves its attempt running there.)
     pub fn connect(config: &DatabaseConfig) -> Result<DbPool, DbError> {
-        let err = |reason: String| DbError::Connect {
-            url: config.url.redacted(),
-            reason,
-        };
-        let timeout = Duration::from_millis(config.connect_timeout_ms);
         match &config.url {
             #[cfg(feature = "postgres")]
-            DatabaseUrl::Postgres(url) => {
-                let manager = ConnectionManager::new(postgres::with_client_timeouts(url));
-                // Once, outside the pool: r2d2 would try again until the timeout, logging each
-                // refusal, where a wrong password or database never goes away. A server that
-                // is not up yet (refused, starting up, too many clients) is waited for.
-                if let Err(e) = manager.connect() {
-                    let reason = e.to_string();
-                    if postgres::refused_for_good(&reason) {
-                        return Err(err(reason));
-                    }
-                }
-                let pool = Pool::builder()
-                    .max_size(config.pool_size)
-                    .min_idle(Some(0))
-                    .connection_timeout(timeout)
-                    .build(manager)
-                    .map_err(|e| err(e.to_string()))?;
-                drop(pool.get().map_err(|e| err(e.to_string()))?);
-                Ok(DbPool::Postgres(pool))
-            }
+            DatabaseUrl::Postgres(url) => Ok(DbPool::Postgres(build_pool(
+                ConnectionManager::new(postgres::with_client_timeouts(url)),
+                Pool::builder(),
+                config,
+                |e| e,
+            )?)),
             #[cfg(feature = "sqlite")]
-            DatabaseUrl::Sqlite(path) => {
-                let manager = ConnectionManager::<diesel::SqliteConnection>::new(path.as_str());
-                drop(
-                    manager
-                        .connect()
-                        .map_err(|e| err(sqlite::open_error(path, e)))?,
-                );
-                let pool = Pool::builder()
-                    .max_size(config.pool_size)
-                    .min_idle(Some(0))
-                    .connection_timeout(timeout)
-                    .connection_customizer(Box::new(sqlite::ConnectionOptions {
-                        busy_timeout_ms: config.busy_timeout_ms,
-                    }))
-                    .build(manager)
-                    .map_err(|e| err(e.to_string()))?;
-                drop(pool.get().map_err(|e| err(e.to_string()))?);
-                Ok(DbPool::Sqlite(pool))
-            }
+            DatabaseUrl::Sqlite(path) => Ok(DbPool::Sqlite(build_pool(
+                ConnectionManager::new(path.as_str()),
+                Pool::builder().connection_customizer(Box::new(sqlite::ConnectionOptions {
+                    busy_timeout_ms: config.busy_timeout_ms,
+                })),
+                config,
+                |e| sqlite::open_error(path, e),
+            )?)),
             #[allow(unreachable_patterns)]
-            other => Err(err(format!(
-                "this build of devour has no support for {other}; enable its cargo feature"
-            ))),
+            other => Err(DbError::Connect {
+                url: config.url.redacted(),
+                reason: format!(
+                    "this build of devour has no support for {other}; enable its cargo feature"
+                ),
+            }),
         }
     }
 

@@ -513,13 +513,9 @@ fn shard_ranges(shards: impl IntoIterator<Item = i32>) -> String {
 
 /// Logs warning `kind` (`: e` after it) unless it repeats (see [`DB_WARNINGS`]).
 fn warn_db(relay: &str, kind: &str, e: &dyn std::fmt::Display) {
-    if let Some(held_back) = DB_WARNINGS.due(kind) {
+    if let Some(more) = DB_WARNINGS.due(kind) {
         let e = crate::telemetry::one_line_error(e);
-        if held_back > 0 {
-            tracing::warn!(relay = %relay, "{kind}: {e} ({held_back} more like it in the last {} s)", crate::telemetry::REPEAT_AFTER.as_secs());
-        } else {
-            tracing::warn!(relay = %relay, "{kind}: {e}");
-        }
+        tracing::warn!(relay = %relay, "{kind}: {e}{more}");
     }
 }
 

@@ -877,6 +877,17 @@ pub fn wait_exit(
         .unwrap_or_else(|| panic!("{what} did not exit within {limit:?}\n{}", log_tail(log)))
 }
 
+/// [`wait_exit`], and fails unless `child` exited 0 (`what` says what was expected).
+pub fn wait_success(
+    child: &mut std::process::Child,
+    limit: Duration,
+    what: &str,
+    log: &std::path::Path,
+) {
+    let status = wait_exit(child, limit, what, log);
+    assert!(status.success(), "{what}: {status:?}\n{}", log_tail(log));
+}
+
 /// Sends SIGTERM to `child`, failing if it cannot be sent.
 pub fn sigterm(child: &std::process::Child) {
     let status = std::process::Command::new("kill")
