@@ -477,7 +477,8 @@ fn run_salt() -> u32 {
 }
 
 /// Who gives up retrying when: the reader as soon as a stop is asked, the other threads only
-/// when the reader is done (so that delivered rows are still removed while stopping).
+/// when the reader is done (so that delivered rows are still removed while stopping). The
+/// reader reconnects with its read settings (`Store::open_reader`).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Role {
     Reader,
@@ -526,7 +527,7 @@ fn open_waiting(config: &Config, stop: &AtomicBool) -> Result<Store, DbError> {
     let deadline = Instant::now() + Duration::from_millis(config.database.connect_timeout_ms);
     let mut said = false;
     loop {
-        match Store::open(config) {
+        match Store::open_reader(config) {
             Ok(store) => return Ok(store),
             Err(DbError::Connect { reason, .. })
                 if !crate::db::connect_failed_for_good(&config.database.url, &reason)
@@ -572,7 +573,11 @@ fn with_retry<T>(
                 }
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(5));
-                if let Ok(s) = Store::open(config) {
+                let reopened = match role {
+                    Role::Reader => Store::open_reader(config),
+                    Role::Background => Store::open(config),
+                };
+                if let Ok(s) = reopened {
                     *store = s;
                 }
             }
@@ -1328,7 +1333,7 @@ struct Prefetcher {
 
 impl Prefetcher {
     fn start(config: &Config) -> Result<Prefetcher, RelayError> {
-        let mut store = Store::open(config)?;
+        let mut store = Store::open_reader(config)?;
         let (requests, incoming) = crossbeam_channel::bounded::<FetchRequest>(1);
         let (done, results) = crossbeam_channel::bounded::<FetchResult>(1);
         let config = config.clone();
@@ -1339,7 +1344,7 @@ impl Prefetcher {
                     let rows = store.fetch(&r.shards, r.after, r.until, r.limit, r.block_keys);
                     if rows.is_err() {
                         // The reader reads itself (with retries); be ready for the next one.
-                        if let Ok(s) = Store::open(&config) {
+                        if let Ok(s) = Store::open_reader(&config) {
                             store = s;
                         }
                     }

@@ -106,6 +106,95 @@ const SQLITE_ROW: &str = "id, topic, partition_key, kafka_partition, payload, he
 const COLUMNS: &str = "id, topic, partition_key, kafka_partition, payload, headers, event, \
      message_id, content_type, shard, created_at, attempts";
 
+/// A PostgreSQL statement that Diesel prepares once per connection and reuses (keyed by its
+/// text), unlike `sql_query`, which PostgreSQL parses and plans again at every run. Written
+/// like `sql_query`'s text, with `$N` standing for `binds[N - 1]` (a number may appear more
+/// than once). For the statements the relay runs for every batch: at 100 batches a second the
+/// parsing and planning of the read and the removal took about half a core of PostgreSQL.
+#[cfg(feature = "postgres")]
+struct Prepared<'a> {
+    sql: &'a str,
+    binds: &'a [PgBind<'a>],
+}
+
+#[cfg(feature = "postgres")]
+enum PgBind<'a> {
+    BigInt(i64),
+    Text(&'a str),
+    BigInts(&'a [i64]),
+    Ints(&'a [i32]),
+}
+
+#[cfg(feature = "postgres")]
+impl diesel::query_builder::QueryFragment<diesel::pg::Pg> for Prepared<'_> {
+    fn walk_ast<'b>(
+        &'b self,
+        mut out: diesel::query_builder::AstPass<'_, 'b, diesel::pg::Pg>,
+    ) -> QueryResult<()> {
+        use diesel::sql_types::Array;
+        let mut rest = self.sql;
+        while let Some(at) = rest.find('$') {
+            out.push_sql(&rest[..at]);
+            let digits = rest[at + 1..]
+                .bytes()
+                .take_while(u8::is_ascii_digit)
+                .count();
+            let bind = rest[at + 1..at + 1 + digits]
+                .parse::<usize>()
+                .ok()
+                .and_then(|n| self.binds.get(n.checked_sub(1)?))
+                .ok_or_else(|| {
+                    diesel::result::Error::QueryBuilderError(
+                        format!(
+                            "no value for {} in: {}",
+                            &rest[at..at + 1 + digits],
+                            self.sql
+                        )
+                        .into(),
+                    )
+                })?;
+            match bind {
+                PgBind::BigInt(v) => out.push_bind_param::<BigInt, _>(v)?,
+                PgBind::Text(v) => out.push_bind_param::<Text, _>(*v)?,
+                PgBind::BigInts(v) => out.push_bind_param::<Array<BigInt>, _>(*v)?,
+                PgBind::Ints(v) => out.push_bind_param::<Array<Integer>, _>(*v)?,
+            }
+            rest = &rest[at + 1 + digits..];
+        }
+        out.push_sql(rest);
+        Ok(())
+    }
+}
+
+#[cfg(feature = "postgres")]
+impl diesel::query_builder::QueryId for Prepared<'_> {
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+#[cfg(feature = "postgres")]
+impl diesel::query_builder::Query for Prepared<'_> {
+    type SqlType = diesel::sql_types::Untyped;
+}
+
+#[cfg(feature = "postgres")]
+impl<Conn> RunQueryDsl<Conn> for Prepared<'_> {}
+
+/// Session settings of the connections that read the outbox (the reader's and the read-ahead's)
+/// on PostgreSQL, for its reads of "the oldest rows above an id" in a table whose low end is,
+/// until VACUUM comes, mostly deleted rows:
+/// - Generic plans (made once, see `Prepared`): a plan made for the ids as constants made the
+///   planner look up the id index's lowest or highest live entry at every read
+///   (`get_actual_variable_range`, when the id falls in an end bin of the histogram), stepping
+///   over every dead entry on the way. After a large drain that was about a millisecond of
+///   planning per read.
+/// - Only the id index's order: a generic plan made with statistics from an emptier table
+///   (a burst after a quiet spell, before autoanalyze) could otherwise collect every row above
+///   the id and sort them, reading the whole backlog for each batch.
+#[cfg(feature = "postgres")]
+const PG_READER_SESSION: &str = "SET plan_cache_mode = force_generic_plan; \
+     SET enable_bitmapscan = off; SET enable_seqscan = off; SET enable_sort = off";
+
 impl Store {
     /// Opens a connection for the relay.
     pub(crate) fn connect(url: &DatabaseUrl, busy_timeout_ms: u64) -> Result<Store, DbError> {
@@ -136,6 +225,16 @@ impl Store {
     /// Opens a connection to the configured database.
     pub(crate) fn open(config: &crate::config::Config) -> Result<Store, DbError> {
         Self::connect(&config.database.url, config.database.busy_timeout_ms)
+    }
+
+    /// Opens a connection for reading the outbox (`fetch`): see `PG_READER_SESSION`.
+    pub(crate) fn open_reader(config: &crate::config::Config) -> Result<Store, DbError> {
+        let mut store = Self::open(config)?;
+        #[cfg(feature = "postgres")]
+        if let Store::Postgres(c) = &mut store {
+            diesel::connection::SimpleConnection::batch_execute(c, PG_READER_SESSION)?;
+        }
+        Ok(store)
     }
 
     /// Whether this store can share the outbox between several relays.
@@ -346,8 +445,9 @@ impl Store {
             Store::Postgres(c) => {
                 // The locks are read in a subquery that depends on the sequence's row, so after
                 // it: a transaction not holding a lock by then takes ids above `last_id`.
-                let rows: Vec<IdSample> = diesel::sql_query(
-                    "SELECT s.last_id, s.server_started_us, ARRAY( \
+                let rows: Vec<IdSample> = Prepared {
+                    binds: &[],
+                    sql: "SELECT s.last_id, s.server_started_us, ARRAY( \
                        SELECT DISTINCT l.virtualtransaction FROM pg_locks l \
                        WHERE s.last_id IS NOT NULL AND l.locktype = 'relation' AND l.granted \
                          AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
@@ -362,7 +462,7 @@ impl Store {
                            WHERE q.seqrelid = pg_get_serial_sequence('devour_outbox', 'id')::regclass \
                              AND q.seqcache = 1 \
                            OFFSET 0) s",
-                )
+                }
                 .load(c)?;
                 Ok(rows.into_iter().next())
             }
@@ -452,13 +552,16 @@ impl Store {
         } else {
             "0"
         };
-        // An integer, so written into the text as is.
-        let until = until_id.map_or(String::new(), |u| format!(" AND o.id <= {u}"));
         Ok(match self {
             #[cfg(feature = "postgres")]
             Store::Postgres(c) => {
                 let row = format!("{PG_ROW}, CAST({releases} AS BIGINT) AS key_releases");
-                let shard_filter = if all { "" } else { " AND o.shard = ANY($3)" };
+                let until = if until_id.is_some() {
+                    " AND o.id <= $3"
+                } else {
+                    ""
+                };
+                let shard_filter = if all { "" } else { " AND o.shard = ANY($4)" };
                 let oldest = format!(
                     "SELECT {row} FROM devour_outbox o WHERE o.id > $1{until}{shard_filter}{blocked} \
                      ORDER BY o.id LIMIT $2"
@@ -470,29 +573,31 @@ impl Store {
                 // condition.)
                 let sql = match until_id {
                     None => oldest,
-                    Some(u) => format!(
+                    Some(_) => format!(
                         "SELECT * FROM (({oldest}) UNION ALL \
                            (SELECT {row} FROM devour_outbox o \
-                            WHERE o.id > greatest($1, {u}, (SELECT coalesce(pg_sequence_last_value( \
+                            WHERE o.id > greatest($1, $3, (SELECT coalesce(pg_sequence_last_value( \
                                     pg_get_serial_sequence('devour_outbox', 'id')::regclass), 0))) \
                               {shard_filter}{blocked} ORDER BY o.id LIMIT $2) \
                          ) r ORDER BY id LIMIT $2"
                     ),
                 };
-                let q = diesel::sql_query(sql)
-                    .into_boxed::<diesel::pg::Pg>()
-                    .bind::<BigInt, _>(after_id)
-                    .bind::<BigInt, _>(i64::from(limit));
-                if all {
-                    q.load(c)?
-                } else {
-                    q.bind::<diesel::sql_types::Array<Integer>, _>(shards.to_vec())
-                        .load(c)?
+                Prepared {
+                    sql: &sql,
+                    binds: &[
+                        PgBind::BigInt(after_id),
+                        PgBind::BigInt(i64::from(limit)),
+                        PgBind::BigInt(until_id.unwrap_or(0)),
+                        PgBind::Ints(shards),
+                    ],
                 }
+                .load(c)?
             }
             #[cfg(feature = "sqlite")]
             Store::Sqlite(c) => {
                 let row = format!("{SQLITE_ROW}, CAST({releases} AS BIGINT) AS key_releases");
+                // An integer, so written into the text as is.
+                let until = until_id.map_or(String::new(), |u| format!(" AND o.id <= {u}"));
                 let shard_filter = if all {
                     ""
                 } else {
@@ -527,16 +632,23 @@ impl Store {
         if ids.is_empty() {
             return Ok(0);
         }
-        let (shards, epochs): (Vec<i32>, Vec<i64>) = leases.iter().map(|(s, e)| (*s, *e)).unzip();
         match self {
             #[cfg(feature = "postgres")]
             Store::Postgres(c) => {
+                // The epochs held, by shard (-1, no epoch, for a shard not held): a lookup per
+                // lease row. (A join with the pairs, planned once for arrays of unknown length,
+                // compared every lease with every pair.)
+                let mut epochs = vec![-1_i64; crate::outbox::SHARDS as usize];
+                for (shard, epoch) in leases {
+                    if let Some(e) = usize::try_from(*shard).ok().and_then(|s| epochs.get_mut(s)) {
+                        *e = *epoch;
+                    }
+                }
                 let delete = "DELETE FROM devour_outbox o \
                      WHERE o.id = ANY($1) AND o.shard = ANY(ARRAY( \
                        SELECT l.shard FROM devour_relay_leases l \
-                       JOIN unnest($3::int[], $4::bigint[]) AS mine(shard, epoch) \
-                         ON mine.shard = l.shard AND mine.epoch = l.epoch \
-                       WHERE l.owner = $2 AND l.expires_at > now()))";
+                       WHERE l.owner = $2 AND l.expires_at > now() \
+                         AND l.epoch = ($3::bigint[])[l.shard + 1]))";
                 let sql = match retention {
                     Retention::Delete => delete.to_string(),
                     Retention::Keep => format!(
@@ -549,12 +661,15 @@ impl Store {
                     // delivered again (at least once): it need not wait for its WAL to reach
                     // the disk. Visibility does not wait: the next read no longer sees the rows.
                     diesel::sql_query("SET LOCAL synchronous_commit = off").execute(c)?;
-                    Ok(diesel::sql_query(sql)
-                        .bind::<diesel::sql_types::Array<BigInt>, _>(ids)
-                        .bind::<Text, _>(relay)
-                        .bind::<diesel::sql_types::Array<Integer>, _>(&shards)
-                        .bind::<diesel::sql_types::Array<BigInt>, _>(&epochs)
-                        .execute(c)?)
+                    Ok(Prepared {
+                        sql: &sql,
+                        binds: &[
+                            PgBind::BigInts(ids),
+                            PgBind::Text(relay),
+                            PgBind::BigInts(&epochs),
+                        ],
+                    }
+                    .execute(c)?)
                 })
             }
             #[cfg(feature = "sqlite")]
@@ -564,8 +679,7 @@ impl Store {
                          ON l.shard = json_extract(m.value, '$[0]') \
                         AND l.epoch = json_extract(m.value, '$[1]') \
                        WHERE l.owner = ?2 AND l.expires_at > ?4)";
-                let mine: Vec<(i32, i64)> =
-                    shards.iter().copied().zip(epochs.iter().copied()).collect();
+                let mine: Vec<(i32, i64)> = leases.iter().map(|(s, e)| (*s, *e)).collect();
                 let bind = |sql: String| {
                     diesel::sql_query(sql)
                         .bind::<Text, _>(json_list(ids))
@@ -825,9 +939,93 @@ mod fence_tests {
     #[cfg(feature = "postgres")]
     #[test]
     fn a_lost_lease_removes_nothing_postgres() {
+        in_pg_database("fence", |url| fence(url, "now() - interval '1 second'"));
+    }
+
+    /// The read, the sample and the removal are prepared once per connection and run again
+    /// (not parsed and planned at every run), and the reading connection uses generic plans.
+    #[cfg(feature = "postgres")]
+    #[test]
+    fn batch_statements_are_prepared_once_postgres() {
+        in_pg_database("prepared", |url| {
+            let config = crate::Config::from_toml_str(
+                &format!("[database]\nurl = \"{url}\"\n[kafka]\nhosts = \"127.0.0.1:9\"\n"),
+                crate::config::Origin::Defaults,
+                &Default::default(),
+            )
+            .unwrap();
+            crate::db::DbPool::connect(&config.database)
+                .unwrap()
+                .migrate()
+                .unwrap();
+            let mut r = Store::open_reader(&config).unwrap();
+            exec(
+                &mut r,
+                "INSERT INTO devour_outbox (topic, payload, shard) VALUES \
+                 ('t', NULL, 7), ('t', NULL, 7), ('t', NULL, 8), ('t', NULL, 7)",
+            );
+            let (leases, _) = r.claim("a", 60_000, 256).unwrap();
+            let all: Vec<i32> = (0..crate::outbox::SHARDS).collect();
+            for after in 0..3 {
+                let some = r.fetch(&[7], after, Some(100), 10, false).unwrap();
+                assert_eq!(
+                    some.iter().map(|row| row.id).collect::<Vec<_>>(),
+                    [1, 2, 4]
+                        .into_iter()
+                        .filter(|i| *i > after)
+                        .collect::<Vec<_>>()
+                );
+                assert_eq!(r.fetch(&all, after, None, 2, false).unwrap().len(), 2);
+                assert!(r.id_sample().unwrap().is_some());
+            }
+            for id in [1, 3] {
+                assert_eq!(
+                    r.complete("a", &leases, &[id], Retention::Delete).unwrap(),
+                    1
+                );
+            }
+            let Store::Postgres(c) = &mut r else {
+                unreachable!()
+            };
+            let prepared = |c: &mut diesel::PgConnection, like: &str| {
+                diesel::sql_query(format!(
+                    "SELECT count(*) AS n FROM pg_prepared_statements WHERE statement LIKE '{like}'"
+                ))
+                .get_result::<Count>(c)
+                .unwrap()
+                .n
+            };
+            assert_eq!(
+                prepared(c, "%o.id > $1 AND o.id <= $2 AND o.shard = ANY($3)%"),
+                1
+            );
+            assert_eq!(
+                prepared(
+                    c,
+                    "SELECT id, topic%FROM devour_outbox o WHERE o.id > $1 ORDER BY%"
+                ),
+                1
+            );
+            assert_eq!(prepared(c, "SELECT s.last_id%pg_locks%"), 1);
+            assert_eq!(prepared(c, "DELETE FROM devour_outbox o%"), 1);
+            #[derive(QueryableByName)]
+            struct Setting {
+                #[diesel(sql_type = Text)]
+                plan_cache_mode: String,
+            }
+            let mode = diesel::sql_query("SHOW plan_cache_mode")
+                .get_result::<Setting>(c)
+                .unwrap();
+            assert_eq!(mode.plan_cache_mode, "force_generic_plan");
+        });
+    }
+
+    /// Runs `f` with the URL of a fresh PostgreSQL database (dropped afterwards).
+    #[cfg(feature = "postgres")]
+    fn in_pg_database(what: &str, f: impl FnOnce(&str) + std::panic::UnwindSafe) {
         let admin = std::env::var("DEVOUR_TEST_PG_URL")
             .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/postgres".into());
-        let name = format!("devour_u_fence_{}", std::process::id());
+        let name = format!("devour_u_{what}_{}", std::process::id());
         let mut c = diesel::PgConnection::establish(&admin).unwrap();
         use diesel::connection::SimpleConnection;
         c.batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
@@ -835,7 +1033,7 @@ mod fence_tests {
         c.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
         let (base, _) = admin.rsplit_once('/').unwrap();
         let url = format!("{base}/{name}");
-        let result = std::panic::catch_unwind(|| fence(&url, "now() - interval '1 second'"));
+        let result = std::panic::catch_unwind(|| f(&url));
         c.batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
             .unwrap();
         if let Err(e) = result {
