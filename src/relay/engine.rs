@@ -229,6 +229,9 @@ struct Pass {
     horizon: i64,
     /// When the last pass from the oldest row began.
     full_at: Instant,
+    /// Whether a row below the cursor may still be sent in this pass: a read went past the
+    /// settled horizon, or a row was passed over (its key blocked, its shard going).
+    passed_over: bool,
     /// How many times keys had been released (`devour_key_releases`) when the last read from
     /// the oldest row was taken.
     key_releases: Option<i64>,
@@ -244,6 +247,7 @@ impl Pass {
             leases: Leases::new(),
             horizon: 0,
             full_at: Instant::now(),
+            passed_over: false,
             key_releases: None,
             passes: 0,
             from_oldest: 0,
@@ -266,6 +270,7 @@ impl Pass {
         }
         self.horizon = settled;
         self.started = Instant::now();
+        self.passed_over = false;
         self.passes += 1;
         shared
             .blocked
@@ -915,8 +920,20 @@ impl Relay {
                 continue;
             }
             // Rows that committed late with a smaller id than the cursor: look again every
-            // second, once what is in flight has been removed.
+            // second, once what is in flight has been removed. None can be there when every
+            // read of the pass stopped at the settled horizon and no row was passed over: the
+            // pass goes on without that wait (which would hold up every row written
+            // meanwhile), unless a pass from the oldest row is due.
             if pass.cursor > 0 && pass.started.elapsed() > Duration::from_secs(1) {
+                if horizon.enabled
+                    && !pass.passed_over
+                    && pass.full_at.elapsed() < FULL_PASS_EVERY
+                    && !shared.wake.rescan_asked()
+                {
+                    pass.started = Instant::now();
+                    pass.horizon = horizon.settled;
+                    continue;
+                }
                 if shared.wait_in_flight_at_most(0, poll) {
                     let full = self.full_pass_due(&pass, &horizon);
                     pass.restart(&shared, full, horizon.settled);
@@ -933,10 +950,16 @@ impl Relay {
                 shared.wake.ask_rescan();
                 continue;
             }
+            let until = horizon.cap();
+            // Past a transaction that held a smaller id for WRITER_WAIT: its row may commit
+            // below the cursor.
+            if until.is_some_and(|u| u > horizon.settled) {
+                pass.passed_over = true;
+            }
             let request = FetchRequest {
                 shards: shards.clone(),
                 after: pass.cursor,
-                until: horizon.cap(),
+                until,
                 limit: rc.batch_size,
                 block_keys,
                 pass: pass.passes,
@@ -1050,6 +1073,7 @@ impl Relay {
                             .contains(k)
                     {
                         shared.remove_in_flight([row.shard]);
+                        pass.passed_over = true;
                         continue;
                     }
                 }
@@ -1059,6 +1083,7 @@ impl Relay {
                     !view.releasing.contains(&row.shard) && pass.leases.get(&row.shard) == Some(e)
                 }) else {
                     shared.remove_in_flight([row.shard]);
+                    pass.passed_over = true;
                     continue;
                 };
                 let limit = match &topic_limit {
