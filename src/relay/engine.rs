@@ -1235,8 +1235,9 @@ fn commit_loop(shared: &Shared, mut store: Store, config: &Config, reports: Rece
         for report in first.into_iter().chain(reports.try_iter().take(MAX_BATCH)) {
             match report.outcome {
                 Outcome::Delivered => {
-                    // Commit (row creation) → acknowledgement, as the report arrives.
-                    let ms = chrono::Utc::now().timestamp_millis() - report.row.created_ms;
+                    // Commit (row creation) → acknowledgement, as the report arrived (not as
+                    // this thread gets to it, after a removal it was busy with).
+                    let ms = report.reported_ms - report.row.created_ms;
                     metrics::histogram!(names::RELAY_LATENCY).record(ms.max(0) as f64 / 1000.0);
                     let _ = shared
                         .latency

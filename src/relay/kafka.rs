@@ -33,6 +33,9 @@ pub(crate) struct InFlight {
 pub(crate) struct Report {
     pub row: InFlight,
     pub outcome: Outcome,
+    /// When the delivery report arrived (ms since the epoch): for a delivered row, the time of
+    /// the broker's acknowledgement as the relay learns it.
+    pub reported_ms: i64,
 }
 
 /// How a delivery ended.
@@ -105,7 +108,11 @@ impl ProducerContext for RelayContext {
             Err((e, _)) => Outcome::Failed(e.to_string()),
         };
         // The committer outlives the producer; if it is gone, the relay is stopping anyway.
-        let _ = self.reports.send(Report { row: *row, outcome });
+        let _ = self.reports.send(Report {
+            row: *row,
+            outcome,
+            reported_ms: chrono::Utc::now().timestamp_millis(),
+        });
     }
 }
 
