@@ -18,10 +18,13 @@
 //!    and a writer on its own connection inserting `RATE / 100` rows every 10 ms (one multi-row
 //!    INSERT, so one transaction, per tick), woken by the outbox's LISTEN/NOTIFY only (the
 //!    writer does not call `notify_local`, like an application in another process). The figures
-//!    are the relay's own report (`RelayReport::latency_p50_ms`/`_p99_ms`): the time its
-//!    committer takes in the delivery report minus the row's `created_at` (`clock_timestamp()`
-//!    at insert, just before the commit). 10 warm-up rows are delivered before the writer starts
-//!    (so the producer knows the topic); they are part of the report too.
+//!    are the relay's own report (`RelayReport::latency_p50_ms`/`_p99_ms`): the time the
+//!    delivery report arrives (the producer's delivery callback) minus the row's `created_at`
+//!    (`clock_timestamp()` at insert, so the commit's own WAL flush is counted too). 10 warm-up
+//!    rows are delivered before the writer starts (so the producer knows the topic); they are
+//!    part of the report too. Before it, as a reference, a raw producer with the relay's
+//!    settings sends the same messages at the same pace to a fresh topic: send → delivery
+//!    report, p50 and p99, what the broker and the client alone take on this machine.
 //! 3. Peak RSS (`VmHWM` of `/proc/PID/status`, sampled every 20 ms) of the relay process while
 //!    draining `ROWS` and `BIG_ROWS` rows.
 //! 4. Drain time of `BIG_ROWS` rows against `ROWS` rows.
@@ -413,6 +416,102 @@ fn raw_messages(n: usize, p: &Params) -> Vec<RawMessage> {
         .collect()
 }
 
+/// The relay's headers: message-id, content-type, event (rows have no extra headers).
+fn raw_headers(m: &RawMessage) -> OwnedHeaders {
+    OwnedHeaders::new_with_capacity(4)
+        .insert(Header {
+            key: devour::outbox::HEADER_MESSAGE_ID,
+            value: Some(m.message_id.as_bytes()),
+        })
+        .insert(Header {
+            key: devour::outbox::HEADER_CONTENT_TYPE,
+            value: Some("application/json".as_bytes()),
+        })
+        .insert(Header {
+            key: devour::outbox::HEADER_EVENT,
+            value: Some("create".as_bytes()),
+        })
+}
+
+/// Records each delivery's send → report time, in ms (at least 1, as the relay's report).
+struct LatencyContext(Arc<Mutex<hdrhistogram::Histogram<u64>>>, Arc<Counter>);
+
+impl ClientContext for LatencyContext {}
+
+impl ProducerContext for LatencyContext {
+    type DeliveryOpaque = Box<Instant>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, sent: Box<Instant>) {
+        let ms = sent.elapsed().as_millis().max(1) as u64;
+        match result {
+            Ok(_) => {
+                self.0.lock().unwrap().record(ms).unwrap();
+                self.1.ok.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => {
+                self.1.failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// The latency run's reference: a raw producer (the relay's settings) sending the same messages
+/// at the same pace (`RATE / 100` every 10 ms, after 10 warm-up messages whose reports are
+/// awaited) to a fresh topic; send → delivery report, p50 and p99 in ms. What the broker and
+/// the client take on this machine, without the database.
+fn raw_latency(cx: &mut Ctx<'_>) -> (u64, u64) {
+    let p = cx.p;
+    let topic = cx.topics.create("raw-latency", p.partitions);
+    settle(&mut cx.conn);
+    let per_tick = p.rate.div_ceil(100).max(1);
+    let ticks = (p.latency_secs * 100) as usize;
+    let msgs = raw_messages(10 + per_tick * ticks, p);
+    let histogram = Arc::new(Mutex::new(
+        hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000, 3).unwrap(),
+    ));
+    let counter = Arc::new(Counter::default());
+    let producer: ThreadedProducer<LatencyContext> = raw_producer_config(&cx.config)
+        .create_with_context(LatencyContext(histogram.clone(), counter.clone()))
+        .expect("raw producer");
+    let send = |m: &RawMessage| {
+        let record = BaseRecord::with_opaque_to(&topic, Box::new(Instant::now()))
+            .key(m.key.as_str())
+            .payload(m.payload.as_slice())
+            .headers(raw_headers(m));
+        producer
+            .send(record)
+            .map_err(|(e, _)| e)
+            .expect("raw producer");
+    };
+    let wait_reports = |n: u64| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while counter.ok.load(Ordering::Relaxed) + counter.failed.load(Ordering::Relaxed) < n {
+            assert!(Instant::now() < deadline, "raw producer: no end of reports");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    msgs[..10].iter().for_each(send);
+    wait_reports(10);
+    let tick = Duration::from_millis(10);
+    let started = Instant::now();
+    for (t, batch) in msgs[10..].chunks(per_tick).enumerate() {
+        let due = started + tick * t as u32;
+        let now = Instant::now();
+        if now < due {
+            std::thread::sleep(due - now);
+        }
+        batch.iter().for_each(send);
+    }
+    wait_reports(msgs.len() as u64);
+    assert_eq!(
+        counter.failed.load(Ordering::Relaxed),
+        0,
+        "raw producer: failed deliveries"
+    );
+    let h = histogram.lock().unwrap();
+    (h.value_at_quantile(0.5), h.value_at_quantile(0.99))
+}
+
 /// Sends `msgs` to `topic` with a raw producer and waits for every delivery report; returns the
 /// time from producer creation to the last report, and the CPU used meanwhile.
 fn raw_produce(config: &devour::Config, topic: &str, msgs: &[RawMessage]) -> (Duration, Cpu) {
@@ -424,24 +523,10 @@ fn raw_produce(config: &devour::Config, topic: &str, msgs: &[RawMessage]) -> (Du
         .create_with_context(RawContext(counter.clone()))
         .expect("raw producer");
     for m in msgs {
-        // The relay's headers: message-id, content-type, event (rows have no extra headers).
-        let headers = OwnedHeaders::new_with_capacity(4)
-            .insert(Header {
-                key: devour::outbox::HEADER_MESSAGE_ID,
-                value: Some(m.message_id.as_bytes()),
-            })
-            .insert(Header {
-                key: devour::outbox::HEADER_CONTENT_TYPE,
-                value: Some("application/json".as_bytes()),
-            })
-            .insert(Header {
-                key: devour::outbox::HEADER_EVENT,
-                value: Some("create".as_bytes()),
-            });
         let mut record = BaseRecord::to(topic)
             .key(m.key.as_str())
             .payload(m.payload.as_slice())
-            .headers(headers);
+            .headers(raw_headers(m));
         loop {
             match producer.send(record) {
                 Ok(()) => break,
@@ -942,12 +1027,14 @@ fn main() {
     // 2: latency.
     let lat = (p.latency_secs > 0).then(|| {
         eprintln!("latency at {} rows/s for {} s …", p.rate, p.latency_secs);
+        let raw = raw_latency(&mut cx);
+        eprintln!("  raw producer: p50 {} ms, p99 {} ms", raw.0, raw.1);
         let l = latency(&mut cx);
         eprintln!(
             "  p50 {} ms, p99 {} ms; {} written at {:.0} rows/s, {} delivered, {} late ticks",
             l.p50, l.p99, l.written, l.offered_rate, l.delivered, l.late_ticks
         );
-        l
+        (l, raw)
     });
 
     // 3 + 4 (big).
@@ -1017,7 +1104,11 @@ fn main() {
         per_msg(raw_cpu.iter().map(|c| c.machine).collect()),
         per_msg(raw_cpu.iter().map(|c| c.client).collect()),
     );
-    if let Some(l) = &lat {
+    if let Some((l, raw)) = &lat {
+        println!(
+            "| raw producer, send → ack, p50 / p99, same pace (reference) | {} ms / {} ms | - |",
+            raw.0, raw.1
+        );
         println!(
             "| latency commit → ack, p50, at {:.0} msg/s offered | {} ms | - |",
             l.offered_rate, l.p50
@@ -1069,7 +1160,7 @@ fn main() {
             }
         );
     }
-    if let Some(l) = &lat {
+    if let Some((l, _)) = &lat {
         println!();
         println!(
             "latency run: {} rows written ({} late ticks of 10 ms), {} delivered incl. 10 warm-up rows",
