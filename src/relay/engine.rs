@@ -921,12 +921,15 @@ impl Relay {
             }
             // Rows that committed late with a smaller id than the cursor: look again every
             // second, once what is in flight has been removed. None can be there when every
-            // read of the pass stopped at the settled horizon and no row was passed over: the
-            // pass goes on without that wait (which would hold up every row written
-            // meanwhile), unless a pass from the oldest row is due.
+            // read of the pass stopped at the settled horizon, no row was passed over, and the
+            // cursor is still at or below the horizon (a read under a cap also returns rows
+            // put back above the sequence's last id, and the cursor can jump past ids still
+            // to be handed out): the pass goes on without that wait (which would hold up every
+            // row written meanwhile), unless a pass from the oldest row is due.
             if pass.cursor > 0 && pass.started.elapsed() > Duration::from_secs(1) {
                 if horizon.enabled
                     && !pass.passed_over
+                    && pass.cursor <= horizon.settled
                     && pass.full_at.elapsed() < FULL_PASS_EVERY
                     && !shared.wake.rescan_asked()
                 {

@@ -232,7 +232,13 @@ impl Store {
         let mut store = Self::open(config)?;
         #[cfg(feature = "postgres")]
         if let Store::Postgres(c) = &mut store {
-            diesel::connection::SimpleConnection::batch_execute(c, PG_READER_SESSION)?;
+            // Only a plan choice: without it (a server before PostgreSQL 12 has no
+            // `plan_cache_mode`), reads are planned at every run, as they once were.
+            if let Err(e) =
+                diesel::connection::SimpleConnection::batch_execute(c, PG_READER_SESSION)
+            {
+                tracing::warn!("the outbox reader's session settings did not apply ({e}); reads are planned at every run");
+            }
         }
         Ok(store)
     }
