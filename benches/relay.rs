@@ -366,6 +366,45 @@ struct Counter {
     first_error: Mutex<Option<String>>,
 }
 
+impl Counter {
+    /// Counts one delivery report; returns whether it was a delivery.
+    fn record(&self, result: &DeliveryResult<'_>) -> bool {
+        match result {
+            Ok(_) => {
+                self.ok.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err((e, _)) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                let mut first = self.first_error.lock().unwrap();
+                if first.is_none() {
+                    *first = Some(e.to_string());
+                }
+                false
+            }
+        }
+    }
+
+    /// Waits until `n` reports have come, for at most `timeout`.
+    fn wait(&self, n: u64, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.ok.load(Ordering::Relaxed) + self.failed.load(Ordering::Relaxed) < n {
+            assert!(Instant::now() < deadline, "raw producer: no end of reports");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn assert_no_failures(&self) {
+        let failed = self.failed.load(Ordering::Relaxed);
+        assert_eq!(
+            failed,
+            0,
+            "raw producer: {failed} failed deliveries, first: {:?}",
+            self.first_error.lock().unwrap()
+        );
+    }
+}
+
 struct RawContext(Arc<Counter>);
 
 impl ClientContext for RawContext {}
@@ -374,19 +413,27 @@ impl ProducerContext for RawContext {
     type DeliveryOpaque = ();
 
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        match result {
-            Ok(_) => {
-                self.0.ok.fetch_add(1, Ordering::Relaxed);
-            }
-            Err((e, _)) => {
-                self.0.failed.fetch_add(1, Ordering::Relaxed);
-                let mut first = self.0.first_error.lock().unwrap();
-                if first.is_none() {
-                    *first = Some(e.to_string());
-                }
-            }
-        }
+        self.0.record(result);
     }
+}
+
+/// Runs `tick(t)` for `t` in `0..ticks`, one every 10 ms from now; returns how many started
+/// more than a tick late.
+fn paced(ticks: usize, mut tick: impl FnMut(usize)) -> usize {
+    let every = Duration::from_millis(10);
+    let mut late = 0;
+    let started = Instant::now();
+    for t in 0..ticks {
+        let due = started + every * t as u32;
+        let now = Instant::now();
+        if now < due {
+            std::thread::sleep(due - now);
+        } else if now - due > every {
+            late += 1;
+        }
+        tick(t);
+    }
+    late
 }
 
 /// The relay's own producer settings, so that the raw producer is configured exactly alike.
@@ -443,14 +490,8 @@ impl ProducerContext for LatencyContext {
 
     fn delivery(&self, result: &DeliveryResult<'_>, sent: Box<Instant>) {
         let ms = sent.elapsed().as_millis().max(1) as u64;
-        match result {
-            Ok(_) => {
-                self.0.lock().unwrap().record(ms).unwrap();
-                self.1.ok.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(_) => {
-                self.1.failed.fetch_add(1, Ordering::Relaxed);
-            }
+        if self.1.record(result) {
+            self.0.lock().unwrap().record(ms).unwrap();
         }
     }
 }
@@ -483,31 +524,13 @@ fn raw_latency(cx: &mut Ctx<'_>) -> (u64, u64) {
             .map_err(|(e, _)| e)
             .expect("raw producer");
     };
-    let wait_reports = |n: u64| {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while counter.ok.load(Ordering::Relaxed) + counter.failed.load(Ordering::Relaxed) < n {
-            assert!(Instant::now() < deadline, "raw producer: no end of reports");
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    };
-    msgs[..10].iter().for_each(send);
-    wait_reports(10);
-    let tick = Duration::from_millis(10);
-    let started = Instant::now();
-    for (t, batch) in msgs[10..].chunks(per_tick).enumerate() {
-        let due = started + tick * t as u32;
-        let now = Instant::now();
-        if now < due {
-            std::thread::sleep(due - now);
-        }
-        batch.iter().for_each(send);
-    }
-    wait_reports(msgs.len() as u64);
-    assert_eq!(
-        counter.failed.load(Ordering::Relaxed),
-        0,
-        "raw producer: failed deliveries"
-    );
+    let (warm_up, paced_msgs) = msgs.split_at(10);
+    warm_up.iter().for_each(send);
+    counter.wait(10, Duration::from_secs(60));
+    let batches: Vec<&[RawMessage]> = paced_msgs.chunks(per_tick).collect();
+    paced(batches.len(), |t| batches[t].iter().for_each(send));
+    counter.wait(msgs.len() as u64, Duration::from_secs(60));
+    counter.assert_no_failures();
     let h = histogram.lock().unwrap();
     (h.value_at_quantile(0.5), h.value_at_quantile(0.99))
 }
@@ -538,24 +561,13 @@ fn raw_produce(config: &devour::Config, topic: &str, msgs: &[RawMessage]) -> (Du
             }
         }
     }
-    let total = msgs.len() as u64;
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while counter.ok.load(Ordering::Relaxed) + counter.failed.load(Ordering::Relaxed) < total {
-        assert!(Instant::now() < deadline, "raw producer: no end of reports");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    counter.wait(msgs.len() as u64, Duration::from_secs(600));
     let took = started.elapsed();
     let cpu = Cpu {
         machine: machine_busy() - busy_before,
         client: process_cpu("self").unwrap_or(0.0) - self_before,
     };
-    let failed = counter.failed.load(Ordering::Relaxed);
-    assert_eq!(
-        failed,
-        0,
-        "raw producer: {failed} failed deliveries, first: {:?}",
-        counter.first_error.lock().unwrap()
-    );
+    counter.assert_no_failures();
     let _ = producer.flush(Duration::from_secs(10));
     (took, cpu)
 }
@@ -829,21 +841,12 @@ fn latency(cx: &mut Ctx<'_>) -> Latency {
     );
     let per_tick = p.rate.div_ceil(100).max(1);
     let ticks = (p.latency_secs * 100) as usize;
-    let tick = Duration::from_millis(10);
     let mut next = 10;
-    let mut late_ticks = 0;
     let started = Instant::now();
-    for t in 0..ticks {
-        let due = started + tick * t as u32;
-        let now = Instant::now();
-        if now < due {
-            std::thread::sleep(due - now);
-        } else if now - due > tick {
-            late_ticks += 1;
-        }
+    let late_ticks = paced(ticks, |_| {
         insert_rows(&mut writer, &topic, next, per_tick, p);
         next += per_tick;
-    }
+    });
     let writing = started.elapsed();
     wait_for(
         &mut cx.conn,

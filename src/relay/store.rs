@@ -851,8 +851,8 @@ mod fence_tests {
         }
     }
 
-    /// Rows 1..=4 in shard 7, owned in turn by relays "a" and "b".
-    fn fence(url: &str, expire: &str) {
+    /// A configuration for the database at `url`, with devour's tables created there.
+    fn migrated_config(url: &str) -> crate::Config {
         let config = crate::Config::from_toml_str(
             &format!("[database]\nurl = \"{url}\"\n[kafka]\nhosts = \"127.0.0.1:9\"\n"),
             crate::config::Origin::Defaults,
@@ -863,6 +863,12 @@ mod fence_tests {
             .unwrap()
             .migrate()
             .unwrap();
+        config
+    }
+
+    /// Rows 1..=4 in shard 7, owned in turn by relays "a" and "b".
+    fn fence(url: &str, expire: &str) {
+        let config = migrated_config(url);
         let mut a = Store::open(&config).unwrap();
         let mut b = Store::open(&config).unwrap();
         exec(
@@ -954,16 +960,7 @@ mod fence_tests {
     #[test]
     fn batch_statements_are_prepared_once_postgres() {
         in_pg_database("prepared", |url| {
-            let config = crate::Config::from_toml_str(
-                &format!("[database]\nurl = \"{url}\"\n[kafka]\nhosts = \"127.0.0.1:9\"\n"),
-                crate::config::Origin::Defaults,
-                &Default::default(),
-            )
-            .unwrap();
-            crate::db::DbPool::connect(&config.database)
-                .unwrap()
-                .migrate()
-                .unwrap();
+            let config = migrated_config(url);
             let mut r = Store::open_reader(&config).unwrap();
             exec(
                 &mut r,
