@@ -820,6 +820,7 @@ impl Relay {
         let poll = Duration::from_millis(rc.poll_interval_ms);
         let block_keys = rc.on_dead_letter == DeadLetterPolicy::BlockKey;
         let mut pass = Pass::new();
+        let reading_since = Instant::now();
         let mut horizon = Horizon::new(&self.reader);
         horizon.refresh(&mut self.reader, &shared.relay_id);
         pass.restart(&shared, true, horizon.settled);
@@ -1023,7 +1024,16 @@ impl Relay {
                 }
                 held_since = None;
                 if shared.in_flight() == 0 {
-                    if pass.cursor == 0 && self.options.mode == Mode::Drain {
+                    // A drain leaves the shards other relays hold to them, but a relay that died
+                    // holds its leases until they run out (and counts as alive until then):
+                    // with fewer than every shard, a drain ends only after two lease TTLs, by
+                    // when such leases have run out and been taken over here.
+                    if pass.cursor == 0
+                        && self.options.mode == Mode::Drain
+                        && (shards.len() == crate::outbox::SHARDS as usize
+                            || reading_since.elapsed()
+                                >= Duration::from_millis(2 * rc.lease_ttl_ms))
+                    {
                         break;
                     }
                     let full = self.full_pass_due(&pass, &horizon);
