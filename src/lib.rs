@@ -1,5 +1,7 @@
 #![doc = include_str!("../README.md")]
-#![forbid(unsafe_code)]
+// Safe Rust throughout, but for one module that reads Kafka header names through librdkafka's
+// C API (`consume::raw_headers`, which says why).
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 mod broker;

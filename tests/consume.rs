@@ -1026,3 +1026,150 @@ fn start_from_latest_skips_what_was_there_before() {
         "once joined, every new message is handled, in order: {seqs:?}"
     );
 }
+
+/// Produces one message to partition 0 of `topic` with `headers`, names as raw bytes: rdkafka's
+/// API takes only UTF-8 names, librdkafka's (like other clients) any bytes.
+#[allow(unsafe_code)]
+fn produce_with_raw_header_names(topic: &str, payload: &[u8], headers: &[(&[u8], &[u8])]) {
+    use rdkafka::bindings as rdsys;
+    use rdkafka::producer::{BaseProducer, Producer};
+    use std::ffi::CString;
+    let p: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", common::kafka_hosts())
+        .create()
+        .unwrap();
+    let topic_c = CString::new(topic).unwrap();
+    let names: Vec<CString> = headers
+        .iter()
+        .map(|(k, _)| CString::new(*k).unwrap())
+        .collect();
+    let vu = |vtype, u| rdsys::rd_kafka_vu_t { vtype, u };
+    use rdsys::rd_kafka_vtype_t as V;
+    let mut vus = vec![
+        vu(
+            V::RD_KAFKA_VTYPE_TOPIC,
+            rdsys::rd_kafka_vu_s__bindgen_ty_1 {
+                cstr: topic_c.as_ptr(),
+            },
+        ),
+        vu(
+            V::RD_KAFKA_VTYPE_PARTITION,
+            rdsys::rd_kafka_vu_s__bindgen_ty_1 { i32_: 0 },
+        ),
+        vu(
+            V::RD_KAFKA_VTYPE_VALUE,
+            rdsys::rd_kafka_vu_s__bindgen_ty_1 {
+                mem: rdsys::rd_kafka_vu_s__bindgen_ty_1__bindgen_ty_1 {
+                    ptr: payload.as_ptr() as *mut _,
+                    size: payload.len(),
+                },
+            },
+        ),
+    ];
+    for (name, (_, value)) in names.iter().zip(headers) {
+        vus.push(vu(
+            V::RD_KAFKA_VTYPE_HEADER,
+            rdsys::rd_kafka_vu_s__bindgen_ty_1 {
+                header: rdsys::rd_kafka_vu_s__bindgen_ty_1__bindgen_ty_2 {
+                    name: name.as_ptr(),
+                    val: value.as_ptr().cast(),
+                    size: value.len() as isize,
+                },
+            },
+        ));
+    }
+    // SAFETY: every pointer in `vus` outlives the flush below, which waits for the delivery
+    // (librdkafka does not copy the value without RD_KAFKA_MSG_F_COPY; it copies the headers).
+    let err =
+        unsafe { rdsys::rd_kafka_produceva(p.client().native_ptr(), vus.as_ptr(), vus.len()) };
+    assert!(err.is_null(), "rd_kafka_produceva failed");
+    p.flush(Duration::from_secs(30)).expect("acked");
+}
+
+/// What a handler saw of the headers: (raw name, value) and the names `Meta::headers` gave.
+type HeadersSeen = Arc<std::sync::Mutex<Vec<(Vec<(Vec<u8>, Vec<u8>)>, Vec<String>)>>>;
+
+fn header_name_not_utf8(tag: &str, extra: &str) {
+    let db = TestDb::new(Backend::Sqlite, tag);
+    let topic = create_topic(tag, 1);
+    let dlq = create_topic(&format!("{tag}-dlq"), 1);
+    let bad_name: &[u8] = b"x-\xff\xfe";
+    // Message 0 carries the bad name (and a message-id after it, as the inbox reads it);
+    // the handler gives up on it, so it also goes to the dead-letter topic. Message 1 is plain.
+    produce_with_raw_header_names(
+        &topic,
+        br#"{"seq": 0}"#,
+        &[(bad_name, b"v"), (b"message-id", b"m-0")],
+    );
+    produce(&topic, &[Out::seq("a", 1)]);
+    struct H(HeadersSeen);
+    impl devour::consume::Consumer for H {
+        type Message = serde_json::Value;
+        fn digest(
+            &mut self,
+            meta: &devour::consume::Meta<'_>,
+            m: devour::consume::Payload<'_, serde_json::Value>,
+            _: &mut devour::consume::Ctx<'_>,
+        ) -> Result<(), DigestError> {
+            let raw = meta
+                .raw_headers()
+                .map(|(k, v)| (k.to_vec(), v.unwrap_or_default().to_vec()))
+                .collect();
+            let names = meta.headers().map(|(k, _)| k.to_string()).collect();
+            self.0.lock().unwrap().push((raw, names));
+            match m.json().and_then(|v| v["seq"].as_i64()) {
+                Some(0) => Err(DigestError::give_up("seq 0 is refused")),
+                _ => Ok(()),
+            }
+        }
+    }
+    let seen: HeadersSeen = Default::default();
+    let mut registry = devour::consume::Registry::new();
+    let s = seen.clone();
+    registry.register("headers", move || H(s.clone()));
+    let cfg = config(
+        &db,
+        &format!(
+            "[consumers.headers]\ntopic = \"{topic}\"\nhandler = \"headers\"\ndump = \"json\"\ndead_letter_topic = \"{dlq}\"\ngroup = \"{}\"\n{extra}\n",
+            common::unique(tag)
+        ),
+    );
+    let report = drain(&cfg, "headers", &registry, T);
+    assert_eq!(
+        (report.processed, report.dead_lettered),
+        (1, 1),
+        "{report:?}"
+    );
+    let seen = seen.lock().unwrap();
+    assert_eq!(
+        seen[0].0,
+        vec![
+            (bad_name.to_vec(), b"v".to_vec()),
+            (b"message-id".to_vec(), b"m-0".to_vec())
+        ],
+        "raw_headers gives the name's bytes as they came"
+    );
+    assert_eq!(
+        seen[0].1,
+        vec!["message-id".to_string()],
+        "Meta::headers leaves out a name that is not UTF-8"
+    );
+    let dead = read_all(&dlq, Duration::from_secs(30));
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let names: Vec<&str> = dead[0].headers.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        &names[..2],
+        ["x-\u{fffd}\u{fffd}", "message-id"],
+        "the dead letter keeps the header, with U+FFFD for the bad bytes: {names:?}"
+    );
+}
+
+#[test]
+fn a_header_name_that_is_not_utf8_is_read_as_bytes_and_dead_lettered_with_an_inbox() {
+    header_name_not_utf8("consume-badname-inbox", "inbox = true");
+}
+
+#[test]
+fn a_header_name_that_is_not_utf8_is_read_as_bytes_and_dead_lettered_by_a_worker() {
+    header_name_not_utf8("consume-badname-workers", "concurrency = 2");
+}

@@ -40,8 +40,11 @@ fn bytes_value(b: &[u8]) -> Value {
 
 /// The message's headers as a JSON object (`print` writes them, `exec` passes them on).
 fn headers_json(meta: &Meta<'_>) -> Map<String, Value> {
-    meta.headers()
-        .map(|(k, v)| (k.to_string(), v.map(bytes_value).unwrap_or(Value::Null)))
+    meta.raw_headers()
+        .map(|(k, v)| {
+            let k = String::from_utf8_lossy(k).into_owned();
+            (k, v.map(bytes_value).unwrap_or(Value::Null))
+        })
         .collect()
 }
 

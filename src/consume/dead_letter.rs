@@ -92,9 +92,12 @@ impl DeadLetters {
     ) -> Result<String, String> {
         let topic = self.route.dead_letter_topic_for(meta.topic);
         let mut headers = OwnedHeaders::new();
-        for (k, v) in meta.headers() {
-            if !k.starts_with("devour-dlq-") {
-                headers = headers.insert(Header { key: k, value: v });
+        for (k, v) in meta.raw_headers() {
+            if !k.starts_with(b"devour-dlq-") {
+                // rdkafka takes names as text: a name that is not UTF-8 goes on with U+FFFD
+                // for its bad bytes.
+                let k = String::from_utf8_lossy(k);
+                headers = headers.insert(Header { key: &k, value: v });
             }
         }
         let mut error = error.to_string();

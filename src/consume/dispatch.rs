@@ -9,11 +9,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use diesel::Connection;
-use rdkafka::message::{BorrowedMessage, OwnedMessage};
+use rdkafka::message::BorrowedMessage;
 use rdkafka::Message;
 
 use super::dead_letter::DeadLetters;
-use super::handler::{Action, CallError, Ctx, DynConsumer, HeadersRef, Meta, TxConnection};
+use super::handler::{
+    Action, CallError, Ctx, DynConsumer, HeadersRef, Meta, OwnedHeader, TxConnection,
+};
 use super::inbox::{self, Claimed, InboxEntry};
 use crate::config::ConsumerRoute;
 use crate::db::{DbConnection, DbError, DbPool};
@@ -23,42 +25,80 @@ use crate::db::{DbConnection, DbError, DbPool};
 pub(crate) trait Record {
     fn meta<'a>(&'a self, route: &'a str, attempt: u32) -> Meta<'a>;
     fn payload_bytes(&self) -> Option<&[u8]>;
-}
-
-fn meta_of<'a, M: Message>(
-    m: &'a M,
-    route: &'a str,
-    attempt: u32,
-    headers: HeadersRef<'a>,
-) -> Meta<'a> {
-    Meta {
-        route,
-        topic: m.topic(),
-        partition: m.partition(),
-        offset: m.offset(),
-        key: m.key(),
-        timestamp_ms: m.timestamp().to_millis(),
-        attempt,
-        payload: m.payload(),
-        headers,
-    }
+    /// Topic, partition and offset.
+    fn place(&self) -> (&str, i32, i64);
 }
 
 impl Record for BorrowedMessage<'_> {
     fn meta<'a>(&'a self, route: &'a str, attempt: u32) -> Meta<'a> {
-        meta_of(self, route, attempt, HeadersRef::Borrowed(self))
+        Meta {
+            route,
+            topic: self.topic(),
+            partition: self.partition(),
+            offset: self.offset(),
+            key: self.key(),
+            timestamp_ms: self.timestamp().to_millis(),
+            attempt,
+            payload: self.payload(),
+            headers: HeadersRef::Borrowed(self),
+        }
     }
     fn payload_bytes(&self) -> Option<&[u8]> {
         self.payload()
+    }
+    fn place(&self) -> (&str, i32, i64) {
+        (self.topic(), self.partition(), self.offset())
     }
 }
 
-impl Record for OwnedMessage {
+/// A message copied out of the consumer, for a worker thread.
+pub(crate) struct Detached {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    key: Option<Box<[u8]>>,
+    payload: Option<Box<[u8]>>,
+    timestamp_ms: Option<i64>,
+    headers: Vec<OwnedHeader>,
+}
+
+impl Detached {
+    pub(crate) fn of(m: &BorrowedMessage<'_>) -> Detached {
+        let meta = m.meta("", 0);
+        Detached {
+            topic: meta.topic.to_string(),
+            partition: meta.partition,
+            offset: meta.offset,
+            key: meta.key.map(Box::from),
+            payload: meta.payload.map(Box::from),
+            timestamp_ms: meta.timestamp_ms,
+            headers: meta
+                .raw_headers()
+                .map(|(k, v)| (Box::from(k), v.map(Box::from)))
+                .collect(),
+        }
+    }
+}
+
+impl Record for Detached {
     fn meta<'a>(&'a self, route: &'a str, attempt: u32) -> Meta<'a> {
-        meta_of(self, route, attempt, HeadersRef::Owned(self.headers()))
+        Meta {
+            route,
+            topic: &self.topic,
+            partition: self.partition,
+            offset: self.offset,
+            key: self.key.as_deref(),
+            timestamp_ms: self.timestamp_ms,
+            attempt,
+            payload: self.payload.as_deref(),
+            headers: HeadersRef::Owned(&self.headers),
+        }
     }
     fn payload_bytes(&self) -> Option<&[u8]> {
-        self.payload()
+        self.payload.as_deref()
+    }
+    fn place(&self) -> (&str, i32, i64) {
+        (&self.topic, self.partition, self.offset)
     }
 }
 
@@ -458,6 +498,9 @@ impl Dispatcher {
                         return Ok(());
                     }
                     for m in batch {
+                        if self.stop.load(Ordering::Relaxed) {
+                            return Err(Stopped);
+                        }
                         if let Err(f) = self.attempt(m, 1) {
                             report(*finished);
                             self.one(m, Some(f))?;

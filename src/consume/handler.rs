@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
-use rdkafka::message::{BorrowedHeaders, BorrowedMessage, Headers, Message, OwnedHeaders};
+use rdkafka::message::BorrowedMessage;
 use serde::de::DeserializeOwned;
 
 use crate::config::{ConsumerRoute, Dump};
@@ -85,46 +85,56 @@ pub struct Meta<'a> {
     pub(crate) headers: HeadersRef<'a>,
 }
 
-/// The headers of a borrowed or an owned message.
+/// The headers of a borrowed or an owned message. Names are bytes: a producer may write a name
+/// that is not UTF-8 (see `raw_headers`).
 #[derive(Clone, Copy)]
 pub(crate) enum HeadersRef<'a> {
     /// Parsed on first use (librdkafka parses a message's headers lazily; most handlers that
     /// never look at them should not pay for it).
     Borrowed(&'a BorrowedMessage<'a>),
-    Owned(Option<&'a OwnedHeaders>),
+    Owned(&'a [OwnedHeader]),
 }
+
+/// A header copied out of its message: (name, value).
+pub(crate) type OwnedHeader = (Box<[u8]>, Option<Box<[u8]>>);
 
 impl fmt::Debug for HeadersRef<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_map()
-            .entries((0..self.count()).filter_map(|i| self.get(i)))
+            .entries((0..self.count()).filter_map(|i| {
+                self.get(i)
+                    .map(|(k, v)| (String::from_utf8_lossy(k), v.map(String::from_utf8_lossy)))
+            }))
             .finish()
     }
 }
 
 impl<'a> HeadersRef<'a> {
-    fn borrowed(m: &'a BorrowedMessage<'a>) -> Option<&'a BorrowedHeaders> {
-        m.headers()
-    }
-
-    fn get(&self, idx: usize) -> Option<(&'a str, Option<&'a [u8]>)> {
+    fn get(&self, idx: usize) -> Option<(&'a [u8], Option<&'a [u8]>)> {
         match *self {
-            HeadersRef::Borrowed(m) => Self::borrowed(m)?.try_get(idx).map(|h| (h.key, h.value)),
-            HeadersRef::Owned(h) => h?.try_get(idx).map(|h| (h.key, h.value)),
+            HeadersRef::Borrowed(m) => super::raw_headers::get(m, idx),
+            HeadersRef::Owned(h) => h.get(idx).map(|(k, v)| (&k[..], v.as_deref())),
         }
     }
 
     fn count(&self) -> usize {
         match *self {
-            HeadersRef::Borrowed(m) => Self::borrowed(m).map_or(0, |h| h.count()),
-            HeadersRef::Owned(h) => h.map_or(0, |h| h.count()),
+            HeadersRef::Borrowed(m) => super::raw_headers::count(m),
+            HeadersRef::Owned(h) => h.len(),
         }
     }
 }
 
 impl<'a> Meta<'a> {
-    /// All headers in order: (name, value).
+    /// All headers in order: (name, value). A header whose name is not UTF-8 (a producer
+    /// other than devour may write one) is left out here; [`Meta::raw_headers`] has it.
     pub fn headers(&self) -> impl Iterator<Item = (&'a str, Option<&'a [u8]>)> + '_ {
+        self.raw_headers()
+            .filter_map(|(k, v)| std::str::from_utf8(k).ok().map(|k| (k, v)))
+    }
+
+    /// All headers in order, each name as the bytes it came as.
+    pub fn raw_headers(&self) -> impl Iterator<Item = (&'a [u8], Option<&'a [u8]>)> + '_ {
         (0..self.headers.count()).filter_map(|i| self.headers.get(i))
     }
 
@@ -133,7 +143,7 @@ impl<'a> Meta<'a> {
         (0..self.headers.count())
             .rev()
             .filter_map(|i| self.headers.get(i))
-            .find(|(k, _)| *k == name)
+            .find(|(k, _)| *k == name.as_bytes())
             .and_then(|(_, v)| v)
     }
 

@@ -28,6 +28,7 @@ mod dispatch;
 mod handler;
 mod inbox;
 pub mod lag;
+mod raw_headers;
 mod runner;
 
 use std::time::Duration;

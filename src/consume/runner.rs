@@ -8,12 +8,11 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
-use rdkafka::message::OwnedMessage;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::Message;
 
 use super::dead_letter::DeadLetters;
-use super::dispatch::{Dispatcher, Stats};
+use super::dispatch::{Detached, Dispatcher, Record, Stats};
 use super::handler::Registry;
 use super::{ConsumeError, ConsumeReport, RunOptions};
 use crate::config::{Config, ConsumerRoute, ConsumerType};
@@ -87,13 +86,14 @@ impl Shared {
     }
 
     /// Records `finished` messages (in order) as done: their offsets + 1 are the next to store.
-    fn mark<M: Message>(&self, finished: &[M]) {
+    fn mark<R: Record>(&self, finished: &[R]) {
         if finished.is_empty() {
             return;
         }
         let mut offsets = self.offsets.lock().expect("offsets lock");
         for m in finished {
-            offsets.mark(m.topic(), m.partition(), m.offset());
+            let (topic, partition, offset) = m.place();
+            offsets.mark(topic, partition, offset);
         }
     }
 
@@ -119,7 +119,7 @@ impl Shared {
 /// A worker's queue. When the worker ends (a panic included), what is still queued for it is
 /// no longer in flight, so that a revoke waiting for in-flight messages does not wait forever.
 struct Queue {
-    rx: crossbeam_channel::Receiver<OwnedMessage>,
+    rx: crossbeam_channel::Receiver<Detached>,
     shared: Arc<Shared>,
 }
 
@@ -671,7 +671,7 @@ impl<'a> LoopState<'a> {
         let batch_max = self.batch_max();
         let last_done = Arc::new(Mutex::new(None::<Instant>));
         for (i, mut d) in dispatchers.into_iter().enumerate() {
-            let (tx, rx) = crossbeam_channel::bounded::<OwnedMessage>(batch_max.max(256));
+            let (tx, rx) = crossbeam_channel::bounded::<Detached>(batch_max.max(256));
             senders.push(tx);
             let shared = self.shared.clone();
             let stop = self.stop.clone();
@@ -722,7 +722,7 @@ impl<'a> LoopState<'a> {
                 break;
             }
             *self.shared.in_flight.lock().expect("in-flight lock") += 1;
-            let mut message = m.detach();
+            let mut message = Detached::of(&m);
             let sent = loop {
                 match senders[worker].send_timeout(message, STORE_EVERY) {
                     Ok(()) => break true,
