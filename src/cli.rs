@@ -765,8 +765,11 @@ pub fn relay_main() -> ExitCode {
             if report.left > 0 {
                 line += &format!(
                     "; {} row(s) still in the outbox: held back by a dead letter (`devour status`), \
-                     written meanwhile, or in other relays' shards",
-                    report.left
+                     written after the drain began{}, or in other relays' shards",
+                    report.left,
+                    report
+                        .drained_through
+                        .map_or(String::new(), |id| format!(" (ids above {id})"))
                 );
             }
             crate::telemetry::say(false, &line);

@@ -825,3 +825,98 @@ fn a_drain_reports_the_rows_a_dead_letter_holds_back() {
         "k1's later row is left behind its dead letter: {report:?}"
     );
 }
+
+/// A drain delivers the rows there when it begins, and ends however fast rows keep coming:
+/// those written after it began are left for the next run.
+fn a_drain_ends_while_rows_keep_coming<C: TestConn + Send + 'static>(db: &TestDb) {
+    let topic = common::create_topic("drain-under-writes", 3);
+    let open = || {
+        let mut c = C::open(db);
+        if std::any::type_name::<C>().contains("Sqlite") {
+            c.batch_execute("PRAGMA busy_timeout = 10000").unwrap();
+        }
+        c
+    };
+    let mut c = open();
+    // One writer, no aborted transactions: row `seq` has id `seq + 1`.
+    const BEFORE: i64 = 2_000;
+    common::insert_rows(&mut c, &topic, 0, BEFORE, 50);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (topic, stop) = (topic.clone(), stop.clone());
+        let mut w = open();
+        std::thread::spawn(move || {
+            let mut next = BEFORE;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                common::insert_rows(&mut w, &topic, next, 5, 50);
+                next += 5;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            next
+        })
+    };
+    // Writes are under way before the drain begins, and go on until it has ended.
+    std::thread::sleep(Duration::from_millis(200));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let config = common::config(db, "");
+    std::thread::spawn(move || tx.send(common::relay_drain(&config)));
+    let report = rx.recv_timeout(Duration::from_secs(120));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let written = writer.join().unwrap();
+    let report = report.expect("the drain ended within 2 minutes while rows kept coming");
+    let through = report.drained_through.expect("a drain says where it ended");
+    let left = c.count("devour_outbox");
+    assert!(
+        through >= BEFORE && report.delivered as i64 == through && report.left as i64 <= left,
+        "a drain delivers the rows up to the largest id there was when it began: {report:?}, \
+         {written} written, {left} left"
+    );
+    assert!(
+        left > 0 && left == written - through,
+        "the rows written after it began are left: {report:?}, {written} written, {left} left"
+    );
+    let msgs = common::consume_seqs(&topic, through as usize, Duration::from_secs(60));
+    common::check_delivery(&msgs, 0..through);
+}
+
+both_backends!(a_drain_ends_while_rows_keep_coming);
+
+/// A drain that holds fewer than every shard waits for the shards of a relay that died, even
+/// one whose lease TTL is longer than its own: it takes them over when their leases run out
+/// and drains their rows too.
+#[test]
+fn a_drain_waits_out_a_dead_relay_with_a_longer_lease_ttl() {
+    let db = TestDb::new(Backend::Postgres, "drain_dead_ttl");
+    let topic = common::create_topic("drain-dead-ttl", 3);
+    let mut c = PgConnection::establish(&db.url).unwrap();
+    common::insert_rows(&mut c, &topic, 0, 1_000, 200);
+    // A relay killed a second ago, with a 9 s TTL (this drain's is 3 s): its heartbeat looks
+    // alive for a while, and it holds half the shards for 8 more seconds.
+    c.batch_execute(
+        "INSERT INTO devour_relays (relay_id, started_at, heartbeat_at, lease_ttl_ms) \
+           VALUES ('dead-1', now() - interval '1 minute', now() - interval '1 second', 9000); \
+         UPDATE devour_relay_leases SET owner = 'dead-1', epoch = epoch + 1, \
+           expires_at = now() + interval '8 seconds' WHERE shard < 128",
+    )
+    .unwrap();
+    let held_by_dead: i64 = {
+        #[derive(QueryableByName)]
+        struct N {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            n: i64,
+        }
+        diesel::sql_query("SELECT count(*) AS n FROM devour_outbox WHERE shard < 128")
+            .get_result::<N>(&mut c)
+            .unwrap()
+            .n
+    };
+    assert!(held_by_dead > 0 && held_by_dead < 1_000);
+    let report = common::relay_drain(&common::config(&db, ""));
+    assert_eq!(
+        (report.delivered, report.left),
+        (1_000, 0),
+        "the dead relay's {held_by_dead} rows were drained too: {report:?}"
+    );
+    let msgs = common::consume_seqs(&topic, 1_000, Duration::from_secs(60));
+    common::check_delivery(&msgs, 0..1_000);
+}

@@ -40,6 +40,9 @@ pub struct RelayReport {
     /// keys held back by a dead letter (`block_key`), rows written while it ran, or rows of
     /// shards other relays hold (0 in follow mode and for a drain that was stopped).
     pub left: u64,
+    /// A drain: the largest id in the outbox when it began. It delivers the rows up to there;
+    /// rows written after it began are left for the next run.
+    pub drained_through: Option<i64>,
     /// Commit → acknowledgement latency, 50th percentile, in ms.
     pub latency_p50_ms: u64,
     /// Commit → acknowledgement latency, 99th percentile, in ms.
@@ -58,6 +61,9 @@ struct LeaseView {
     releasing: BTreeSet<i32>,
     /// Another relay holds the SQLite outbox.
     standby: Option<String>,
+    /// A drain's view of the shards it does not hold (see [`Store::unattended`]): how many
+    /// no live relay holds, the longest lease TTL on record, and when this was read.
+    unattended: Option<(usize, u64, Instant)>,
 }
 
 /// Rows handed to the producer and not yet removed from the outbox, per shard.
@@ -71,6 +77,8 @@ struct Shared {
     relay_id: String,
     config: RelayConfig,
     stop: Arc<AtomicBool>,
+    /// `--drain`: deliver what is there, then end.
+    drain: bool,
     wake: Arc<Wake>,
     leases: RwLock<LeaseView>,
     in_flight: Mutex<InFlightRows>,
@@ -165,6 +173,14 @@ impl Shared {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// [`LeaseView::valid_until`] alone (no copy of the leases).
+    fn leases_valid_until(&self) -> Instant {
+        self.leases
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .valid_until
     }
 }
 
@@ -454,6 +470,7 @@ struct LoopCounts {
     restarts: u64,
     passes: u64,
     passes_from_oldest: u64,
+    drained_through: Option<i64>,
 }
 
 /// A connected relay, ready to run.
@@ -622,12 +639,14 @@ impl Relay {
             relay_id,
             config: rc,
             stop,
+            drain: options.mode == Mode::Drain,
             wake,
             leases: RwLock::new(LeaseView {
                 owned: Leases::new(),
                 valid_until: Instant::now(),
                 releasing: BTreeSet::new(),
                 standby: None,
+                unattended: None,
             }),
             in_flight: Mutex::new(InFlightRows::default()),
             drained: Condvar::new(),
@@ -779,6 +798,7 @@ impl Relay {
             restarts: counts.restarts,
             passes: counts.passes,
             passes_from_oldest: counts.passes_from_oldest,
+            drained_through: counts.drained_through,
             abandoned,
             latency_p50_ms: latency.value_at_quantile(0.5),
             latency_p99_ms: latency.value_at_quantile(0.99),
@@ -831,6 +851,21 @@ impl Relay {
         let mut progress = Progress::new(&self.options);
         let mut standby_since: Option<Instant> = None;
         let mut prefetch = Prefetcher::start(&self.config)?;
+        // A drain delivers the rows there when it begins and ends once none of them is left:
+        // its reads stop at the largest id there was, so that rows written meanwhile cannot
+        // keep it going (they are left for the next run, and counted in its report).
+        let drain_bound = if shared.drain {
+            with_retry(
+                &shared,
+                Role::Reader,
+                &mut self.reader,
+                &self.config,
+                "reading where the outbox ends",
+                Store::max_id,
+            )
+        } else {
+            None
+        };
 
         while !shared.stopping() {
             if shared.restart.swap(false, Ordering::AcqRel) {
@@ -954,10 +989,13 @@ impl Relay {
                 shared.wake.ask_rescan();
                 continue;
             }
-            let until = horizon.cap();
+            let until = match drain_bound {
+                Some(bound) => Some(horizon.cap().map_or(bound, |c| c.min(bound))),
+                None => horizon.cap(),
+            };
             // Past a transaction that held a smaller id for WRITER_WAIT: its row may commit
             // below the cursor.
-            if until.is_some_and(|u| u > horizon.settled) {
+            if horizon.enabled && until.is_some_and(|u| u > horizon.settled) {
                 pass.passed_over = true;
             }
             let request = FetchRequest {
@@ -1006,7 +1044,17 @@ impl Relay {
                     fresh_sample_due = true;
                     continue;
                 }
-                if horizon.holds_back() {
+                let holds_back = match drain_bound {
+                    // Only ids up to the bound matter to a drain.
+                    Some(bound) => horizon.cap().is_some_and(|c| {
+                        horizon
+                            .samples
+                            .back()
+                            .is_some_and(|s| c < bound.min(s.last_id))
+                    }),
+                    None => horizon.holds_back(),
+                };
+                if holds_back {
                     // Rows above the cap wait for the transactions holding smaller ids (at most
                     // WRITER_WAIT); look again shortly, with a fresh sample (the cap is the same
                     // until one is taken): every 2 ms at first (a short transaction commits
@@ -1024,15 +1072,18 @@ impl Relay {
                 }
                 held_since = None;
                 if shared.in_flight() == 0 {
-                    // A drain leaves the shards other relays hold to them, but a relay that died
-                    // holds its leases until they run out (and counts as alive until then):
-                    // with fewer than every shard, a drain ends only after two lease TTLs, by
-                    // when such leases have run out and been taken over here.
+                    // A drain leaves the shards live relays hold to them, but a relay that died
+                    // holds its leases until they run out: with fewer than every shard, a drain
+                    // ends only once no shard is held by neither it nor a live relay, as seen
+                    // at least the longest lease TTL after its reads began (by then a relay
+                    // that had died has missed heartbeats; its shards are waited for, taken
+                    // over when their leases run out, and drained here).
+                    let others_attended = view.unattended.is_some_and(|(n, longest, at)| {
+                        n == 0 && at >= reading_since + Duration::from_millis(longest)
+                    });
                     if pass.cursor == 0
                         && self.options.mode == Mode::Drain
-                        && (shards.len() == crate::outbox::SHARDS as usize
-                            || reading_since.elapsed()
-                                >= Duration::from_millis(2 * rc.lease_ttl_ms))
+                        && (shards.len() == crate::outbox::SHARDS as usize || others_attended)
                     {
                         break;
                     }
@@ -1060,7 +1111,7 @@ impl Relay {
             // a shard back only once the reader can have seen it marked, and then only with
             // nothing in flight on it, so either this view shows it going or the keeper waits.
             // (The view the read began with may be older than a slow read.)
-            let view = shared.leases();
+            let mut view = shared.leases();
             if Instant::now() >= view.valid_until {
                 // The leases ran out during the read: send nothing, and read these rows again
                 // once they are renewed (the cursor stays where it was).
@@ -1075,6 +1126,19 @@ impl Relay {
                     shared
                         .remove_in_flight(std::iter::once(row.shard).chain(rows.map(|r| r.shard)));
                     break;
+                }
+                if Instant::now() >= view.valid_until {
+                    // A row before this one held the batch up (a dead letter waiting for the
+                    // database, a full producer queue) until the leases the batch began with
+                    // may have run out: go on only under renewed ones. (Under a new epoch,
+                    // the shard's rows wait, below.)
+                    view = shared.leases();
+                    if Instant::now() >= view.valid_until {
+                        shared.remove_in_flight(
+                            std::iter::once(row.shard).chain(rows.map(|r| r.shard)),
+                        );
+                        break;
+                    }
                 }
                 pass.cursor = row.id;
                 if let Some(k) = &row.partition_key {
@@ -1147,6 +1211,7 @@ impl Relay {
             restarts,
             passes: pass.passes,
             passes_from_oldest: pass.from_oldest,
+            drained_through: drain_bound,
         })
     }
 
@@ -1178,6 +1243,13 @@ impl Relay {
                     // for it (the row stays in the outbox).
                     if shared.stopping() {
                         shared.remove_in_flight([row.shard]);
+                        return false;
+                    }
+                    // Nor past the leases: another relay may have the shard by now. Read
+                    // again from the oldest row (this row's cursor is already set).
+                    if Instant::now() >= shared.leases_valid_until() {
+                        shared.remove_in_flight([row.shard]);
+                        shared.wake.ask_rescan();
                         return false;
                     }
                     record = r;
@@ -1471,6 +1543,7 @@ fn lease_loop(shared: &Shared, mut store: Store, config: &Config) {
             let live = store.heartbeat(&id, ttl)?;
             let mut owned = store.renew(&id, ttl)?;
             let mut standby = None;
+            let mut unattended = None;
             // Only shards the reader could already see as going are handed back this tick.
             let mut releasing = shared.leases().releasing;
             releasing.retain(|s| owned.contains_key(s));
@@ -1498,6 +1571,10 @@ fn lease_loop(shared: &Shared, mut store: Store, config: &Config) {
                     owned = all;
                     standby = holder;
                 }
+                if shared.drain && shares {
+                    let (n, longest) = store.unattended(&id, ttl)?;
+                    unattended = Some((n, longest, started));
+                }
                 // Hand back the shards whose rows in flight are all removed.
                 let done: Vec<i32> = announced
                     .iter()
@@ -1520,6 +1597,7 @@ fn lease_loop(shared: &Shared, mut store: Store, config: &Config) {
             view.owned = owned;
             view.releasing = releasing;
             view.standby = standby;
+            view.unattended = unattended;
             Ok(())
         })();
         match tick {

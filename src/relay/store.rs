@@ -440,6 +440,53 @@ impl Store {
         Ok(())
     }
 
+    /// For a drain that holds fewer than every shard: how many shards neither `relay` nor a
+    /// relay that looks alive holds (unheld, expired, or held by a relay whose last heartbeat
+    /// is older than two thirds of its lease TTL: relays beat every third), and the longest
+    /// lease TTL among the relays on record. SQLite: a relay holds every shard or none.
+    pub(crate) fn unattended(&mut self, relay: &str, ttl_ms: u64) -> Result<(usize, u64), DbError> {
+        match self {
+            #[cfg(feature = "postgres")]
+            Store::Postgres(c) => {
+                #[derive(QueryableByName)]
+                struct Unattended {
+                    #[diesel(sql_type = BigInt)]
+                    n: i64,
+                    #[diesel(sql_type = BigInt)]
+                    ttl: i64,
+                }
+                let u: Unattended = diesel::sql_query(
+                    "SELECT (SELECT count(*) FROM devour_relay_leases l \
+                               LEFT JOIN devour_relays r ON r.relay_id = l.owner \
+                             WHERE l.owner IS DISTINCT FROM $1 \
+                               AND (l.owner IS NULL OR l.expires_at IS NULL OR l.expires_at <= now() \
+                                 OR r.relay_id IS NULL \
+                                 OR r.heartbeat_at < now() - coalesce(r.lease_ttl_ms, $2) * 2 / 3 \
+                                      * interval '1 millisecond')) AS n, \
+                            (SELECT coalesce(max(coalesce(lease_ttl_ms, $2)), $2) \
+                             FROM devour_relays) AS ttl",
+                )
+                .bind::<Text, _>(relay)
+                .bind::<BigInt, _>(ttl_ms as i64)
+                .get_result(c)?;
+                Ok((u.n.max(0) as usize, u.ttl.max(0) as u64))
+            }
+            #[cfg(feature = "sqlite")]
+            Store::Sqlite(_) => Ok((0, ttl_ms)),
+        }
+    }
+
+    /// The largest id in the outbox (0 when empty): where a drain's work ends.
+    pub(crate) fn max_id(&mut self) -> Result<i64, DbError> {
+        let q = "SELECT coalesce(max(id), 0) AS n FROM devour_outbox";
+        Ok(match self {
+            #[cfg(feature = "postgres")]
+            Store::Postgres(c) => diesel::sql_query(q).get_result::<Count>(c)?.n,
+            #[cfg(feature = "sqlite")]
+            Store::Sqlite(c) => diesel::sql_query(q).get_result::<Count>(c)?.n,
+        })
+    }
+
     /// The outbox's last id handed out, then the transactions (virtual ids), other than this
     /// connection's, holding a lock on the outbox that INSERT takes (or a stronger one): the
     /// only ones that may hold an id not committed yet, prepared transactions among them.
