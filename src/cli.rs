@@ -208,7 +208,7 @@ struct ListArgs {
     #[arg(long)]
     key: Option<String>,
     /// How many to show.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..))]
     limit: i64,
     /// Print one JSON object per dead letter instead of a table.
     #[arg(long)]
@@ -255,7 +255,7 @@ struct PendingArgs {
     #[command(flatten)]
     config: ConfigOpts,
     /// How many rows to show.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..))]
     limit: i64,
     /// Print one JSON object per row instead of a table.
     #[arg(long)]

@@ -44,6 +44,13 @@ pub(crate) const PRODUCER_MESSAGE_MAX_BYTES: &str = "67108864";
 /// can be unless a property raises it.
 pub(crate) const RELAY_QUEUE_MAX_MESSAGES: &str = "1000000";
 
+/// The largest `database.pool_size`: r2d2 sets memory aside for every connection up front.
+pub(crate) const MAX_POOL_SIZE: u64 = 10_000;
+
+/// The longest retention (`relay.retention_hours`, `inbox_retention_hours`): 100 years. Much
+/// longer, and the cutoff falls before PostgreSQL's earliest timestamp, so cleanups fail.
+pub(crate) const MAX_RETENTION_HOURS: u64 = 876_000;
+
 /// Where a configuration value came from, for error messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Origin {
@@ -696,14 +703,14 @@ impl Config {
             database.url =
                 DatabaseUrl::parse(&url).map_err(|reason| r.err("database.url", reason))?;
         }
-        if let Some(n) = r.positive("database.pool_size")? {
-            database.pool_size = u32::try_from(n)
-                .map_err(|_| r.err("database.pool_size", "must be at most 4294967295"))?;
+        if let Some(n) = r.positive_at_most("database.pool_size", MAX_POOL_SIZE)? {
+            database.pool_size = n as u32;
         }
         if let Some(n) = r.positive("database.connect_timeout_ms")? {
             database.connect_timeout_ms = n;
         }
-        if let Some(n) = r.positive("database.busy_timeout_ms")? {
+        // SQLite reads a larger PRAGMA busy_timeout as 0: no waiting at all.
+        if let Some(n) = r.positive_at_most("database.busy_timeout_ms", i32::MAX as u64)? {
             database.busy_timeout_ms = n;
         }
 
@@ -884,7 +891,7 @@ impl Config {
                 }
             };
         }
-        if let Some(n) = r.positive("relay.retention_hours")? {
+        if let Some(n) = r.positive_at_most("relay.retention_hours", MAX_RETENTION_HOURS)? {
             relay.retention_hours = n;
         }
         if let Some(v) = r.string("relay.on_dead_letter")? {
@@ -1500,6 +1507,14 @@ impl Reader<'_> {
             None => Ok(None),
             Some(i) if i > 0 => Ok(Some(i as u64)),
             Some(i) => Err(self.err(key, format!("must be greater than zero, found {i}"))),
+        }
+    }
+
+    /// A positive integer no larger than `max`.
+    fn positive_at_most(&self, key: &str, max: u64) -> Result<Option<u64>, ConfigError> {
+        match self.positive(key)? {
+            Some(n) if n > max => Err(self.err(key, format!("must be at most {max}, found {n}"))),
+            other => Ok(other),
         }
     }
 

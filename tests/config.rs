@@ -221,6 +221,40 @@ fn zero_pool_size_and_message_size() {
 }
 
 #[test]
+fn limits_that_would_break_at_run_time_are_refused_at_start() {
+    let cases: &[(&str, &str, &str)] = &[
+        // r2d2 sets memory aside for every connection of the pool up front.
+        (
+            "[database]\npool_size = 4000000000\n",
+            "database.pool_size",
+            "at most 10000",
+        ),
+        // SQLite reads a larger busy timeout as 0.
+        (
+            "[database]\nbusy_timeout_ms = 3000000000\n",
+            "database.busy_timeout_ms",
+            "at most 2147483647",
+        ),
+        // A cutoff before PostgreSQL's earliest timestamp would fail every cleanup.
+        (
+            "[relay]\nretention = \"keep\"\nretention_hours = 100000000\n",
+            "relay.retention_hours",
+            "at most 876000",
+        ),
+    ];
+    for (text, key, reason) in cases {
+        assert_names(&format!("{OK}{text}"), &[], Some(key), &[reason]);
+    }
+    let long = "t".repeat(247);
+    assert_names(
+        &format!("{OK}[consumers.a]\ntopic = \"{long}\"\n"),
+        &[],
+        Some("consumers.a.dead_letter_topic"),
+        &["the default, `<topic>.dlq`"],
+    );
+}
+
+#[test]
 fn non_utf8_file() {
     let (path, err, _d) = load_err(b"[kafka]\nhosts = \"\xff\xfe\"\n", &[]);
     let msg = err.to_string();
@@ -492,6 +526,14 @@ fn config_check_exits_2_naming_the_key() {
 fn bad_usage_exits_2() {
     let (code, _, err) = devour(&["config", "frobnicate"], &[]);
     assert_eq!(code, 2, "{err}");
+    for args in [
+        &["outbox", "list", "--limit=-1"][..],
+        &["outbox", "pending", "--limit", "0"],
+    ] {
+        let (code, _, err) = devour(args, &[]);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains("--limit"), "{args:?}: {err}");
+    }
 }
 
 /// `properties = "k=v"` (a string where a table belongs) is refused, not read as empty.
@@ -632,6 +674,12 @@ fn bad_routes_name_the_key() {
         ("[consumers.a]\ntopic = \"t\"\ninbox = true\nconcurrency = 10\n", "consumers.a.concurrency", &["need 11 database connections", "database.pool_size is 10"]),
         ("[consumers.a]\ntopic = \"t\"\n[consumers.a.properties]\n\"enable.auto.commit\" = false\n", "consumers.a.properties.enable.auto.commit", &["cannot be set here"]),
         ("[consumers.\"a b\"]\ntopic = \"t\"\n", "consumers.a b", &["ASCII letters"]),
+        // The default dead-letter topic (`<topic>.dlq`) is checked like one that is set.
+        ("[consumers.a]\ntopics = [\"o\", \"o.dlq\"]\n", "consumers.a.dead_letter_topic", &["`o.dlq` is also a topic this route reads", "the default"]),
+        ("[consumers.a]\ntopic = \"t\"\ninbox_retention_hours = 100000000\n", "consumers.a.inbox_retention_hours", &["at most 876000"]),
+        // Waits so long that their sum overflows are refused, not wrapped around to a pass.
+        ("[consumers.a]\ntopic = \"t\"\nretry = { initial_backoff_ms = 5000000000000000000, max_backoff_ms = 5000000000000000000 }\n", "consumers.a.retry.max_backoff_ms", &["too close to max.poll.interval.ms"]),
+        ("[consumers.a]\ntopic = \"t\"\nhandler = \"exec\"\ncommand = [\"x\"]\nexec_timeout_ms = 5000000000000000000\n", "consumers.a.exec_timeout_ms", &["too close to"]),
     ];
     for (route, key, reason) in cases {
         assert_names(&format!("{OK}{route}"), &[], Some(key), reason);

@@ -426,19 +426,33 @@ fn parse_route(
     }
 
     let dead_letter_topic = r.string(&key("dead_letter_topic"))?;
-    if let Some(d) = &dead_letter_topic {
+    // The dead-letter topic of each topic read: the one set, else `<topic>.dlq`.
+    let dead_letter_topics: Vec<String> = match &dead_letter_topic {
+        Some(d) => vec![d.clone()],
+        None => topics.iter().map(|t| format!("{t}{DLQ_SUFFIX}")).collect(),
+    };
+    for d in &dead_letter_topics {
+        let unset = if dead_letter_topic.is_none() {
+            " (the default, `<topic>.dlq`: set `dead_letter_topic`)"
+        } else {
+            ""
+        };
         crate::outbox::validate_topic(d)
-            .map_err(|e| r.err(&key("dead_letter_topic"), e.to_string()))?;
+            .map_err(|e| r.err(&key("dead_letter_topic"), format!("{e}{unset}")))?;
         if topics.contains(d) {
             return Err(r.err(
                 &key("dead_letter_topic"),
-                format!("`{d}` is also a topic this route reads: dead letters would come back"),
+                format!(
+                    "`{d}` is also a topic this route reads: dead letters would come back{unset}"
+                ),
             ));
         }
     }
 
     let inbox = r.boolean(&key("inbox"))?.unwrap_or(false);
-    let inbox_retention_hours = r.positive(&key("inbox_retention_hours"))?.unwrap_or(168);
+    let inbox_retention_hours = r
+        .positive_at_most(&key("inbox_retention_hours"), super::MAX_RETENTION_HOURS)?
+        .unwrap_or(168);
     let inbox_batch = match r.positive(&key("inbox_batch"))? {
         None => 1000,
         Some(n) if n <= 10_000 => n as usize,
@@ -496,7 +510,7 @@ fn parse_route(
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(DEFAULT_MAX_POLL_INTERVAL_MS);
         let waits = retry.total_backoff_ms();
-        if waits + 10_000 > limit {
+        if waits.saturating_add(10_000) > limit {
             return Err(r.err(
                 &key("retry.max_backoff_ms"),
                 format!(
@@ -508,8 +522,10 @@ fn parse_route(
             ));
         }
         // An `exec` command that hangs until its timeout on every attempt, plus the waits.
-        let exec_worst = u64::from(retry.max_attempts).saturating_mul(exec_timeout_ms) + waits;
-        if handler == "exec" && exec_worst + 10_000 > limit {
+        let exec_worst = u64::from(retry.max_attempts)
+            .saturating_mul(exec_timeout_ms)
+            .saturating_add(waits);
+        if handler == "exec" && exec_worst.saturating_add(10_000) > limit {
             return Err(r.err(
                 &key("exec_timeout_ms"),
                 format!(

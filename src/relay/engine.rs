@@ -1405,15 +1405,16 @@ fn commit_loop(shared: &Shared, mut store: Store, config: &Config, reports: Rece
             && last_cleanup.elapsed() > Duration::from_secs(60)
         {
             last_cleanup = Instant::now();
-            let hours = shared.config.retention_hours;
-            let _ = with_retry(
-                shared,
-                Role::Background,
-                &mut store,
-                config,
-                "cleaning up kept rows",
-                |s| s.cleanup_delivered(hours),
-            );
+            // One try a minute: a cleanup that keeps failing must not hold up the removals
+            // (and so every delivery report) behind it. (A lost connection is opened again by
+            // the next removal.)
+            if let Err(e) = store.cleanup_delivered(shared.config.retention_hours) {
+                warn_db(
+                    &shared.relay_id,
+                    "cleaning up kept rows failed (again in a minute)",
+                    &e,
+                );
+            }
         }
     }
 }
