@@ -5,7 +5,7 @@ mod common;
 use common::{Account, Audit, Note, Stamp, Tag, Tagged, TestConn, TestDb};
 use devour::outbox::{shard_for_key, HEADER_TRACEPARENT};
 use devour::prelude::*;
-use devour::{ProduceError, Producer};
+use devour::{OutboxMessage, ProduceError, Producer};
 use serde_json::json;
 
 both_backends!(
@@ -496,4 +496,69 @@ fn a_postgres_only_model_saves() {
         rows[0].payload.as_ref().unwrap()["at"],
         "2023-11-14T22:13:20+00:00"
     );
+}
+
+both_backends!(
+    a_batch_failing_part_way_leaves_none_of_it_without_a_transaction,
+    messages_the_database_cannot_store_or_that_share_an_id_are_refused
+);
+
+/// A batch goes in several statements (chunks): one that fails in a later chunk leaves none
+/// of the earlier ones behind, also when the caller has no transaction open.
+fn a_batch_failing_part_way_leaves_none_of_it_without_a_transaction<C: TestConn>(db: &TestDb) {
+    let mut c = C::open(db);
+    // A row keyed `boom` fails its INSERT: a stand-in for any failure after the first chunk.
+    let trigger = if std::any::type_name::<C>().contains("Pg") {
+        "CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS \
+           $$ BEGIN RAISE EXCEPTION 'boom'; END $$; \
+         CREATE TRIGGER boom BEFORE INSERT ON devour_outbox FOR EACH ROW \
+           WHEN (NEW.partition_key = 'boom') EXECUTE FUNCTION boom();"
+    } else {
+        "CREATE TRIGGER boom BEFORE INSERT ON devour_outbox \
+           WHEN NEW.partition_key = 'boom' BEGIN SELECT RAISE(ABORT, 'boom'); END;"
+    };
+    c.batch_execute(trigger).unwrap();
+    let messages: Vec<OutboxMessage> = (0..1_500)
+        .map(|i| {
+            let mut m = OutboxMessage::new("t", Some(b"{}".to_vec()));
+            m.key = Some(if i == 1_200 {
+                "boom".into()
+            } else {
+                format!("k{i}")
+            });
+            m
+        })
+        .collect();
+    let err = devour::outbox::write_messages(&mut c, &messages, 1 << 20).unwrap_err();
+    assert!(matches!(err, ProduceError::Database(_)), "{err}");
+    assert_eq!(
+        c.count("devour_outbox"),
+        0,
+        "rows of the earlier chunks stayed"
+    );
+}
+
+fn messages_the_database_cannot_store_or_that_share_an_id_are_refused<C: TestConn>(db: &TestDb) {
+    let mut c = C::open(db);
+    let ok = OutboxMessage::new("t", Some(b"{}".to_vec()));
+    let mut nul_key = OutboxMessage::new("t", Some(b"{}".to_vec()));
+    nul_key.key = Some("a\0b".into());
+    let mut nul_event = OutboxMessage::new("t", Some(b"{}".to_vec()));
+    nul_event.event = Some("cre\0ate".into());
+    for (bad, field) in [(nul_key, "key"), (nul_event, "event")] {
+        let err = devour::outbox::write_messages(&mut c, &[ok.clone(), bad], 1 << 20).unwrap_err();
+        assert!(
+            matches!(&err, ProduceError::NulCharacter { field: f, .. } if *f == field),
+            "{err}"
+        );
+    }
+    // A message cloned to go to a second topic keeps its id.
+    let mut copy = ok.clone();
+    copy.topic = "u".into();
+    let err = devour::outbox::write_messages(&mut c, &[ok.clone(), copy], 1 << 20).unwrap_err();
+    assert!(
+        matches!(err, ProduceError::DuplicateMessageId { message_id } if message_id == ok.message_id),
+        "{err}"
+    );
+    assert_eq!(c.count("devour_outbox"), 0);
 }

@@ -139,6 +139,18 @@ impl OutboxMessage {
                 name: name.clone(),
             });
         }
+        for (field, text) in [
+            ("key", self.key.as_deref()),
+            ("event", self.event.as_deref()),
+            ("content type", Some(self.content_type.as_str())),
+        ] {
+            if text.is_some_and(|t| t.contains('\0')) {
+                return Err(ProduceError::NulCharacter {
+                    topic: self.topic.clone(),
+                    field,
+                });
+            }
+        }
         if let Some(p) = self.partition {
             if p < 0 {
                 return Err(ProduceError::InvalidPartition {

@@ -57,6 +57,22 @@ pub enum ProduceError {
         /// The header's name.
         name: String,
     },
+    /// A text the database stores as text (key, event, content type) holds a NUL character,
+    /// which PostgreSQL cannot store.
+    #[error("message to `{topic}`: its {field} contains a NUL character (\\0), which the database cannot store")]
+    NulCharacter {
+        /// The topic.
+        topic: String,
+        /// `key`, `event` or `content type`.
+        field: &'static str,
+    },
+    /// Two messages of one batch have the same `message_id` (a message cloned to go to two
+    /// topics, say): consumers would take the second for a redelivery of the first.
+    #[error("message id {message_id} is given to more than one message of the batch; give each its own (OutboxMessage::new makes one)")]
+    DuplicateMessageId {
+        /// The id.
+        message_id: uuid::Uuid,
+    },
     /// The message is larger than the configured maximum.
     #[error(
         "message to `{topic}` is {size} bytes, over the maximum of {max} bytes \
@@ -183,8 +199,10 @@ pub trait OutboxBackend: diesel::backend::Backend + Sized {
         C: LoadConnection<Backend = Self>;
 }
 
-/// Writes messages to the outbox on `conn` after validating them all: nothing is written if
-/// one is invalid. The rows commit or roll back with the transaction `conn` is in, and relays
+/// Writes messages to the outbox on `conn` after validating them all (and that no two share a
+/// `message_id`): nothing is written if one is invalid, nor if the database refuses one (the
+/// batch is one transaction, a savepoint in the caller's). The rows commit or roll back with
+/// the transaction `conn` is in, and relays
 /// running in this process are woken. Returns the row ids in the order of `messages`.
 pub fn write_messages<C>(
     conn: &mut C,
@@ -198,10 +216,23 @@ where
     for m in messages {
         m.validate(max_message_bytes)?;
     }
+    if messages.len() > 1 {
+        let mut seen = std::collections::HashSet::with_capacity(messages.len());
+        if let Some(m) = messages.iter().find(|m| !seen.insert(m.message_id)) {
+            return Err(ProduceError::DuplicateMessageId {
+                message_id: m.message_id,
+            });
+        }
+    }
     let ids = match messages {
         [] => return Ok(Vec::new()),
         [one] => vec![<C::Backend as OutboxBackend>::insert_outbox(conn, one)?],
-        many => <C::Backend as OutboxBackend>::insert_outbox_batch(conn, many)?,
+        // Several statements (chunks): one transaction (a savepoint inside the caller's), so
+        // that a failure in a later chunk leaves none of the earlier ones behind when the
+        // caller has no transaction open.
+        many => {
+            conn.transaction(|c| <C::Backend as OutboxBackend>::insert_outbox_batch(c, many))?
+        }
     };
     // Relays in this process look more often for a while (the rows are not committed yet).
     crate::relay::notify_local();
