@@ -162,6 +162,7 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
     if primary_key.is_empty() {
         primary_key.push(Ident::new("id", Span::call_site()));
     }
+    check_key_is_inserted(input, &primary_key)?;
     let conflict = if primary_key.len() == 1 {
         let pk = &primary_key[0];
         quote!(#table::#pk)
@@ -260,4 +261,49 @@ fn check_topic(topic: &str) -> Result<(), String> {
         )),
         None => Ok(()),
     }
+}
+
+/// `save` inserts the model unless a row with its primary key exists (`ON CONFLICT (key) DO
+/// NOTHING`), else updates that row. A key field left out of inserts
+/// (`#[diesel(skip_insertion)]`, for a key the database assigns) never conflicts: every save
+/// would insert a new row and report `create`. Refuse it at compile time.
+fn check_key_is_inserted(input: &DeriveInput, primary_key: &[Ident]) -> syn::Result<()> {
+    let syn::Data::Struct(data) = &input.data else {
+        return Ok(());
+    };
+    for field in &data.fields {
+        let Some(name) = &field.ident else { continue };
+        let mut column = name.clone();
+        let mut skipped = None;
+        for attr in field.attrs.iter().filter(|a| a.path().is_ident("diesel")) {
+            attr.parse_nested_meta(|meta| {
+                if meta.path.is_ident("skip_insertion") {
+                    skipped = Some(meta.path.clone());
+                } else if meta.path.is_ident("column_name") {
+                    column = meta.value()?.parse()?;
+                } else if meta.input.peek(syn::Token![=]) {
+                    let _: syn::Expr = meta.value()?.parse()?;
+                } else if meta.input.peek(syn::token::Paren) {
+                    let _content;
+                    syn::parenthesized!(_content in meta.input);
+                    let _: TokenStream2 = _content.parse()?;
+                }
+                Ok(())
+            })?;
+        }
+        if let Some(path) = skipped {
+            if primary_key.contains(&column) {
+                return Err(syn::Error::new_spanned(
+                    path,
+                    format!(
+                        "ProducerModel: primary key `{column}` is left out of inserts, so `save` \
+                         could never find an existing row and would insert a new one every time; \
+                         insert the key (e.g. take it from the sequence first), or write such rows \
+                         yourself and produce their messages with `Producer`"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }

@@ -93,6 +93,37 @@ pub struct Saved<M> {
 ///
 /// With `#[devour(customize)]` the derive leaves this trait to you, so that you can override
 /// `get_topic`, `get_schema` or `get_partition_key`.
+///
+/// `save` inserts the model unless a row with its primary key exists, else updates that row,
+/// so the key must be inserted with the model. This compiles:
+///
+/// ```no_run
+/// use devour::ProducerModel;
+/// use diesel::prelude::*;
+/// diesel::table! { notes (id) { id -> Integer, body -> Text } }
+/// #[derive(Queryable, Selectable, Insertable, AsChangeset, Identifiable, serde::Serialize, ProducerModel)]
+/// #[diesel(table_name = notes)]
+/// struct Note {
+///     id: i32,
+///     body: String,
+/// }
+/// ```
+///
+/// and the same model with its key left out of inserts (for a key the database assigns) does
+/// not: every `save` would insert a new row.
+///
+/// ```compile_fail
+/// use devour::ProducerModel;
+/// use diesel::prelude::*;
+/// diesel::table! { notes (id) { id -> Integer, body -> Text } }
+/// #[derive(Queryable, Selectable, Insertable, AsChangeset, Identifiable, serde::Serialize, ProducerModel)]
+/// #[diesel(table_name = notes)]
+/// struct Note {
+///     #[diesel(skip_insertion)]
+///     id: i32,
+///     body: String,
+/// }
+/// ```
 pub trait ProducerModel: ModelTable + Serialize + Sized {
     /// The producer settings (topic, partition key field, `auto_produce`, producer type).
     const CONFIG: ProducerConfig;
