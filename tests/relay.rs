@@ -920,3 +920,42 @@ fn a_drain_waits_out_a_dead_relay_with_a_longer_lease_ttl() {
     let msgs = common::consume_seqs(&topic, 1_000, Duration::from_secs(60));
     common::check_delivery(&msgs, 0..1_000);
 }
+
+/// The write path's size check leaves room for what the broker adds: a message of exactly
+/// `outbox.max_message_bytes` (the default, 1 MiB) whose value does not compress reaches a
+/// topic with the broker's default limit (1 MiB + 12 bytes per record batch).
+#[test]
+fn the_largest_message_a_save_accepts_fits_the_broker_s_default_limit() {
+    let db = TestDb::new(Backend::Postgres, "relay_max_size");
+    let topic = common::create_topic("relay-max-size", 1);
+    let mut c = PgConnection::establish(&db.url).unwrap();
+    // Bytes that do not compress (xorshift), so that lz4 only adds its framing.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut noise = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x as u8
+    };
+    let max = devour::config::DEFAULT_MAX_MESSAGE_BYTES;
+    let mut m = devour::OutboxMessage::new(&topic, Some(Vec::new()));
+    m.key = Some("k".into());
+    let room = max - m.size();
+    m.payload = Some((0..room).map(|_| noise()).collect());
+    assert_eq!(m.size(), max);
+    let mut over = m.clone();
+    over.message_id = uuid::Uuid::now_v7();
+    over.payload.as_mut().unwrap().push(0);
+    assert!(matches!(
+        devour::outbox::write_messages(&mut c, &[over], max),
+        Err(devour::ProduceError::TooLarge { .. })
+    ));
+    devour::outbox::write_messages(&mut c, &[m], max).unwrap();
+    let report = common::relay_drain(&common::config(&db, ""));
+    assert_eq!(
+        (report.delivered, report.dead_lettered),
+        (1, 0),
+        "{report:?}; dead letters: {:?}",
+        dead_letters(&mut c)
+    );
+}

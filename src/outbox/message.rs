@@ -96,6 +96,14 @@ pub struct OutboxMessage {
     pub content_type: String,
 }
 
+/// What a record batch of one record adds to the message, at most, as the broker counts it
+/// against `max.message.bytes`: the batch header (61 bytes), the record's lengths, attributes
+/// and deltas (varints, at most 36 bytes), and the lz4 framing of a value that does not
+/// compress (frame header and end, 4 bytes per 64 KiB block: under 100 bytes for 1 MiB),
+/// rounded up. The broker's default `message.max.bytes` (1048588) is 1 MiB plus 12: without
+/// this, a message of 1 MiB would pass `outbox.max_message_bytes` and then be refused.
+pub const RECORD_BATCH_OVERHEAD: usize = 256;
+
 impl OutboxMessage {
     /// A message to `topic` with a fresh time-ordered id and a JSON content type.
     pub fn new(topic: impl Into<String>, payload: Option<Vec<u8>>) -> Self {
@@ -111,9 +119,12 @@ impl OutboxMessage {
         }
     }
 
-    /// Bytes the message occupies on the wire, roughly as the broker counts them against
-    /// `max.message.bytes`: value, key, and every header's name and value.
+    /// Bytes the message occupies on the wire, as the broker counts them against
+    /// `max.message.bytes` when it travels alone: value, key, every header's
+    /// name and value, and the framing of a record batch of one record
+    /// ([`RECORD_BATCH_OVERHEAD`] plus 10 bytes of lengths per header).
     pub fn size(&self) -> usize {
+        let headers = 3 + self.headers.len();
         let standard = [
             (HEADER_MESSAGE_ID, 36usize),
             (HEADER_CONTENT_TYPE, self.content_type.len()),
@@ -127,6 +138,8 @@ impl OutboxMessage {
                 .iter()
                 .map(|(n, v)| n.len() + v.len())
                 .sum::<usize>()
+            + RECORD_BATCH_OVERHEAD
+            + 10 * headers
     }
 
     /// Checks what Kafka would reject (the topic name, the partition, and the size) and extra
@@ -347,7 +360,10 @@ mod tests {
         let base = m.size();
         m.key = Some("k".repeat(10));
         m.headers.insert("traceparent".into(), "x".repeat(20));
-        assert_eq!(m.size(), base + 10 + "traceparent".len() + 20);
+        assert_eq!(m.size(), base + 10 + "traceparent".len() + 20 + 10);
+        // Framing counts: an empty message is not 0 bytes on the wire.
+        let empty = OutboxMessage::new("t", None);
+        assert!(empty.size() >= RECORD_BATCH_OVERHEAD + "message-id".len() + 36);
         assert!(m.validate(m.size()).is_ok());
         assert!(matches!(
             m.validate(m.size() - 1),

@@ -16,7 +16,7 @@ pub use direct::{init_direct, DirectProducer};
 pub use message::{
     is_reserved_header, murmur2, partition_for_key, shard_for_key, validate_topic, Event,
     OutboxMessage, CONTENT_TYPE_JSON, HEADER_CONTENT_TYPE, HEADER_EVENT, HEADER_MESSAGE_ID,
-    HEADER_TRACEPARENT, MAX_TOPIC_LEN, RESERVED_HEADERS, SHARDS,
+    HEADER_TRACEPARENT, MAX_TOPIC_LEN, RECORD_BATCH_OVERHEAD, RESERVED_HEADERS, SHARDS,
 };
 pub use model::{ModelStore, ModelTable, ProducerModel, SaveOptions, Saved};
 pub use producer::{Producer, ProducerConfig, ProducerType};
@@ -81,7 +81,7 @@ pub enum ProduceError {
     TooLarge {
         /// The topic.
         topic: String,
-        /// Its size in bytes (value, key and headers).
+        /// Its size in bytes (value, key, headers and framing: [`OutboxMessage::size`]).
         size: usize,
         /// The maximum in force.
         max: usize,
