@@ -423,6 +423,8 @@ fn run(cli: Cli, registry: &crate::consume::Registry) -> Result<(), Failure> {
                 }
                 .into());
             }
+            // From here on a signal is a clean stop (also during --migrate).
+            let stop = stop_on_signals()?;
             if args.migrate {
                 DbPool::connect(&config.database)?.migrate()?;
             } else if config.consumers[&args.name].inbox {
@@ -453,7 +455,6 @@ fn run(cli: Cli, registry: &crate::consume::Registry) -> Result<(), Failure> {
                 }
                 None => None,
             };
-            let stop = stop_on_signals()?;
             let options = crate::consume::RunOptions { drain: args.drain };
             let report = crate::consume::run(&config, &args.name, registry, options, stop)?;
             crate::telemetry::say(false, &format!(
@@ -727,6 +728,9 @@ pub fn relay_main() -> ExitCode {
     };
     let run = || -> Result<crate::relay::RelayReport, Failure> {
         let mut config = cli.config.load()?;
+        // From here on a signal is a clean stop (also during --migrate, or while the database
+        // is not up yet).
+        let stop = stop_on_signals()?;
         if cli.migrate {
             DbPool::connect(&config.database)?.migrate()?;
         }
@@ -737,7 +741,6 @@ pub fn relay_main() -> ExitCode {
             Some(addr) => Some(crate::telemetry::serve(addr, &config)?),
             None => None,
         };
-        let stop = stop_on_signals()?;
         let options = crate::relay::RunOptions {
             mode: if cli.drain {
                 crate::relay::Mode::Drain

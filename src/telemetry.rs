@@ -308,6 +308,10 @@ pub fn serve(addr: SocketAddr, config: &Config) -> std::io::Result<Server> {
             .name("devour-metrics".into())
             .spawn(move || accept_loop(listener, &handle, &stop))?
     };
+    // Not ready until the run itself says it has work (shards held, partitions assigned):
+    // until then only the broker probe would report, and it may pass while the database is
+    // down or the route's topic does not exist yet.
+    health().report("work", false, "starting");
     probe_broker(config, handle, stop.clone());
     tracing::info!("metrics and health on http://{addr}/metrics, /healthz, /readyz");
     Ok(Server {

@@ -225,6 +225,41 @@ fn readyz_fails_while_the_broker_cannot_be_reached() {
     stop(relay);
 }
 
+/// A relay still waiting for its database at start is not ready (only the broker probe has
+/// answered), and a SIGTERM then is a clean stop: exit 0.
+#[test]
+fn a_relay_waiting_for_its_database_is_not_ready_and_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("devour.toml"), "[kafka]\nhosts = \"x:1\"\n").unwrap();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let nobody = format!(
+        "postgres://postgres:postgres@127.0.0.1:{}/devour",
+        free_port()
+    );
+    let relay = spawn(
+        env!("CARGO_BIN_EXE_devour-relay"),
+        dir.path(),
+        &["--metrics-listen", &listen],
+        &[
+            ("DEVOUR_DATABASE_URL", &nobody),
+            ("DEVOUR_DATABASE_CONNECT_TIMEOUT_MS", "120000"),
+            ("DEVOUR_KAFKA_HOSTS", &common::kafka_hosts()),
+            ("RUST_LOG", "info"),
+        ],
+    );
+    let body = wait_for(port, "/readyz", |code, body| {
+        code == 503 && body.contains("\"broker\"") && body.contains("\"work\"")
+    });
+    let checks: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(checks["work"]["ok"], false, "{checks:#}");
+    let err = stop(relay);
+    assert!(
+        err.contains("stopped before the database answered"),
+        "{err}"
+    );
+}
+
 #[test]
 fn consumer_metrics_count_processed_and_dead_lettered() {
     let topic = create_topic("telemetry-consume", 2);

@@ -351,7 +351,16 @@ pub fn run(
     drop(consumer);
     if let Some((done, thread)) = lag_thread {
         done.store(true, Ordering::Relaxed);
-        let _ = thread.join();
+        // It ends after the read it is in, which may wait out the broker's timeouts partition
+        // by partition: the stop does not wait for that (the last commit is done). Left
+        // alone, it ends on its own.
+        let waiting = Instant::now();
+        while !thread.is_finished() && waiting.elapsed() < Duration::from_secs(1) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if thread.is_finished() {
+            let _ = thread.join();
+        }
     }
     if let Some(why) = stats
         .stopped_by
@@ -495,6 +504,11 @@ fn assign_all(
                 tracing::warn!(route = %route.name, "topic {topic} does not exist (yet); waiting for it");
                 warned = true;
             }
+            crate::telemetry::health().report(
+                "work",
+                false,
+                format!("waiting for topic {topic} to exist"),
+            );
             std::thread::sleep(Duration::from_secs(1));
         }
     }

@@ -1506,6 +1506,9 @@ const BACKLOG_EVERY: Duration = Duration::from_secs(10);
 /// Sets the backlog gauges (rows in the outbox, age of the oldest) every `BACKLOG_EVERY`.
 fn backlog_loop(shared: &Shared, mut store: Store, config: &Config) {
     let mut last = Instant::now() - BACKLOG_EVERY;
+    // The last age measured, and when: while the database cannot be read, the oldest row
+    // (if there was one) only gets older, and the gauge says so.
+    let mut measured: Option<(f64, Instant)> = None;
     while !shared.threads_stop.load(Ordering::Acquire) {
         if last.elapsed() >= BACKLOG_EVERY {
             last = Instant::now();
@@ -1513,8 +1516,13 @@ fn backlog_loop(shared: &Shared, mut store: Store, config: &Config) {
                 Ok((n, age)) => {
                     metrics::gauge!(names::RELAY_BACKLOG_ROWS).set(n as f64);
                     metrics::gauge!(names::RELAY_OLDEST_AGE).set(age);
+                    measured = (n > 0).then(|| (age, Instant::now()));
                 }
                 Err(e) => {
+                    if let Some((age, at)) = measured {
+                        metrics::gauge!(names::RELAY_OLDEST_AGE)
+                            .set(age + at.elapsed().as_secs_f64());
+                    }
                     tracing::debug!(relay = %shared.relay_id, "counting the backlog: {e}");
                     // A broken connection is opened again for the next count.
                     if e.is_retriable() {
@@ -1616,6 +1624,11 @@ fn lease_loop(shared: &Shared, mut store: Store, config: &Config) {
             }
             Err(e) => {
                 warn_db(&id, "lease renewal failed", &e);
+                // Leases not renewed in time may be another relay's by now: count none.
+                if Instant::now() >= shared.leases_valid_until() {
+                    metrics::gauge!(names::RELAY_LEASES_HELD).set(0.0);
+                    crate::telemetry::health().report("work", false, "leases not renewed in time");
+                }
                 crate::telemetry::health().report("database", false, e.to_string());
                 if let Ok(s) = Store::open(config) {
                     store = s;
@@ -1638,6 +1651,8 @@ fn lease_loop(shared: &Shared, mut store: Store, config: &Config) {
     if let Err(e) = store.leave(&id) {
         tracing::warn!(relay = %id, "could not release leases on stop (they expire in {ttl} ms): {e}");
     }
+    // Stopped: this relay holds nothing (also when it runs inside an application that goes on).
+    metrics::gauge!(names::RELAY_LEASES_HELD).set(0.0);
 }
 
 /// PostgreSQL: LISTEN on `devour_outbox` and wake the reader on every notification.

@@ -294,7 +294,19 @@ pub fn run(
 ) -> Result<RelayReport, RelayError> {
     let wake = Arc::new(Wake::default());
     register_local(&wake);
-    engine::Relay::connect(config, options, stop, wake)?.run()
+    match engine::Relay::connect(config, options, stop.clone(), wake) {
+        Ok(relay) => relay.run(),
+        // Stopped while it waited for a database that was not up yet: a clean stop before
+        // anything was done, not a failure.
+        Err(RelayError::Db(DbError::Connect { reason, .. })) if stop.load(Ordering::Acquire) => {
+            tracing::info!(
+                "stopped before the database answered ({}); nothing was done",
+                crate::telemetry::one_line_error(&reason)
+            );
+            Ok(RelayReport::default())
+        }
+        Err(e) => Err(e),
+    }
 }
 
 impl From<crate::broker::AccessError> for RelayError {
