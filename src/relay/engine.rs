@@ -199,6 +199,17 @@ struct Threads {
 impl Threads {
     /// Ends the threads and waits for them; returns the first panic's message.
     fn stop(&mut self) -> Option<String> {
+        // The committer first: once the producer is gone its channel closes, and it ends after
+        // the last reports. Its last removals need the leases, which the lease keeper releases
+        // when it stops: stopping both at once could leave acknowledged rows in the outbox, to
+        // be delivered again. (Bounded: a committer waiting for the database gives up at
+        // `threads_stop`.)
+        if let Some((_, committer)) = self.running.iter().find(|(n, _)| *n == "committer") {
+            let waiting = Instant::now();
+            while !committer.is_finished() && waiting.elapsed() < COMMITTER_GRACE {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         self.shared.threads_stop.store(true, Ordering::Release);
         self.shared.wake.wake();
         let mut panicked = None;
@@ -1185,8 +1196,9 @@ impl Relay {
                         );
                         break;
                     }
-                    // A cached limit may be old: ask again before refusing a row for good.
-                    if size > limit && limits.refresh(&row.topic).is_none_or(|l| size > l) {
+                    // A cached limit may be old: ask again before refusing a row for good
+                    // (and if the broker cannot say now, send it: the broker decides).
+                    if size > limit && limits.refresh(&row.topic).is_some_and(|l| size > l) {
                         let error = format!(
                             "message of about {size} bytes exceeds topic `{}` max.message.bytes = {limit}",
                             row.topic
@@ -1496,6 +1508,9 @@ impl Prefetcher {
         (asked == *request || (lower_cap && !rows.is_empty())).then_some(rows)
     }
 }
+
+/// How long a stop waits for the committer's last removals before it stops the other threads.
+const COMMITTER_GRACE: Duration = Duration::from_secs(5);
 
 /// How long the start waits to learn whether the brokers accept the relay's credentials.
 const ACCESS_CHECK: Duration = Duration::from_secs(10);
