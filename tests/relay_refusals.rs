@@ -83,3 +83,66 @@ fn rows_for_a_topic_not_authorized_or_missing_are_dead_lettered() {
     assert!(dead[1].error.contains("Unknown"), "{dead:?}");
     assert_eq!(report.delivered, 2, "{report:?}");
 }
+
+/// A broker with stale metadata (during a rolling restart, say) reports a topic that exists,
+/// and that the relay has been writing to, as unknown. librdkafka then fails its messages at
+/// once (its own wait is for topics it has not seen yet). Their rows wait, and go once the
+/// topic answers again: they are dead-lettered only if it stays missing for
+/// `topic.metadata.propagation.max.ms`.
+#[test]
+fn a_topic_reported_missing_for_a_moment_is_not_dead_lettered() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("flaky", 1, 1).unwrap();
+    let db = TestDb::new(Backend::Sqlite, "refusals_flaky");
+    let mut c = SqliteConnection::open(&db);
+    let config = devour::Config::from_toml_str(
+        &format!(
+            "[database]\nurl = \"{}\"\n[kafka]\nhosts = \"{}\"\n\
+             [kafka.properties]\n\"topic.metadata.propagation.max.ms\" = \"4000\"\n\
+             \"topic.metadata.refresh.interval.ms\" = \"200\"\n\
+             [relay]\nlease_ttl_ms = 3000\npoll_interval_ms = 50\n",
+            db.url,
+            cluster.bootstrap_servers()
+        ),
+        devour::config::Origin::Defaults,
+        &Default::default(),
+    )
+    .unwrap();
+    let handle = devour::relay::start(&config, devour::relay::RunOptions::default()).unwrap();
+    let wait_empty = |c: &mut SqliteConnection| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while c.count("devour_outbox") > 0 {
+            assert!(std::time::Instant::now() < deadline, "rows left");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    common::insert_rows(&mut c, "flaky", 0, 3, 2);
+    wait_empty(&mut c);
+    // Known for longer than librdkafka's own wait for a topic to appear.
+    std::thread::sleep(Duration::from_secs(5));
+    cluster
+        .topic_error(
+            "flaky",
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART,
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    common::insert_rows(&mut c, "flaky", 3, 3, 2);
+    std::thread::sleep(Duration::from_secs(2));
+    let dead = c.count("devour_dead_letters");
+    cluster
+        .topic_error("flaky", RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR)
+        .unwrap();
+    assert_eq!(
+        dead, 0,
+        "dead-lettered while the topic was only reported missing"
+    );
+    wait_empty(&mut c);
+    handle.shutdown();
+    let report = handle.join().unwrap();
+    assert_eq!(
+        (report.delivered, report.dead_lettered),
+        (6, 0),
+        "{report:?}"
+    );
+}

@@ -79,6 +79,8 @@ struct Shared {
     stop: Arc<AtomicBool>,
     /// `--drain`: deliver what is there, then end.
     drain: bool,
+    /// Topics the brokers said do not exist (a row of one is dead-lettered only if it lasts).
+    missing: Arc<kafka::MissingTopics>,
     wake: Arc<Wake>,
     leases: RwLock<LeaseView>,
     in_flight: Mutex<InFlightRows>,
@@ -651,6 +653,7 @@ impl Relay {
             config: rc,
             stop,
             drain: options.mode == Mode::Drain,
+            missing: Arc::new(kafka::MissingTopics::new(&producer_config)),
             wake,
             leases: RwLock::new(LeaseView {
                 owned: Leases::new(),
@@ -691,7 +694,8 @@ impl Relay {
             running: Vec::new(),
         };
         let (tx, rx) = crossbeam_channel::unbounded::<Report>();
-        let mut producer = kafka::create_producer(&self.producer_config, tx.clone())?;
+        let mut producer =
+            kafka::create_producer(&self.producer_config, tx.clone(), shared.missing.clone())?;
         let mut limits = TopicLimits::new(&self.config.kafka)?;
         tracing::info!(
             relay = %shared.relay_id,
@@ -910,7 +914,11 @@ impl Relay {
                     self.producer_config.set("batch.size", wanted.to_string());
                     shared.batch_size.store(wanted, Ordering::Release);
                 }
-                *producer = kafka::create_producer(&self.producer_config, tx.clone())?;
+                *producer = kafka::create_producer(
+                    &self.producer_config,
+                    tx.clone(),
+                    shared.missing.clone(),
+                )?;
                 pass.restart(&shared, true, horizon.settled);
             }
             let view = shared.leases();
@@ -1266,6 +1274,16 @@ impl Relay {
                     }
                     record = r;
                     std::thread::sleep(Duration::from_millis(1));
+                }
+                Err((KafkaError::MessageProduction(code), _))
+                    if kafka::is_missing(code) && !shared.missing.for_good(&row.topic) =>
+                {
+                    // Maybe only this producer's metadata is stale: start over (with a new
+                    // producer) from the oldest row, and let the grace decide.
+                    tracing::info!(relay = %shared.relay_id, id = row.id, "topic {}: {code}; trying again for up to {} s before dead-lettering its rows", row.topic, shared.missing.grace().as_secs());
+                    shared.remove_in_flight([row.shard]);
+                    shared.restart.store(true, Ordering::Release);
+                    return false;
                 }
                 Err((KafkaError::MessageProduction(code), _)) if kafka::is_permanent(code) => {
                     shared.remove_in_flight([row.shard]);

@@ -72,9 +72,72 @@ pub(crate) fn is_permanent(code: RDKafkaErrorCode) -> bool {
     )
 }
 
+/// Whether `code` says the topic or partition does not exist. That is permanent only once it
+/// lasts: a broker with stale metadata (during a rolling restart, say) says it of a topic that
+/// exists (see [`MissingTopics`]).
+pub(crate) fn is_missing(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        code,
+        C::UnknownTopicOrPartition | C::UnknownTopic | C::UnknownPartition
+    )
+}
+
+/// The topics the brokers said do not exist, and since when. A row of such a topic is
+/// dead-lettered only once the topic has been missing for `grace` (librdkafka's
+/// `topic.metadata.propagation.max.ms`, 30 s by default, which it also gives a topic being
+/// created); until then the relay starts over from the oldest row and tries again.
+pub(crate) struct MissingTopics {
+    since: std::sync::Mutex<HashMap<String, Instant>>,
+    any: std::sync::atomic::AtomicBool,
+    grace: Duration,
+}
+
+impl MissingTopics {
+    pub(crate) fn new(cfg: &ClientConfig) -> MissingTopics {
+        let ms = cfg
+            .get("topic.metadata.propagation.max.ms")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(30_000);
+        MissingTopics {
+            since: Default::default(),
+            any: Default::default(),
+            grace: Duration::from_millis(ms),
+        }
+    }
+
+    /// `topic` was just reported missing: whether it has been missing for the whole grace.
+    pub(crate) fn for_good(&self, topic: &str) -> bool {
+        use std::sync::atomic::Ordering;
+        let mut since = self.since.lock().unwrap_or_else(|p| p.into_inner());
+        self.any.store(true, Ordering::Release);
+        since
+            .entry(topic.to_string())
+            .or_insert_with(Instant::now)
+            .elapsed()
+            >= self.grace
+    }
+
+    /// A message reached `topic`: it exists.
+    pub(crate) fn found(&self, topic: &str) {
+        use std::sync::atomic::Ordering;
+        if self.any.load(Ordering::Acquire) {
+            let mut since = self.since.lock().unwrap_or_else(|p| p.into_inner());
+            since.remove(topic);
+            self.any.store(!since.is_empty(), Ordering::Release);
+        }
+    }
+
+    /// The grace, for messages.
+    pub(crate) fn grace(&self) -> Duration {
+        self.grace
+    }
+}
+
 /// Routes delivery reports to the committer.
 pub(crate) struct RelayContext {
     reports: Sender<Report>,
+    missing: std::sync::Arc<MissingTopics>,
     quiet: crate::kafka_log::Quiet,
 }
 
@@ -85,7 +148,10 @@ impl ProducerContext for RelayContext {
 
     fn delivery(&self, result: &DeliveryResult<'_>, row: Self::DeliveryOpaque) {
         let outcome = match result {
-            Ok(_) => Outcome::Delivered,
+            Ok(m) => {
+                self.missing.found(m.topic());
+                Outcome::Delivered
+            }
             // The broker checks `max.message.bytes` against whole record batches; librdkafka
             // fails every message of a batch it refused, and splits nothing.
             // A row smaller than the batch limit may have shared its batch: it goes again in
@@ -96,6 +162,15 @@ impl ProducerContext for RelayContext {
                 Outcome::BatchTooLarge(format!(
                     "a batch of up to {} bytes was too large for the topic",
                     row.batch
+                ))
+            }
+            Err((KafkaError::MessageProduction(code), m))
+                if is_missing(*code) && !self.missing.for_good(m.topic()) =>
+            {
+                Outcome::Failed(format!(
+                    "{code} (topic {}: until it has been missing for {} s, the relay tries again)",
+                    m.topic(),
+                    self.missing.grace().as_secs()
                 ))
             }
             Err((KafkaError::MessageProduction(code), m)) if is_permanent(*code) => {
@@ -240,9 +315,11 @@ pub(crate) fn producer_config(
 pub(crate) fn create_producer(
     cfg: &ClientConfig,
     reports: Sender<Report>,
+    missing: std::sync::Arc<MissingTopics>,
 ) -> Result<RelayProducer, KafkaError> {
     cfg.create_with_context(RelayContext {
         reports,
+        missing,
         quiet: Default::default(),
     })
     .map_err(crate::kafka_log::redact)
