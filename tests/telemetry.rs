@@ -260,6 +260,39 @@ fn a_relay_waiting_for_its_database_is_not_ready_and_stops_cleanly() {
     );
 }
 
+/// The same for `devour consume` with an inbox: a SIGTERM while it waits for its database at
+/// start is a clean stop, at once (not after `connect_timeout_ms`, nor exit 1).
+#[test]
+fn an_inbox_consumer_waiting_for_its_database_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("devour.toml"),
+        "[kafka]\nhosts = \"x:1\"\n[consumers.r]\ntopic = \"t\"\nhandler = \"print\"\ninbox = true\n",
+    )
+    .unwrap();
+    let nobody = format!(
+        "postgres://postgres:postgres@127.0.0.1:{}/devour",
+        free_port()
+    );
+    let consumer = spawn(
+        env!("CARGO_BIN_EXE_devour"),
+        dir.path(),
+        &["consume", "r"],
+        &[
+            ("DEVOUR_DATABASE_URL", &nobody),
+            ("DEVOUR_DATABASE_CONNECT_TIMEOUT_MS", "120000"),
+            ("DEVOUR_KAFKA_HOSTS", &common::kafka_hosts()),
+            ("RUST_LOG", "info"),
+        ],
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let err = stop(consumer);
+    assert!(
+        err.contains("stopped before the database answered"),
+        "{err}"
+    );
+}
+
 #[test]
 fn consumer_metrics_count_processed_and_dead_lettered() {
     let topic = create_topic("telemetry-consume", 2);

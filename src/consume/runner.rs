@@ -218,8 +218,20 @@ pub fn run(
         );
     }
     let pool = if route.inbox {
-        let pool = DbPool::connect(&config.database)?;
-        let mut conn = pool.get()?;
+        let pool = DbPool::connect_lazy(&config.database)?;
+        let connect_timeout = Duration::from_millis(config.database.connect_timeout_ms);
+        let Some(mut conn) = pool.get_or_stop(&stop, connect_timeout)? else {
+            // Stopped while the database was not up yet: a clean stop, nothing done.
+            tracing::info!(
+                route = name,
+                "stopped before the database answered; nothing was done"
+            );
+            let clock = Clock {
+                first: None,
+                last: None,
+            };
+            return Ok(report(&Stats::default(), Instant::now(), &clock));
+        };
         super::inbox::check_table(&mut conn).map_err(|e| ConsumeError::Inbox(format!(
             "`consumers.{name}.inbox` needs the table devour_inbox ({e}); run `devour migrate` or start with --migrate"
         )))?;

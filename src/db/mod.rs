@@ -213,6 +213,7 @@ fn build_pool<C>(
     builder: diesel::r2d2::Builder<ConnectionManager<C>>,
     config: &DatabaseConfig,
     describe: impl Fn(String) -> String,
+    wait: bool,
 ) -> Result<Pool<ConnectionManager<C>>, DbError>
 where
     C: diesel::r2d2::R2D2Connection + 'static,
@@ -233,7 +234,9 @@ where
         .connection_timeout(Duration::from_millis(config.connect_timeout_ms))
         .build(manager)
         .map_err(|e| err(e.to_string()))?;
-    drop(pool.get().map_err(|e| err(e.to_string()))?);
+    if wait {
+        drop(pool.get().map_err(|e| err(e.to_string()))?);
+    }
     Ok(pool)
 }
 
@@ -268,6 +271,17 @@ impl DbPool {
     /// background, still connecting when a short command exited. r2d2 connects on threads of
     /// its own: a caller that gives up waiting leaves its attempt running there.)
     pub fn connect(config: &DatabaseConfig) -> Result<DbPool, DbError> {
+        Self::build(config, true)
+    }
+
+    /// [`connect`](Self::connect) without waiting for the first connection (a refusal that
+    /// will not go away still fails here): for a caller that waits with
+    /// [`get_or_stop`](Self::get_or_stop).
+    pub fn connect_lazy(config: &DatabaseConfig) -> Result<DbPool, DbError> {
+        Self::build(config, false)
+    }
+
+    fn build(config: &DatabaseConfig, wait: bool) -> Result<DbPool, DbError> {
         match &config.url {
             #[cfg(feature = "postgres")]
             DatabaseUrl::Postgres(url) => Ok(DbPool::Postgres(build_pool(
@@ -275,6 +289,7 @@ impl DbPool {
                 Pool::builder(),
                 config,
                 |e| e,
+                wait,
             )?)),
             #[cfg(feature = "sqlite")]
             DatabaseUrl::Sqlite(path) => Ok(DbPool::Sqlite(build_pool(
@@ -284,6 +299,7 @@ impl DbPool {
                 })),
                 config,
                 |e| sqlite::open_error(path, e),
+                wait,
             )?)),
             #[allow(unreachable_patterns)]
             other => Err(DbError::Connect {
@@ -307,6 +323,41 @@ impl DbPool {
             #[cfg(feature = "sqlite")]
             DbPool::Sqlite(p) => DbConnection::Sqlite(p.get().map_err(err)?),
         })
+    }
+
+    /// [`get`](Self::get), giving up early when `stop` is set (`None`): a stop asked while the
+    /// database is not up yet need not wait out `connect_timeout_ms`.
+    pub fn get_or_stop(
+        &self,
+        stop: &std::sync::atomic::AtomicBool,
+        connect_timeout: std::time::Duration,
+    ) -> Result<Option<DbConnection>, DbError> {
+        use std::time::{Duration, Instant};
+        let err = |e: r2d2::Error| DbError::Connect {
+            url: self.url_hint(),
+            reason: e.to_string(),
+        };
+        let deadline = Instant::now() + connect_timeout;
+        loop {
+            if stop.load(std::sync::atomic::Ordering::Acquire) {
+                return Ok(None);
+            }
+            let wait = deadline
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(250))
+                .max(Duration::from_millis(1));
+            let got = match self {
+                #[cfg(feature = "postgres")]
+                DbPool::Postgres(p) => p.get_timeout(wait).map(DbConnection::Postgres),
+                #[cfg(feature = "sqlite")]
+                DbPool::Sqlite(p) => p.get_timeout(wait).map(DbConnection::Sqlite),
+            };
+            match got {
+                Ok(c) => return Ok(Some(c)),
+                Err(e) if Instant::now() >= deadline => return Err(err(e)),
+                Err(_) => {}
+            }
+        }
     }
 
     /// Opens `n` connections at once (then hands them back, idle), so that a server that
