@@ -16,6 +16,7 @@
 use proc_macro::TokenStream;
 use proc_macro2::{Span, TokenStream as TokenStream2};
 use quote::quote;
+use syn::ext::IdentExt as _;
 use syn::{parse_macro_input, DeriveInput, Ident, LitBool, LitInt, LitStr, Path};
 
 /// Derives `ModelTable`, `ModelStore` for PostgreSQL and SQLite, and (unless
@@ -88,29 +89,8 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
                         }
                     }
                 } else {
-                    // Other Diesel options are Diesel's business: skip their tokens, up to the
-                    // next comma outside any `<…>` (a type such as `Select<t, (a, b)>`).
-                    if meta.input.peek(syn::Token![=]) {
-                        let input = meta.value()?;
-                        let mut depth = 0usize;
-                        loop {
-                            let at_end = input.is_empty() || (depth == 0 && input.peek(syn::Token![,]));
-                            if at_end {
-                                break;
-                            }
-                            match input.parse::<proc_macro2::TokenTree>()? {
-                                proc_macro2::TokenTree::Punct(p) if p.as_char() == '<' => depth += 1,
-                                proc_macro2::TokenTree::Punct(p) if p.as_char() == '>' => {
-                                    depth = depth.saturating_sub(1)
-                                }
-                                _ => {}
-                            }
-                        }
-                    } else if meta.input.peek(syn::token::Paren) {
-                        let _content;
-                        syn::parenthesized!(_content in meta.input);
-                        let _: TokenStream2 = _content.parse()?;
-                    }
+                    // Other Diesel options are Diesel's business.
+                    skip_option(&meta)?;
                 }
                 Ok(())
             })?;
@@ -273,26 +253,28 @@ fn check_key_is_inserted(input: &DeriveInput, primary_key: &[Ident]) -> syn::Res
     };
     for field in &data.fields {
         let Some(name) = &field.ident else { continue };
-        let mut column = name.clone();
+        let mut column = name.to_string();
         let mut skipped = None;
         for attr in field.attrs.iter().filter(|a| a.path().is_ident("diesel")) {
             attr.parse_nested_meta(|meta| {
                 if meta.path.is_ident("skip_insertion") {
                     skipped = Some(meta.path.clone());
                 } else if meta.path.is_ident("column_name") {
-                    column = meta.value()?.parse()?;
-                } else if meta.input.peek(syn::Token![=]) {
-                    let _: syn::Expr = meta.value()?.parse()?;
-                } else if meta.input.peek(syn::token::Paren) {
-                    let _content;
-                    syn::parenthesized!(_content in meta.input);
-                    let _: TokenStream2 = _content.parse()?;
+                    // An identifier, or (Diesel 2.1+) a string.
+                    let value = meta.value()?;
+                    column = if value.peek(LitStr) {
+                        value.parse::<LitStr>()?.value()
+                    } else {
+                        value.call(Ident::parse_any)?.to_string()
+                    };
+                } else {
+                    skip_option(&meta)?;
                 }
                 Ok(())
             })?;
         }
         if let Some(path) = skipped {
-            if primary_key.contains(&column) {
+            if primary_key.iter().any(|k| *k == column) {
                 return Err(syn::Error::new_spanned(
                     path,
                     format!(
@@ -306,4 +288,70 @@ fn check_key_is_inserted(input: &DeriveInput, primary_key: &[Ident]) -> syn::Res
         }
     }
     Ok(())
+}
+
+/// Skips the value of a Diesel option devour does not read: `= …` up to the next comma outside
+/// any `<…>` (a type such as `Select<t, (a, b)>`, which is no expression), or `(…)`.
+fn skip_option(meta: &syn::meta::ParseNestedMeta<'_>) -> syn::Result<()> {
+    if meta.input.peek(syn::Token![=]) {
+        let input = meta.value()?;
+        let mut depth = 0usize;
+        while !(input.is_empty() || (depth == 0 && input.peek(syn::Token![,]))) {
+            match input.parse::<proc_macro2::TokenTree>()? {
+                proc_macro2::TokenTree::Punct(p) if p.as_char() == '<' => depth += 1,
+                proc_macro2::TokenTree::Punct(p) if p.as_char() == '>' => {
+                    depth = depth.saturating_sub(1)
+                }
+                _ => {}
+            }
+        }
+    } else if meta.input.peek(syn::token::Paren) {
+        let _content;
+        syn::parenthesized!(_content in meta.input);
+        let _: TokenStream2 = _content.parse()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(input: DeriveInput) -> Result<(), String> {
+        check_key_is_inserted(&input, &[Ident::new("id", Span::call_site())])
+            .map_err(|e| e.to_string())
+    }
+
+    /// Field options with types in them (not expressions) and a column named by a string are
+    /// read, not refused; a key skipped on insert is found under either form of its name.
+    #[test]
+    fn field_options_of_every_form_are_read() {
+        assert_eq!(
+            check(syn::parse_quote! {
+                struct Note {
+                    id: i32,
+                    #[diesel(deserialize_as = Wrapper<String, u8>, column_name = "body")]
+                    text: String,
+                    #[diesel(skip_insertion)]
+                    created: i64,
+                }
+            }),
+            Ok(())
+        );
+        for input in [
+            syn::parse_quote! { struct Note { #[diesel(skip_insertion)] id: i32 } },
+            syn::parse_quote! {
+                struct Note { #[diesel(column_name = "id", skip_insertion)] key: i32 }
+            },
+            syn::parse_quote! {
+                struct Note { #[diesel(serialize_as = Option<i32>, skip_insertion)] id: i32 }
+            },
+        ] {
+            let err = check(input).unwrap_err();
+            assert!(
+                err.contains("primary key `id` is left out of inserts"),
+                "{err}"
+            );
+        }
+    }
 }
