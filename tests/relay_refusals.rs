@@ -20,6 +20,26 @@ struct Dead {
     error: String,
 }
 
+/// A relay's configuration on `db` and the mock `cluster`, with `properties` (TOML lines) under
+/// `[kafka.properties]`.
+fn mock_config(
+    db: &TestDb,
+    cluster: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>,
+    properties: &str,
+) -> devour::Config {
+    devour::Config::from_toml_str(
+        &format!(
+            "[database]\nurl = \"{}\"\n[kafka]\nhosts = \"{}\"\n[kafka.properties]\n{properties}\n\
+             [relay]\nlease_ttl_ms = 3000\npoll_interval_ms = 50\n",
+            db.url,
+            cluster.bootstrap_servers()
+        ),
+        devour::config::Origin::Defaults,
+        &Default::default(),
+    )
+    .unwrap()
+}
+
 #[test]
 fn rows_for_a_topic_not_authorized_or_missing_are_dead_lettered() {
     let cluster = MockCluster::new(1).unwrap();
@@ -41,18 +61,11 @@ fn rows_for_a_topic_not_authorized_or_missing_are_dead_lettered() {
     for (topic, seq) in [("open", 0), ("denied", 1), ("missing", 2), ("open", 3)] {
         common::insert_rows(&mut c, topic, seq, 1, 4);
     }
-    let config = devour::Config::from_toml_str(
-        &format!(
-            "[database]\nurl = \"{}\"\n[kafka]\nhosts = \"{}\"\n\
-             [kafka.properties]\n\"topic.metadata.propagation.max.ms\" = \"1000\"\n\
-             [relay]\nlease_ttl_ms = 3000\npoll_interval_ms = 50\n",
-            db.url,
-            cluster.bootstrap_servers()
-        ),
-        devour::config::Origin::Defaults,
-        &Default::default(),
-    )
-    .unwrap();
+    let config = mock_config(
+        &db,
+        &cluster,
+        "\"topic.metadata.propagation.max.ms\" = \"1000\"",
+    );
     let options = devour::relay::RunOptions {
         mode: devour::relay::Mode::Drain,
         progress: false,
@@ -95,19 +108,12 @@ fn a_topic_reported_missing_for_a_moment_is_not_dead_lettered() {
     cluster.create_topic("flaky", 1, 1).unwrap();
     let db = TestDb::new(Backend::Sqlite, "refusals_flaky");
     let mut c = SqliteConnection::open(&db);
-    let config = devour::Config::from_toml_str(
-        &format!(
-            "[database]\nurl = \"{}\"\n[kafka]\nhosts = \"{}\"\n\
-             [kafka.properties]\n\"topic.metadata.propagation.max.ms\" = \"4000\"\n\
-             \"topic.metadata.refresh.interval.ms\" = \"200\"\n\
-             [relay]\nlease_ttl_ms = 3000\npoll_interval_ms = 50\n",
-            db.url,
-            cluster.bootstrap_servers()
-        ),
-        devour::config::Origin::Defaults,
-        &Default::default(),
-    )
-    .unwrap();
+    let config = mock_config(
+        &db,
+        &cluster,
+        "\"topic.metadata.propagation.max.ms\" = \"4000\"\n\
+         \"topic.metadata.refresh.interval.ms\" = \"200\"",
+    );
     let handle = devour::relay::start(&config, devour::relay::RunOptions::default()).unwrap();
     let wait_empty = |c: &mut SqliteConnection| {
         let deadline = std::time::Instant::now() + Duration::from_secs(60);

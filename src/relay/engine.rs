@@ -471,10 +471,14 @@ impl Horizon {
         self.refreshed.is_none_or(|t| t.elapsed() >= age)
     }
 
-    /// Whether ids above the cap have been handed out (rows there wait for their writers).
-    fn holds_back(&self) -> bool {
-        self.cap()
-            .is_some_and(|c| self.samples.back().is_some_and(|s| s.last_id > c))
+    /// Whether ids above the cap have been handed out (rows there wait for their writers); with
+    /// `bound` (a drain's), only ids up to it count.
+    fn holds_back(&self, bound: Option<i64>) -> bool {
+        self.cap().is_some_and(|c| {
+            self.samples
+                .back()
+                .is_some_and(|s| s.last_id.min(bound.unwrap_or(i64::MAX)) > c)
+        })
     }
 }
 
@@ -1063,17 +1067,7 @@ impl Relay {
                     fresh_sample_due = true;
                     continue;
                 }
-                let holds_back = match drain_bound {
-                    // Only ids up to the bound matter to a drain.
-                    Some(bound) => horizon.cap().is_some_and(|c| {
-                        horizon
-                            .samples
-                            .back()
-                            .is_some_and(|s| c < bound.min(s.last_id))
-                    }),
-                    None => horizon.holds_back(),
-                };
-                if holds_back {
+                if horizon.holds_back(drain_bound) {
                     // Rows above the cap wait for the transactions holding smaller ids (at most
                     // WRITER_WAIT); look again shortly, with a fresh sample (the cap is the same
                     // until one is taken): every 2 ms at first (a short transaction commits
