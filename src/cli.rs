@@ -431,7 +431,7 @@ fn run(cli: Cli, registry: &crate::consume::Registry) -> Result<(), Failure> {
                 // As for a database without the inbox table: a setup problem (exit 2).
                 crate::db::require_existing_file(&config.database).map_err(|e| {
                     crate::consume::ConsumeError::Inbox(format!(
-                        "`consumers.{}.inbox` needs the table devour_inbox ({e}); run `devour migrate` or start with --migrate",
+                        "`consumers.{}.inbox` needs the inbox tables devour_inbox_offsets and devour_inbox_batches ({e}); run `devour migrate` or start with --migrate",
                         args.name
                     ))
                 })?;

@@ -580,16 +580,26 @@ fn inbox_exactly_once(backend: Backend, extra: &str) {
     let db = TestDb::new(backend, "consume_inbox");
     exec(&db, EFFECTS);
     let topic = create_topic("consume-inbox", 3);
-    // 300 messages with message ids; then 20 of them again, as a relay that crashed after the
-    // broker's ack but before removing the rows would send them (same message-id, new offsets).
-    let ids: Vec<String> = (0..300).map(|i| format!("mid-{i}")).collect();
+    // 300 messages with message ids; then 20 of them again, as a relay that took over a shard
+    // whose rows were acknowledged but not removed sends them: same message-id, new offsets,
+    // marked `possible-duplicate`. Then 5 new messages marked so too (a mark the relay sets
+    // on rows it cannot know were sent): handled, since no transaction handled their ids.
+    let ids: Vec<String> = (0..305).map(|i| format!("mid-{i:03}")).collect();
     let keys: Vec<String> = (0..30).map(|k| format!("k{k}")).collect();
     let msg = |i: usize| Out {
         headers: vec![("message-id", ids[i].as_str())],
         ..Out::seq(&keys[i % 30], i as i64)
     };
+    let resent = |i: usize| Out {
+        headers: vec![
+            ("message-id", ids[i].as_str()),
+            ("possible-duplicate", "true"),
+        ],
+        ..Out::seq(&keys[i % 30], i as i64)
+    };
     produce(&topic, &(0..300).map(msg).collect::<Vec<_>>());
-    produce(&topic, &(100..120).map(msg).collect::<Vec<_>>());
+    produce(&topic, &(100..120).map(resent).collect::<Vec<_>>());
+    produce(&topic, &(300..305).map(resent).collect::<Vec<_>>());
     let name = "inbox";
     let cfg = config(
         &db,
@@ -613,11 +623,11 @@ fn inbox_exactly_once(backend: Backend, extra: &str) {
     let report = drain(&cfg, name, &registry, T);
     assert_eq!(
         (report.processed, report.duplicates),
-        (300, 20),
+        (305, 20),
         "{report:?}"
     );
     let e = effects(&db);
-    assert_eq!(e.len(), 300, "every message has its effect");
+    assert_eq!(e.len(), 305, "every message has its effect");
     let twice: Vec<_> = e.iter().filter(|(_, n)| **n != 1).collect();
     assert!(twice.is_empty(), "effects not exactly once: {twice:?}");
 
@@ -627,7 +637,7 @@ fn inbox_exactly_once(backend: Backend, extra: &str) {
     let report = drain(&cfg, name, &registry, T);
     assert_eq!(
         (report.processed, report.duplicates),
-        (0, 320),
+        (0, 325),
         "{report:?}"
     );
     assert!(
@@ -693,10 +703,14 @@ fn old_inbox_rows_are_cleaned_at_start() {
     exec(
         &db,
         &format!(
-            "INSERT INTO devour_inbox (consumer_group, message_key, topic, kafka_partition, kafka_offset, processed_at) VALUES \
-             ('{group}', 'old', 't', 0, 0, strftime('%Y-%m-%d %H:%M:%f', 'now', '-25 hours')), \
-             ('{group}', 'recent', 't', 0, 1, strftime('%Y-%m-%d %H:%M:%f', 'now', '-23 hours')), \
-             ('other-group', 'old', 't', 0, 0, strftime('%Y-%m-%d %H:%M:%f', 'now', '-25 hours'))"
+            "INSERT INTO devour_inbox_batches (consumer_group, topic, kafka_partition, first_offset, last_offset, replay, min_key, max_key, keys, processed_at) VALUES \
+             ('{group}', 't', 0, 0, 0, 0, 'old', 'old', '[\"old\"]', strftime('%Y-%m-%d %H:%M:%f', 'now', '-25 hours')), \
+             ('{group}', 't', 0, 1, 1, 0, 'recent', 'recent', '[\"recent\"]', strftime('%Y-%m-%d %H:%M:%f', 'now', '-23 hours')), \
+             ('other-group', 't', 0, 0, 0, 0, 'old', 'old', '[\"old\"]', strftime('%Y-%m-%d %H:%M:%f', 'now', '-25 hours')); \
+             INSERT INTO devour_inbox_offsets (consumer_group, topic, kafka_partition, through_offset, previous_offset, processed_at) VALUES \
+             ('{group}', 'old', 0, 0, 0, strftime('%Y-%m-%d %H:%M:%f', 'now', '-25 hours')), \
+             ('{group}', 'recent', 0, 1, 1, strftime('%Y-%m-%d %H:%M:%f', 'now', '-23 hours')), \
+             ('other-group', 'old', 0, 0, 0, strftime('%Y-%m-%d %H:%M:%f', 'now', '-25 hours'))"
         ),
     );
     let (registry, _) = recording(accept());
@@ -707,23 +721,35 @@ fn old_inbox_rows_are_cleaned_at_start() {
         #[diesel(sql_type = diesel::sql_types::Text)]
         consumer_group: String,
         #[diesel(sql_type = diesel::sql_types::Text)]
-        message_key: String,
+        key: String,
     }
-    let keys: Vec<K> = diesel::sql_query(
-        "SELECT consumer_group, message_key FROM devour_inbox WHERE message_key IN ('old', 'recent') ORDER BY 1, 2",
-    )
-    .load(&mut SqliteConnection::establish(db.diesel_url()).unwrap())
-    .unwrap();
-    let keys: Vec<(String, String)> = keys
-        .into_iter()
-        .map(|k| (k.consumer_group, k.message_key))
-        .collect();
+    let mut conn = SqliteConnection::establish(db.diesel_url()).unwrap();
+    let pairs = |rows: Vec<K>| -> Vec<(String, String)> {
+        rows.into_iter()
+            .map(|k| (k.consumer_group, k.key))
+            .collect()
+    };
+    let batches = pairs(
+        diesel::sql_query(
+            "SELECT consumer_group, min_key AS key FROM devour_inbox_batches WHERE min_key IN ('old', 'recent') ORDER BY 1, 2",
+        )
+        .load(&mut conn)
+        .unwrap(),
+    );
+    let marks = pairs(
+        diesel::sql_query(
+            "SELECT consumer_group, topic AS key FROM devour_inbox_offsets WHERE topic IN ('old', 'recent') ORDER BY 1, 2",
+        )
+        .load(&mut conn)
+        .unwrap(),
+    );
+    let expected = vec![
+        (group.clone(), "recent".to_string()),
+        ("other-group".to_string(), "old".to_string()),
+    ];
     assert_eq!(
-        keys,
-        vec![
-            (group, "recent".to_string()),
-            ("other-group".to_string(), "old".to_string())
-        ],
+        (batches, marks),
+        (expected.clone(), expected),
         "only this group's rows older than inbox_retention_hours are deleted"
     );
 }

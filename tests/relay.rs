@@ -150,7 +150,16 @@ fn rows_inserted_with_psql_are_delivered() {
     };
     assert_eq!(header("event").as_deref(), Some("update"));
     assert_eq!(header("content-type").as_deref(), Some("application/json"));
-    assert_eq!(header("message-id").map(|m| m.len()), Some(36));
+    // The column's default: a UUIDv7 (time-ordered), as devour's write path makes.
+    let id = header("message-id").unwrap();
+    assert_eq!((id.len(), &id[14..15]), (36, "7"), "{id}");
+    let ms = u64::from_str_radix(&id[..8], 16).unwrap() << 16
+        | u64::from_str_radix(&id[9..13], 16).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    assert!(now - ms < 120_000, "{id}: {ms} ms, now {now}");
 }
 
 /// A topic whose max.message.bytes is 20,000.

@@ -36,7 +36,7 @@ pub struct ConsumerRoute {
     /// `dead_letter_topic`: where messages that will never succeed go
     /// (default: the message's topic + `.dlq`).
     pub dead_letter_topic: Option<String>,
-    /// `inbox`: record each message in `devour_inbox` in the handler's transaction and skip
+    /// `inbox`: record each message in the inbox tables in the handler's transaction and skip
     /// redeliveries (default false).
     pub inbox: bool,
     /// `inbox_retention_hours`: inbox rows older than this are deleted (default 168).

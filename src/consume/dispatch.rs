@@ -16,7 +16,7 @@ use super::dead_letter::DeadLetters;
 use super::handler::{
     Action, CallError, Ctx, DynConsumer, HeadersRef, Meta, OwnedHeader, TxConnection,
 };
-use super::inbox::{self, Claimed, InboxEntry};
+use super::inbox::{self, InboxEntry};
 use crate::config::ConsumerRoute;
 use crate::db::{DbConnection, DbError, DbPool};
 
@@ -167,8 +167,6 @@ enum Next {
 /// A transaction's end other than commit.
 enum TxError {
     Db(diesel::result::Error),
-    /// Some messages were in the inbox already: do it again, asking which.
-    Duplicates,
     /// Message `usize` of the batch failed; nothing of the batch was committed.
     Failed(usize, Failure),
 }
@@ -181,12 +179,8 @@ impl From<diesel::result::Error> for TxError {
 
 /// A connection that can record inbox entries and lend itself to a handler.
 trait InboxConnection: Connection + diesel::r2d2::R2D2Connection {
-    fn claim(
-        &mut self,
-        group: &str,
-        entries: &[InboxEntry<'_>],
-        keys: bool,
-    ) -> diesel::QueryResult<Claimed>;
+    /// Records `entries` in the inbox; says which are new.
+    fn claim(&mut self, group: &str, entries: &[InboxEntry<'_>]) -> diesel::QueryResult<Vec<bool>>;
     fn lend(&mut self) -> TxConnection<'_>;
     /// Fails if the transaction can no longer commit.
     fn still_open(&mut self) -> diesel::QueryResult<()>;
@@ -194,13 +188,8 @@ trait InboxConnection: Connection + diesel::r2d2::R2D2Connection {
 
 #[cfg(feature = "postgres")]
 impl InboxConnection for diesel::PgConnection {
-    fn claim(
-        &mut self,
-        group: &str,
-        entries: &[InboxEntry<'_>],
-        keys: bool,
-    ) -> diesel::QueryResult<Claimed> {
-        inbox::claim_postgres(self, group, entries, keys)
+    fn claim(&mut self, group: &str, entries: &[InboxEntry<'_>]) -> diesel::QueryResult<Vec<bool>> {
+        inbox::claim(self, group, entries)
     }
     fn lend(&mut self) -> TxConnection<'_> {
         TxConnection::Postgres(self)
@@ -213,13 +202,8 @@ impl InboxConnection for diesel::PgConnection {
 
 #[cfg(feature = "sqlite")]
 impl InboxConnection for diesel::SqliteConnection {
-    fn claim(
-        &mut self,
-        group: &str,
-        entries: &[InboxEntry<'_>],
-        keys: bool,
-    ) -> diesel::QueryResult<Claimed> {
-        inbox::claim_sqlite(self, group, entries, keys)
+    fn claim(&mut self, group: &str, entries: &[InboxEntry<'_>]) -> diesel::QueryResult<Vec<bool>> {
+        inbox::claim(self, group, entries)
     }
     fn lend(&mut self) -> TxConnection<'_> {
         TxConnection::Sqlite(self)
@@ -350,7 +334,6 @@ impl Dispatcher {
             Ok(()) => Ok(()),
             Err(TxError::Db(e)) => Err(Failure::Db(e.into())),
             Err(TxError::Failed(_, f)) => Err(f),
-            Err(TxError::Duplicates) => unreachable!("inbox_tx asks again"),
         }
     }
 
@@ -518,7 +501,6 @@ impl Dispatcher {
                         Next::Finished => unreachable!("a database failure never dead-letters"),
                     }
                 }
-                Err(TxError::Duplicates) => unreachable!("inbox_tx asks again"),
                 Err(TxError::Failed(k, f)) => {
                     self.inbox_batch(&batch[..k], finished, report)?;
                     report(*finished);
@@ -546,10 +528,7 @@ impl Dispatcher {
             .collect();
         let result = crate::db::each_backend!(conn, c => {
             let c: &mut _ = &mut **c;
-            let r = match run_inbox_tx(c, route, handler, batch, &entries, attempt, false) {
-                Err(TxError::Duplicates) => run_inbox_tx(c, route, handler, batch, &entries, attempt, true),
-                other => other,
-            };
+            let r = run_inbox_tx(c, route, handler, batch, &entries, attempt);
             (r, diesel::r2d2::R2D2Connection::is_broken(c))
         });
         let (handled, skipped) = match result {
@@ -581,14 +560,16 @@ impl Dispatcher {
 
 /// A message's inbox record: keyed by its `message-id` header, else by where it was read.
 fn inbox_entry(meta: Meta<'_>) -> InboxEntry<'_> {
+    let (id, resent) = meta.id_and_resent();
     InboxEntry {
-        key: match meta.message_id() {
+        key: match id {
             Some(id) => id.into(),
             None => format!("{}/{}/{}", meta.topic, meta.partition, meta.offset).into(),
         },
         topic: meta.topic,
         partition: meta.partition,
         offset: meta.offset,
+        resent,
     }
 }
 
@@ -603,8 +584,6 @@ fn to_diesel(e: DbError) -> diesel::result::Error {
 }
 
 /// The inbox transaction on a concrete connection; returns (handled, skipped as duplicates).
-/// Without `ask_keys`, it only counts the new entries and gives up with `Duplicates` unless all
-/// were new; with it, it learns which were new and skips the others.
 fn run_inbox_tx<C: InboxConnection, R: Record>(
     c: &mut C,
     route: &ConsumerRoute,
@@ -612,32 +591,28 @@ fn run_inbox_tx<C: InboxConnection, R: Record>(
     batch: &[R],
     entries: &[InboxEntry<'_>],
     attempt: u32,
-    ask_keys: bool,
 ) -> Result<(u64, u64), TxError> {
     c.transaction::<_, TxError, _>(|c| {
-        let mut new = match c.claim(&route.group, entries, ask_keys)? {
-            Claimed::Count(n) if n == entries.len() => None,
-            Claimed::Count(_) => return Err(TxError::Duplicates),
-            Claimed::Keys(keys) => Some(keys),
-        };
-        let (mut handled, mut skipped) = (0, 0);
-        for (i, (m, entry)) in batch.iter().zip(entries).enumerate() {
-            // A key seen twice in one batch (the relay sent a row twice) is handled once.
-            if let Some(new) = &mut new {
-                if !new.remove(entry.key.as_ref()) {
-                    skipped += 1;
-                    continue;
-                }
+        let new = c.claim(&route.group, entries)?;
+        let (mut handled, mut skipped, mut lent) = (0, 0, false);
+        for (i, (m, new)) in batch.iter().zip(new).enumerate() {
+            if !new {
+                skipped += 1;
+                continue;
             }
             let meta = m.meta(&route.name, attempt);
-            let mut ctx = Ctx { tx: Some(c.lend()) };
-            call(handler, &meta, m.payload_bytes(), route.dump, &mut ctx)
-                .map_err(|f| TxError::Failed(i, f))?;
+            let mut ctx = Ctx::with(c.lend());
+            let r = call(handler, &meta, m.payload_bytes(), route.dump, &mut ctx);
+            lent |= ctx.lent;
+            r.map_err(|f| TxError::Failed(i, f))?;
             handled += 1;
         }
         // A handler that swallowed a database error leaves PostgreSQL's transaction aborted,
-        // and COMMIT of an aborted transaction rolls back without an error: ask first.
-        c.still_open()?;
+        // and COMMIT of an aborted transaction rolls back without an error: ask first (unless
+        // no handler took the connection: devour's own statements all succeeded).
+        if lent {
+            c.still_open()?;
+        }
         Ok((handled, skipped))
     })
 }

@@ -167,6 +167,31 @@ impl<'a> Meta<'a> {
     pub fn message_id(&self) -> Option<&'a str> {
         self.header_str(crate::outbox::HEADER_MESSAGE_ID)
     }
+
+    /// [`Meta::message_id`] and [`Meta::possible_duplicate`] in one pass over the headers.
+    pub(crate) fn id_and_resent(&self) -> (Option<&'a str>, bool) {
+        let (mut id, mut resent) = (None, None);
+        for i in (0..self.headers.count()).rev() {
+            let Some((k, v)) = self.headers.get(i) else {
+                continue;
+            };
+            if id.is_none() && k == crate::outbox::HEADER_MESSAGE_ID.as_bytes() {
+                id = Some(v.and_then(|v| std::str::from_utf8(v).ok()));
+            } else if resent.is_none() && k == crate::outbox::HEADER_POSSIBLE_DUPLICATE.as_bytes() {
+                resent = Some(v == Some(b"true"));
+            }
+            if id.is_some() && resent.is_some() {
+                break;
+            }
+        }
+        (id.flatten(), resent.unwrap_or(false))
+    }
+
+    /// Whether the relay marked the message as one it may have sent before (header
+    /// `possible-duplicate: true`): it may have been read already, at another offset.
+    pub fn possible_duplicate(&self) -> bool {
+        self.header(crate::outbox::HEADER_POSSIBLE_DUPLICATE) == Some(b"true")
+    }
 }
 
 /// A message's payload in the route's `dump` form.
@@ -245,23 +270,37 @@ pub enum TxConnection<'a> {
 #[non_exhaustive]
 pub struct Ctx<'a> {
     pub(crate) tx: Option<TxConnection<'a>>,
+    /// The handler asked for the connection.
+    pub(crate) lent: bool,
 }
 
 impl<'a> Ctx<'a> {
     pub(crate) fn none() -> Ctx<'static> {
-        Ctx { tx: None }
+        Ctx {
+            tx: None,
+            lent: false,
+        }
+    }
+
+    pub(crate) fn with(tx: TxConnection<'a>) -> Ctx<'a> {
+        Ctx {
+            tx: Some(tx),
+            lent: false,
+        }
     }
 
     /// With `inbox = true`: the connection whose transaction also records the message in the
     /// inbox. What the handler writes through it commits together with that record, once.
     /// `None` without an inbox.
     pub fn transaction(&mut self) -> Option<&mut TxConnection<'a>> {
+        self.lent = true;
         self.tx.as_mut()
     }
 
     /// [`transaction`](Self::transaction) on PostgreSQL.
     #[cfg(feature = "postgres")]
     pub fn postgres(&mut self) -> Option<&mut diesel::PgConnection> {
+        self.lent = true;
         match self.tx.as_mut()? {
             TxConnection::Postgres(c) => Some(c),
             #[allow(unreachable_patterns)]
@@ -272,6 +311,7 @@ impl<'a> Ctx<'a> {
     /// [`transaction`](Self::transaction) on SQLite.
     #[cfg(feature = "sqlite")]
     pub fn sqlite(&mut self) -> Option<&mut diesel::SqliteConnection> {
+        self.lent = true;
         match self.tx.as_mut()? {
             TxConnection::Sqlite(c) => Some(c),
             #[allow(unreachable_patterns)]

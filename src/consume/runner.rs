@@ -233,7 +233,7 @@ pub fn run(
             return Ok(report(&Stats::default(), Instant::now(), &clock));
         };
         super::inbox::check_table(&mut conn).map_err(|e| ConsumeError::Inbox(format!(
-            "`consumers.{name}.inbox` needs the table devour_inbox ({e}); run `devour migrate` or start with --migrate"
+            "`consumers.{name}.inbox` needs the inbox tables devour_inbox_offsets and devour_inbox_batches ({e}); run `devour migrate` or start with --migrate"
         )))?;
         let removed = super::inbox::cleanup(&mut conn, &route.group, route.inbox_retention_hours)?;
         tracing::debug!(route = name, "inbox cleanup removed {removed} row(s)");

@@ -11,6 +11,10 @@ use diesel::r2d2::{ConnectionManager, ManageConnection, Pool, PooledConnection};
 use crate::config::{DatabaseConfig, DatabaseUrl};
 
 mod admin;
+#[cfg(feature = "postgres")]
+pub(crate) mod prepared;
+#[cfg(test)]
+pub(crate) mod testing;
 pub use admin::{DeadLetter, DeadLetters, KeyRows, RelayState, ShardBacklog, TopicBacklog};
 
 #[cfg(feature = "postgres")]

@@ -17,11 +17,20 @@ pub const HEADER_MESSAGE_ID: &str = "message-id";
 pub const HEADER_EVENT: &str = "event";
 /// Header carrying the payload's MIME type.
 pub const HEADER_CONTENT_TYPE: &str = "content-type";
+/// Header the relay sets (`true`) on a message it may have sent before: a relay that held its
+/// shard earlier may have had it acknowledged without removing its row. Consumers with an inbox
+/// look such messages up by `message-id` wherever they read them.
+pub const HEADER_POSSIBLE_DUPLICATE: &str = "possible-duplicate";
 /// W3C trace context header, carried from the context when given.
 pub const HEADER_TRACEPARENT: &str = "traceparent";
 /// Headers devour sets from the row's own columns; a message's extra headers cannot use them
 /// (a second copy would be the one consumers read).
-pub const RESERVED_HEADERS: [&str; 3] = [HEADER_MESSAGE_ID, HEADER_EVENT, HEADER_CONTENT_TYPE];
+pub const RESERVED_HEADERS: [&str; 4] = [
+    HEADER_MESSAGE_ID,
+    HEADER_EVENT,
+    HEADER_CONTENT_TYPE,
+    HEADER_POSSIBLE_DUPLICATE,
+];
 
 /// Whether `name` is one of [`RESERVED_HEADERS`] (header names are case-sensitive: consumers
 /// look them up exactly so).

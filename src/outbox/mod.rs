@@ -16,7 +16,8 @@ pub use direct::{init_direct, DirectProducer};
 pub use message::{
     is_reserved_header, murmur2, partition_for_key, shard_for_key, validate_topic, Event,
     OutboxMessage, CONTENT_TYPE_JSON, HEADER_CONTENT_TYPE, HEADER_EVENT, HEADER_MESSAGE_ID,
-    HEADER_TRACEPARENT, MAX_TOPIC_LEN, RECORD_BATCH_OVERHEAD, RESERVED_HEADERS, SHARDS,
+    HEADER_POSSIBLE_DUPLICATE, HEADER_TRACEPARENT, MAX_TOPIC_LEN, RECORD_BATCH_OVERHEAD,
+    RESERVED_HEADERS, SHARDS,
 };
 pub use model::{ModelStore, ModelTable, ProducerModel, SaveOptions, Saved};
 pub use producer::{Producer, ProducerConfig, ProducerType};
@@ -49,7 +50,8 @@ pub enum ProduceError {
     /// An extra header has the name of one devour sets itself from the message.
     #[error(
         "message to `{topic}`: header `{name}` is devour's own (message-id, event and \
-         content-type come from the message; set those instead)"
+         content-type come from the message; set those instead; the relay sets \
+         possible-duplicate)"
     )]
     ReservedHeader {
         /// The topic.

@@ -12,7 +12,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::Producer as _;
 
 use super::kafka::{self, InFlight, Outcome, RelayProducer, Report, TopicLimits};
-use super::store::{Leases, Row, Store};
+use super::store::{Leases, Row, SentThrough, Store};
 use super::{Mode, RelayError, RunOptions, Wake};
 use crate::config::{Config, DeadLetterPolicy, RelayConfig};
 use crate::db::DbError;
@@ -61,6 +61,9 @@ struct LeaseView {
     releasing: BTreeSet<i32>,
     /// Another relay holds the SQLite outbox.
     standby: Option<String>,
+    /// Per shard held: rows up to this id may have been sent by an earlier holder of the
+    /// shard (this relay too, under an earlier epoch), and go out marked `possible-duplicate`.
+    resent: SentThrough,
     /// A drain's view of the shards it does not hold (see [`Store::unattended`]): how many
     /// no live relay holds, the longest lease TTL on record, and when this was read.
     unattended: Option<(usize, u64, Instant)>,
@@ -665,6 +668,7 @@ impl Relay {
                 releasing: BTreeSet::new(),
                 standby: None,
                 unattended: None,
+                resent: SentThrough::new(),
             }),
             in_flight: Mutex::new(InFlightRows::default()),
             drained: Condvar::new(),
@@ -870,6 +874,12 @@ impl Relay {
         let mut progress = Progress::new(&self.options);
         let mut standby_since: Option<Instant> = None;
         let mut prefetch = Prefetcher::start(&self.config)?;
+        // Rows up to `covered` may be handed to the producer: this relay's row says so
+        // (`Store::cover`), for whoever takes its shards over.
+        let mut covered = 0_i64;
+        // The largest id handed to a producer, and after a restart (a delivery without a
+        // verdict) that id: rows up to it may have been sent, and go out marked.
+        let (mut handed, mut resent_through) = (0_i64, 0_i64);
         // A drain delivers the rows there when it begins and ends once none of them is left:
         // its reads stop at the largest id there was, so that rows written meanwhile cannot
         // keep it going (they are left for the next run, and counted in its report).
@@ -923,6 +933,7 @@ impl Relay {
                     tx.clone(),
                     shared.missing.clone(),
                 )?;
+                resent_through = handed;
                 pass.restart(&shared, true, horizon.settled);
             }
             let view = shared.leases();
@@ -962,6 +973,11 @@ impl Relay {
             let gained = shards
                 .iter()
                 .any(|s| pass.leases.get(s) != view.owned.get(s));
+            if gained {
+                // Held anew: say again how far this relay may send before it sends (its row
+                // may have been forgotten and written anew while it held nothing).
+                covered = 0;
+            }
             if pass.cursor > 0 && (gained || shared.wake.rescan_asked()) {
                 if !shared.wait_in_flight_at_most(0, poll) {
                     continue;
@@ -1132,6 +1148,7 @@ impl Relay {
                 continue;
             }
             let mut topic_limit: Option<(String, Option<usize>)> = None;
+            let batch_last = rows.last().map_or(0, |r| r.id);
             let mut rows = rows.into_iter();
             while let Some(row) = rows.next() {
                 if shared.stopping() {
@@ -1139,6 +1156,26 @@ impl Relay {
                     shared
                         .remove_in_flight(std::iter::once(row.shard).chain(rows.map(|r| r.shard)));
                     break;
+                }
+                if row.id > covered {
+                    // Say how far this relay may send before it does (this batch, and about
+                    // one more), so that a relay taking a shard over knows what to mark.
+                    let through = batch_last.max(row.id) + i64::from(rc.batch_size);
+                    let recorded = with_retry(
+                        &shared,
+                        Role::Reader,
+                        &mut self.reader,
+                        &self.config,
+                        "recording what it may send",
+                        |s| s.cover(&shared.relay_id, through),
+                    );
+                    if recorded.is_none() {
+                        shared.remove_in_flight(
+                            std::iter::once(row.shard).chain(rows.map(|r| r.shard)),
+                        );
+                        break;
+                    }
+                    covered = through;
                 }
                 if Instant::now() >= view.valid_until {
                     // A row before this one held the batch up (a dead letter waiting for the
@@ -1211,12 +1248,15 @@ impl Relay {
                         continue;
                     }
                 }
-                if !self.send(producer, &row, epoch) {
+                let resent = row.id <= resent_through
+                    || view.resent.get(&row.shard).is_some_and(|&t| row.id <= t);
+                if !self.send(producer, &row, epoch, resent) {
                     // Not handed over (a stop, or a restart to come): the rest of the batch
                     // waits too, so no later row of its key goes first.
                     shared.remove_in_flight(rows.map(|r| r.shard));
                     break;
                 }
+                handed = handed.max(row.id);
             }
             progress.tick(&shared, &mut self.reader);
         }
@@ -1232,11 +1272,11 @@ impl Relay {
     /// Hands one row, already counted in flight, to the producer (waiting while its queue is
     /// full, unless a stop comes); takes it back out of the count if it cannot be sent. Returns
     /// whether the batch may go on: the row was sent or dead-lettered.
-    fn send(&mut self, producer: &RelayProducer, row: &Row, epoch: i64) -> bool {
+    fn send(&mut self, producer: &RelayProducer, row: &Row, epoch: i64, resent: bool) -> bool {
         let mut record = kafka::record(
             row,
             epoch,
-            kafka::headers(row),
+            kafka::headers(row, resent),
             self.shared.batch_size.load(Ordering::Relaxed),
         );
         if let Some(k) = &row.partition_key {
@@ -1577,22 +1617,24 @@ fn lease_loop(shared: &Shared, mut store: Store, config: &Config) {
         let stopping = shared.stopping();
         let tick = (|| -> Result<(), DbError> {
             let live = store.heartbeat(&id, ttl)?;
-            let mut owned = store.renew(&id, ttl)?;
+            let (mut owned, mut sent_before) = store.renew(&id, ttl)?;
             let mut standby = None;
             let mut unattended = None;
+            let before = shared.leases();
             // Only shards the reader could already see as going are handed back this tick.
-            let mut releasing = shared.leases().releasing;
+            let mut releasing = before.releasing.clone();
             releasing.retain(|s| owned.contains_key(s));
             let announced = releasing.clone();
             if !stopping {
                 if shares {
                     let target = (SHARDS as usize).div_ceil(live);
                     if owned.len() < target {
-                        let (claimed, _) = store.claim(&id, ttl, target - owned.len())?;
+                        let (claimed, sent, _) = store.claim(&id, ttl, target - owned.len())?;
                         if !claimed.is_empty() {
                             tracing::info!(relay = %id, "took {} shard(s): {}", claimed.len(), shard_ranges(claimed.keys().copied()));
                         }
                         owned.extend(claimed);
+                        sent_before.extend(sent);
                     } else if owned.len() > target {
                         let excess: Vec<i32> = owned
                             .keys()
@@ -1603,8 +1645,9 @@ fn lease_loop(shared: &Shared, mut store: Store, config: &Config) {
                         releasing.extend(excess);
                     }
                 } else {
-                    let (all, holder) = store.claim(&id, ttl, SHARDS as usize)?;
+                    let (all, sent, holder) = store.claim(&id, ttl, SHARDS as usize)?;
                     owned = all;
+                    sent_before = sent;
                     standby = holder;
                 }
                 if shared.drain && shares {
@@ -1630,7 +1673,18 @@ fn lease_loop(shared: &Shared, mut store: Store, config: &Config) {
             // Trust the leases a little less long than the database does: stop sending before
             // another relay may take them.
             view.valid_until = started + Duration::from_millis(ttl - ttl / 5);
+            // A shard new to the view (taken now, or in a tick that failed after taking it) or
+            // held under a new epoch gets what its lease says was sent before; one still held
+            // keeps what it had.
+            let mut resent = before.resent;
+            resent.retain(|s, _| owned.contains_key(s) && owned.get(s) == before.owned.get(s));
+            for (s, through) in sent_before {
+                if owned.contains_key(&s) && owned.get(&s) != before.owned.get(&s) {
+                    resent.insert(s, through);
+                }
+            }
             view.owned = owned;
+            view.resent = resent;
             view.releasing = releasing;
             view.standby = standby;
             view.unattended = unattended;

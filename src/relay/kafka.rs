@@ -13,7 +13,9 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedPro
 
 use super::store::Row;
 use crate::config::KafkaConfig;
-use crate::outbox::{HEADER_CONTENT_TYPE, HEADER_EVENT, HEADER_MESSAGE_ID};
+use crate::outbox::{
+    HEADER_CONTENT_TYPE, HEADER_EVENT, HEADER_MESSAGE_ID, HEADER_POSSIBLE_DUPLICATE,
+};
 
 /// What the relay needs to know about a message in flight.
 #[derive(Debug, Clone)]
@@ -325,8 +327,9 @@ pub(crate) fn create_producer(
     .map_err(crate::kafka_log::redact)
 }
 
-/// The Kafka headers of a row: `message-id`, `content-type`, `event`, then its `headers`.
-pub(crate) fn headers(row: &Row) -> OwnedHeaders {
+/// The Kafka headers of a row: `message-id`, `content-type`, `event`, `possible-duplicate`
+/// when `resent` (the row may have been sent before), then its `headers`.
+pub(crate) fn headers(row: &Row, resent: bool) -> OwnedHeaders {
     let mut h = OwnedHeaders::new_with_capacity(4)
         .insert(Header {
             key: HEADER_MESSAGE_ID,
@@ -340,6 +343,12 @@ pub(crate) fn headers(row: &Row) -> OwnedHeaders {
         h = h.insert(Header {
             key: HEADER_EVENT,
             value: Some(e.as_bytes()),
+        });
+    }
+    if resent {
+        h = h.insert(Header {
+            key: HEADER_POSSIBLE_DUPLICATE,
+            value: Some(b"true"),
         });
     }
     if row.headers.len() > 2 {
@@ -419,6 +428,7 @@ pub(crate) fn row_size(row: &Row) -> usize {
         + row.message_id.len()
         + row.content_type.len()
         + row.event.as_ref().map_or(0, String::len)
+        + HEADER_POSSIBLE_DUPLICATE.len()
         + 64
 }
 
@@ -526,7 +536,8 @@ mod tests {
             partition_key: None,
             kafka_partition: None,
             payload: None,
-            headers: r#"{"message-id":"theirs","event":"x","Event":"y","trace":"abc"}"#.into(),
+            headers: r#"{"message-id":"theirs","event":"x","Event":"y","trace":"abc","possible-duplicate":"false"}"#
+                .into(),
             event: Some("create".into()),
             message_id: "ours".into(),
             content_type: "application/json".into(),
@@ -534,32 +545,38 @@ mod tests {
             created_ms: 0,
             key_releases: 0,
         };
-        let h = headers(&row);
-        let all: Vec<(String, String)> = (0..h.count())
-            .map(|i| {
-                let x = h.get(i);
-                (
-                    x.key.to_string(),
-                    String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned(),
-                )
-            })
-            .collect();
-        let named = |n: &str| {
+        let listed = |h: &OwnedHeaders| -> Vec<(String, String)> {
+            (0..h.count())
+                .map(|i| {
+                    let x = h.get(i);
+                    (
+                        x.key.to_string(),
+                        String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned(),
+                    )
+                })
+                .collect()
+        };
+        let all = listed(&headers(&row, false));
+        let named = |all: &[(String, String)], n: &str| {
             all.iter()
                 .filter(|(k, _)| k == n)
-                .map(|(_, v)| v.as_str())
+                .map(|(_, v)| v.clone())
                 .collect::<Vec<_>>()
         };
-        assert_eq!(named("message-id"), ["ours"], "{all:?}");
-        assert_eq!(named("event"), ["create"], "{all:?}");
+        assert_eq!(named(&all, "message-id"), ["ours"], "{all:?}");
+        assert_eq!(named(&all, "event"), ["create"], "{all:?}");
         assert_eq!(
-            named("Event"),
+            named(&all, "Event"),
             ["y"],
             "header names are case-sensitive: {all:?}"
         );
-        assert_eq!(named("trace"), ["abc"], "{all:?}");
+        assert_eq!(named(&all, "trace"), ["abc"], "{all:?}");
+        // Only the relay says whether a row may have been sent before.
+        assert!(named(&all, "possible-duplicate").is_empty(), "{all:?}");
+        let resent = listed(&headers(&row, true));
+        assert_eq!(named(&resent, "possible-duplicate"), ["true"], "{resent:?}");
         // Without an event column, the headers column's event is the one.
-        let h = headers(&Row { event: None, ..row });
+        let h = headers(&Row { event: None, ..row }, false);
         let events: Vec<_> = (0..h.count())
             .map(|i| h.get(i))
             .filter(|x| x.key == "event")

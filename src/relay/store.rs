@@ -8,6 +8,8 @@ use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Binary, Integer, Nullable, Text};
 
 use crate::config::{DatabaseUrl, RelayConfig, Retention};
+#[cfg(feature = "postgres")]
+use crate::db::prepared::{PgBind, Prepared};
 use crate::db::DbError;
 
 /// A relay's own database connection (not pooled: the relay holds it for its life).
@@ -66,14 +68,6 @@ pub(crate) struct IdSample {
 }
 
 #[derive(QueryableByName)]
-struct LeaseRow {
-    #[diesel(sql_type = Integer)]
-    shard: i32,
-    #[diesel(sql_type = BigInt)]
-    epoch: i64,
-}
-
-#[derive(QueryableByName)]
 struct Count {
     #[diesel(sql_type = BigInt)]
     n: i64,
@@ -85,8 +79,25 @@ struct Holder {
     owner: String,
 }
 
-fn leases(rows: Vec<LeaseRow>) -> Leases {
-    rows.into_iter().map(|r| (r.shard, r.epoch)).collect()
+/// A lease held: its shard, its epoch, and the largest id a holder before may have sent.
+#[derive(QueryableByName)]
+struct LeaseRow {
+    #[diesel(sql_type = Integer)]
+    shard: i32,
+    #[diesel(sql_type = BigInt)]
+    epoch: i64,
+    #[diesel(sql_type = BigInt)]
+    sent_through: i64,
+}
+
+/// Per shard: rows up to this id may have been sent (acknowledged, even) by a relay that held
+/// the shard before, without being removed.
+pub(crate) type SentThrough = BTreeMap<i32, i64>;
+
+fn held(rows: Vec<LeaseRow>) -> (Leases, SentThrough) {
+    rows.into_iter()
+        .map(|r| ((r.shard, r.epoch), (r.shard, r.sent_through)))
+        .unzip()
 }
 
 /// A JSON array, the way SQLite takes a list in one bind (`json_each`).
@@ -105,80 +116,6 @@ const SQLITE_ROW: &str = "id, topic, partition_key, kafka_partition, payload, he
      CAST((julianday(created_at) - 2440587.5) * 86400000 AS INTEGER) AS created_ms";
 const COLUMNS: &str = "id, topic, partition_key, kafka_partition, payload, headers, event, \
      message_id, content_type, shard, created_at, attempts";
-
-/// A PostgreSQL statement that Diesel prepares once per connection and reuses (keyed by its
-/// text), unlike `sql_query`, which PostgreSQL parses and plans again at every run. Written
-/// like `sql_query`'s text, with `$N` standing for `binds[N - 1]` (a number may appear more
-/// than once). For the statements the relay runs for every batch: at 100 batches a second the
-/// parsing and planning of the read and the removal took about half a core of PostgreSQL.
-#[cfg(feature = "postgres")]
-struct Prepared<'a> {
-    sql: &'a str,
-    binds: &'a [PgBind<'a>],
-}
-
-#[cfg(feature = "postgres")]
-enum PgBind<'a> {
-    BigInt(i64),
-    Text(&'a str),
-    BigInts(&'a [i64]),
-    Ints(&'a [i32]),
-}
-
-#[cfg(feature = "postgres")]
-impl diesel::query_builder::QueryFragment<diesel::pg::Pg> for Prepared<'_> {
-    fn walk_ast<'b>(
-        &'b self,
-        mut out: diesel::query_builder::AstPass<'_, 'b, diesel::pg::Pg>,
-    ) -> QueryResult<()> {
-        use diesel::sql_types::Array;
-        let mut rest = self.sql;
-        while let Some(at) = rest.find('$') {
-            out.push_sql(&rest[..at]);
-            let digits = rest[at + 1..]
-                .bytes()
-                .take_while(u8::is_ascii_digit)
-                .count();
-            let bind = rest[at + 1..at + 1 + digits]
-                .parse::<usize>()
-                .ok()
-                .and_then(|n| self.binds.get(n.checked_sub(1)?))
-                .ok_or_else(|| {
-                    diesel::result::Error::QueryBuilderError(
-                        format!(
-                            "no value for {} in: {}",
-                            &rest[at..at + 1 + digits],
-                            self.sql
-                        )
-                        .into(),
-                    )
-                })?;
-            match bind {
-                PgBind::BigInt(v) => out.push_bind_param::<BigInt, _>(v)?,
-                PgBind::Text(v) => out.push_bind_param::<Text, _>(*v)?,
-                PgBind::BigInts(v) => out.push_bind_param::<Array<BigInt>, _>(*v)?,
-                PgBind::Ints(v) => out.push_bind_param::<Array<Integer>, _>(*v)?,
-            }
-            rest = &rest[at + 1 + digits..];
-        }
-        out.push_sql(rest);
-        Ok(())
-    }
-}
-
-#[cfg(feature = "postgres")]
-impl diesel::query_builder::QueryId for Prepared<'_> {
-    type QueryId = ();
-    const HAS_STATIC_QUERY_ID: bool = false;
-}
-
-#[cfg(feature = "postgres")]
-impl diesel::query_builder::Query for Prepared<'_> {
-    type SqlType = diesel::sql_types::Untyped;
-}
-
-#[cfg(feature = "postgres")]
-impl<Conn> RunQueryDsl<Conn> for Prepared<'_> {}
 
 /// Session settings of the connections that read the outbox (the reader's and the read-ahead's)
 /// on PostgreSQL, for its reads of "the oldest rows above an id" in a table whose low end is,
@@ -268,9 +205,13 @@ impl Store {
                 .bind::<Text, _>(relay)
                 .bind::<BigInt, _>(ttl)
                 .execute(c)?;
+                // A silent relay's row stays while a lease names it: the relay taking that lease
+                // over reads from it what the silent one may have sent.
                 diesel::sql_query(
                     "DELETE FROM devour_relays WHERE heartbeat_at \
-                       < now() - coalesce(lease_ttl_ms, $1) * 3 * interval '1 millisecond'",
+                       < now() - coalesce(lease_ttl_ms, $1) * 3 * interval '1 millisecond' \
+                     AND NOT EXISTS (SELECT 1 FROM devour_relay_leases l \
+                       WHERE l.owner = devour_relays.relay_id)",
                 )
                 .bind::<BigInt, _>(ttl)
                 .execute(c)?;
@@ -295,7 +236,9 @@ impl Store {
                 .bind::<BigInt, _>(ttl)
                 .execute(c)?;
                 diesel::sql_query(
-                    "DELETE FROM devour_relays WHERE heartbeat_at < ?1 - 3 * coalesce(lease_ttl_ms, ?2)",
+                    "DELETE FROM devour_relays WHERE heartbeat_at < ?1 - 3 * coalesce(lease_ttl_ms, ?2) \
+                     AND NOT EXISTS (SELECT 1 FROM devour_relay_leases l \
+                       WHERE l.owner = devour_relays.relay_id)",
                 )
                 .bind::<BigInt, _>(now)
                 .bind::<BigInt, _>(ttl)
@@ -313,14 +256,19 @@ impl Store {
         Ok(n.max(1) as usize)
     }
 
-    /// Extends the unexpired leases `relay` holds; returns them. A lease that expired is lost
-    /// (another relay may have it by now); [`claim`](Self::claim) can take it again.
-    pub(crate) fn renew(&mut self, relay: &str, ttl_ms: u64) -> Result<Leases, DbError> {
-        Ok(leases(match self {
+    /// Extends the unexpired leases `relay` holds; returns them, with what each lease says was
+    /// sent before it was taken. A lease that expired is lost (another relay may have it by
+    /// now); [`claim`](Self::claim) can take it again.
+    pub(crate) fn renew(
+        &mut self,
+        relay: &str,
+        ttl_ms: u64,
+    ) -> Result<(Leases, SentThrough), DbError> {
+        Ok(held(match self {
             #[cfg(feature = "postgres")]
             Store::Postgres(c) => diesel::sql_query(
                 "UPDATE devour_relay_leases SET expires_at = now() + $2 * interval '1 millisecond' \
-                 WHERE owner = $1 AND expires_at > now() RETURNING shard, epoch",
+                 WHERE owner = $1 AND expires_at > now() RETURNING shard, epoch, sent_through",
             )
             .bind::<Text, _>(relay)
             .bind::<BigInt, _>(ttl_ms as i64)
@@ -330,7 +278,7 @@ impl Store {
                 let now = now_ms();
                 diesel::sql_query(
                     "UPDATE devour_relay_leases SET expires_at = ?3 \
-                     WHERE owner = ?1 AND expires_at > ?2 RETURNING shard, epoch",
+                     WHERE owner = ?1 AND expires_at > ?2 RETURNING shard, epoch, sent_through",
                 )
                 .bind::<Text, _>(relay)
                 .bind::<BigInt, _>(now)
@@ -348,26 +296,30 @@ impl Store {
         relay: &str,
         ttl_ms: u64,
         max: usize,
-    ) -> Result<(Leases, Option<String>), DbError> {
+    ) -> Result<(Leases, SentThrough, Option<String>), DbError> {
         match self {
             #[cfg(feature = "postgres")]
             Store::Postgres(c) => {
                 if max == 0 {
-                    return Ok((Leases::new(), None));
+                    return Ok((Leases::new(), SentThrough::new(), None));
                 }
+                // The lease keeps what its last holder may have sent (from that holder's row).
                 let rows: Vec<LeaseRow> = diesel::sql_query(
-                    "UPDATE devour_relay_leases SET owner = $1, epoch = epoch + 1, \
-                         expires_at = now() + $2 * interval '1 millisecond' \
+                    "UPDATE devour_relay_leases l SET owner = $1, epoch = epoch + 1, \
+                         expires_at = now() + $2 * interval '1 millisecond', \
+                         sent_through = greatest(l.sent_through, coalesce( \
+                             (SELECT r.sent_through FROM devour_relays r WHERE r.relay_id = l.owner), 0)) \
                      WHERE shard IN (SELECT shard FROM devour_relay_leases \
                          WHERE owner IS NULL OR expires_at IS NULL OR expires_at <= now() \
                          ORDER BY shard LIMIT $3 FOR UPDATE SKIP LOCKED) \
-                     RETURNING shard, epoch",
+                     RETURNING shard, epoch, sent_through",
                 )
                 .bind::<Text, _>(relay)
                 .bind::<BigInt, _>(ttl_ms as i64)
                 .bind::<BigInt, _>(max as i64)
                 .load(c)?;
-                Ok((leases(rows), None))
+                let (leases, sent) = held(rows);
+                Ok((leases, sent, None))
             }
             #[cfg(feature = "sqlite")]
             Store::Sqlite(c) => c.immediate_transaction(|c| {
@@ -381,21 +333,52 @@ impl Store {
                 .get_result(c)
                 .optional()?;
                 if let Some(h) = holder {
-                    return Ok((Leases::new(), Some(h.owner)));
+                    return Ok((Leases::new(), SentThrough::new(), Some(h.owner)));
                 }
                 let rows: Vec<LeaseRow> = diesel::sql_query(
                     "UPDATE devour_relay_leases SET \
                          epoch = CASE WHEN owner = ?1 AND expires_at > ?2 THEN epoch ELSE epoch + 1 END, \
+                         sent_through = max(sent_through, coalesce((SELECT r.sent_through \
+                             FROM devour_relays r WHERE r.relay_id = devour_relay_leases.owner), 0)), \
                          owner = ?1, expires_at = ?3 \
-                     RETURNING shard, epoch",
+                     RETURNING shard, epoch, sent_through",
                 )
                 .bind::<Text, _>(relay)
                 .bind::<BigInt, _>(now)
                 .bind::<BigInt, _>(now + ttl_ms as i64)
                 .load(c)?;
-                Ok((leases(rows), None))
+                let (leases, sent) = held(rows);
+                Ok((leases, sent, None))
             }),
         }
+    }
+
+    /// Records that `relay` may hand rows up to id `through` to a producer; a relay that takes
+    /// one of its shards over marks those rows `possible-duplicate`. Must commit before any of
+    /// them is sent.
+    pub(crate) fn cover(&mut self, relay: &str, through: i64) -> Result<(), DbError> {
+        let n = match self {
+            #[cfg(feature = "postgres")]
+            Store::Postgres(c) => Prepared {
+                sql: "UPDATE devour_relays SET sent_through = greatest(sent_through, $2) \
+                      WHERE relay_id = $1",
+                binds: &[PgBind::Text(relay), PgBind::BigInt(through)],
+            }
+            .execute(c)?,
+            #[cfg(feature = "sqlite")]
+            Store::Sqlite(c) => diesel::sql_query(
+                "UPDATE devour_relays SET sent_through = max(sent_through, ?2) WHERE relay_id = ?1",
+            )
+            .bind::<Text, _>(relay)
+            .bind::<BigInt, _>(through)
+            .execute(c)?,
+        };
+        if n == 0 {
+            // Forgotten (silent for three TTLs, holding nothing): the next heartbeat writes the
+            // row again; send nothing until then.
+            return Err(DbError::Query(diesel::result::Error::NotFound));
+        }
+        Ok(())
     }
 
     /// Gives up the leases on `shards`.
@@ -403,7 +386,9 @@ impl Store {
         match self {
             #[cfg(feature = "postgres")]
             Store::Postgres(c) => diesel::sql_query(
-                "UPDATE devour_relay_leases SET owner = NULL, expires_at = NULL \
+                "UPDATE devour_relay_leases SET owner = NULL, expires_at = NULL, \
+                     sent_through = greatest(sent_through, coalesce( \
+                         (SELECT r.sent_through FROM devour_relays r WHERE r.relay_id = $1), 0)) \
                  WHERE owner = $1 AND shard = ANY($2)",
             )
             .bind::<Text, _>(relay)
@@ -411,7 +396,9 @@ impl Store {
             .execute(c)?,
             #[cfg(feature = "sqlite")]
             Store::Sqlite(c) => diesel::sql_query(
-                "UPDATE devour_relay_leases SET owner = NULL, expires_at = NULL \
+                "UPDATE devour_relay_leases SET owner = NULL, expires_at = NULL, \
+                     sent_through = max(sent_through, coalesce( \
+                         (SELECT r.sent_through FROM devour_relays r WHERE r.relay_id = ?1), 0)) \
                  WHERE owner = ?1 AND shard IN (SELECT value FROM json_each(?2))",
             )
             .bind::<Text, _>(relay)
@@ -876,6 +863,9 @@ impl Store {
 #[cfg(test)]
 mod fence_tests {
     use super::*;
+    #[cfg(feature = "postgres")]
+    use crate::db::testing::in_pg_database;
+    use crate::db::testing::migrated_config;
 
     /// Runs `sql` (no result) on `store`.
     fn exec(store: &mut Store, sql: &str) {
@@ -898,21 +888,6 @@ mod fence_tests {
         }
     }
 
-    /// A configuration for the database at `url`, with devour's tables created there.
-    fn migrated_config(url: &str) -> crate::Config {
-        let config = crate::Config::from_toml_str(
-            &format!("[database]\nurl = \"{url}\"\n[kafka]\nhosts = \"127.0.0.1:9\"\n"),
-            crate::config::Origin::Defaults,
-            &Default::default(),
-        )
-        .unwrap();
-        crate::db::DbPool::connect(&config.database)
-            .unwrap()
-            .migrate()
-            .unwrap();
-        config
-    }
-
     /// Rows 1..=4 in shard 7, owned in turn by relays "a" and "b".
     fn fence(url: &str, expire: &str) {
         let config = migrated_config(url);
@@ -924,7 +899,7 @@ mod fence_tests {
              ('t', NULL, 7), ('t', NULL, 7), ('t', NULL, 7), ('t', NULL, 7)",
         );
         let ids = [1, 2];
-        let (a_leases, _) = a.claim("a", 60_000, 256).unwrap();
+        let (a_leases, _, _) = a.claim("a", 60_000, 256).unwrap();
         let a_epoch = a_leases[&7];
 
         // "a" pauses past its TTL: its lease has expired, nobody has taken it yet.
@@ -943,7 +918,7 @@ mod fence_tests {
         );
 
         // "b" takes the shard over (a new epoch); "a" wakes up.
-        let (b_leases, holder) = b.claim("b", 60_000, 256).unwrap();
+        let (b_leases, _, holder) = b.claim("b", 60_000, 256).unwrap();
         assert_eq!(holder, None);
         assert!(
             b_leases[&7] > a_epoch,
@@ -963,7 +938,7 @@ mod fence_tests {
         // removals (deliveries of the lease it lost) still remove nothing.
         b.release("b", &b_leases.keys().copied().collect::<Vec<_>>())
             .unwrap();
-        let (a_again, _) = a.claim("a", 60_000, 256).unwrap();
+        let (a_again, _, _) = a.claim("a", 60_000, 256).unwrap();
         assert!(a_again[&7] > b_leases[&7]);
         assert_eq!(
             a.complete("a", &a_leases, &ids, Retention::Delete).unwrap(),
@@ -985,6 +960,66 @@ mod fence_tests {
         assert!(a.dead_letter("a", 7, a_again[&7], 3, "x").unwrap());
         assert_eq!(count(&mut a, "devour_outbox"), 1);
         assert_eq!(count(&mut a, "devour_dead_letters"), 1);
+    }
+
+    /// What a relay may have sent goes with its leases to whoever takes them next: taken over
+    /// after it died (its row kept while a lease names it), or handed back.
+    fn handover(url: &str, past: &str) {
+        let config = migrated_config(url);
+        let mut a = Store::open(&config).unwrap();
+        let mut b = Store::open(&config).unwrap();
+        a.heartbeat("a", 60_000).unwrap();
+        let (_, sent, _) = a.claim("a", 60_000, 256).unwrap();
+        assert!(sent.values().all(|&t| t == 0), "nothing sent yet: {sent:?}");
+        a.cover("a", 500).unwrap();
+        a.cover("a", 400).unwrap();
+
+        // "a" dies: silent for long, its leases run out. "b" forgets no relay that a lease
+        // still names, takes the leases over, and learns what "a" may have sent.
+        exec(
+            &mut a,
+            &format!("UPDATE devour_relays SET heartbeat_at = {past}; UPDATE devour_relay_leases SET expires_at = {past}"),
+        );
+        b.heartbeat("b", 60_000).unwrap();
+        assert_eq!(count(&mut b, "devour_relays WHERE relay_id = 'a'"), 1);
+        let (taken, sent, _) = b.claim("b", 60_000, 256).unwrap();
+        assert_eq!(taken.len(), 256);
+        assert!(sent.values().all(|&t| t == 500), "{sent:?}");
+        // Renewals say it too (a tick that took the leases may have failed after taking them).
+        let (renewed, sent) = b.renew("b", 60_000).unwrap();
+        assert_eq!((renewed, sent.values().all(|&t| t == 500)), (taken, true));
+        b.heartbeat("b", 60_000).unwrap();
+        assert_eq!(
+            count(&mut b, "devour_relays WHERE relay_id = 'a'"),
+            0,
+            "a silent relay no lease names is forgotten"
+        );
+
+        // "b" stops cleanly after covering 800: the leases keep it for the next holder.
+        b.cover("b", 800).unwrap();
+        b.leave("b").unwrap();
+        a.heartbeat("a", 60_000).unwrap();
+        let (taken, sent, _) = a.claim("a", 60_000, 256).unwrap();
+        assert_eq!(taken.len(), 256);
+        assert!(sent.values().all(|&t| t == 800), "{sent:?}");
+        assert!(
+            b.cover("b", 900).is_err(),
+            "a relay without its row sends nothing"
+        );
+    }
+
+    #[cfg(feature = "sqlite")]
+    #[test]
+    fn what_a_relay_may_have_sent_goes_with_its_leases_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("handover.db").display());
+        handover(&url, "0");
+    }
+
+    #[cfg(feature = "postgres")]
+    #[test]
+    fn what_a_relay_may_have_sent_goes_with_its_leases_postgres() {
+        in_pg_database("handover", |url| handover(url, "now() - interval '1 hour'"));
     }
 
     #[cfg(feature = "sqlite")]
@@ -1014,7 +1049,7 @@ mod fence_tests {
                 "INSERT INTO devour_outbox (topic, payload, shard) VALUES \
                  ('t', NULL, 7), ('t', NULL, 7), ('t', NULL, 8), ('t', NULL, 7)",
             );
-            let (leases, _) = r.claim("a", 60_000, 256).unwrap();
+            let (leases, _, _) = r.claim("a", 60_000, 256).unwrap();
             let all: Vec<i32> = (0..crate::outbox::SHARDS).collect();
             for after in 0..3 {
                 let some = r.fetch(&[7], after, Some(100), 10, false).unwrap();
@@ -1068,26 +1103,5 @@ mod fence_tests {
                 .unwrap();
             assert_eq!(mode.plan_cache_mode, "force_generic_plan");
         });
-    }
-
-    /// Runs `f` with the URL of a fresh PostgreSQL database (dropped afterwards).
-    #[cfg(feature = "postgres")]
-    fn in_pg_database(what: &str, f: impl FnOnce(&str) + std::panic::UnwindSafe) {
-        let admin = std::env::var("DEVOUR_TEST_PG_URL")
-            .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/postgres".into());
-        let name = format!("devour_u_{what}_{}", std::process::id());
-        let mut c = diesel::PgConnection::establish(&admin).unwrap();
-        use diesel::connection::SimpleConnection;
-        c.batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
-            .unwrap();
-        c.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
-        let (base, _) = admin.rsplit_once('/').unwrap();
-        let url = format!("{base}/{name}");
-        let result = std::panic::catch_unwind(|| f(&url));
-        c.batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
-            .unwrap();
-        if let Err(e) = result {
-            std::panic::resume_unwind(e);
-        }
     }
 }

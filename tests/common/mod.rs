@@ -703,6 +703,38 @@ pub fn check_delivery(msgs: &[Received], expected: impl IntoIterator<Item = i64>
             );
         }
     }
+    // A message the relay sent again carries `possible-duplicate: true` (what an inbox looks
+    // up): of all copies of one message-id, only one (the first send) may lack it.
+    let mut copies: std::collections::HashMap<&str, (usize, usize)> = Default::default();
+    for m in msgs {
+        let header = |name: &str| {
+            m.headers
+                .iter()
+                .rev()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        };
+        if let Some(id) = header("message-id") {
+            let c = copies.entry(id).or_default();
+            c.0 += 1;
+            if header("possible-duplicate") != Some("true") {
+                c.1 += 1;
+            }
+        }
+    }
+    let unmarked: Vec<_> = copies
+        .iter()
+        .filter(|(_, (_, unmarked))| *unmarked > 1)
+        .take(10)
+        .collect();
+    assert!(
+        unmarked.is_empty(),
+        "messages sent again without the possible-duplicate mark (id: (copies, unmarked)): {unmarked:?}"
+    );
+    let marked: usize = copies.values().map(|(n, u)| n - u).sum();
+    if dups > 0 || marked > 0 {
+        eprintln!("{dups} duplicate(s); {marked} cop(ies) marked possible-duplicate");
+    }
     let want: BTreeSet<i64> = expected.into_iter().collect();
     let missing: Vec<_> = want.iter().filter(|s| !seen.contains(s)).take(20).collect();
     assert!(
