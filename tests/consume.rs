@@ -1199,3 +1199,40 @@ fn a_header_name_that_is_not_utf8_is_read_as_bytes_and_dead_lettered_with_an_inb
 fn a_header_name_that_is_not_utf8_is_read_as_bytes_and_dead_lettered_by_a_worker() {
     header_name_not_utf8("consume-badname-workers", "concurrency = 2");
 }
+
+/// A handler that swallows a database error leaves PostgreSQL's transaction aborted, and a
+/// COMMIT then rolls back without an error: the batch must fail instead. The other messages'
+/// effects commit once; the one that swallowed the error, failing every attempt, is
+/// dead-lettered.
+#[test]
+fn a_handler_swallowing_a_database_error_loses_no_effect() {
+    let db = TestDb::new(Backend::Postgres, "consume_swallow");
+    exec(&db, EFFECTS);
+    let topic = create_topic("consume-swallow", 1);
+    produce_seqs(&topic, 10, 1);
+    let cfg = config(
+        &db,
+        &route(
+            "swallow",
+            &topic,
+            "inbox = true\nretry = { max_attempts = 2, initial_backoff_ms = 10 }",
+        ),
+    );
+    let behaviour: common::consume::Behaviour = Arc::new(|seen, ctx| {
+        write_effect(seen, ctx)?;
+        if seen.seq() == 3 {
+            let _ = ctx.postgres().unwrap().batch_execute("SELECT 1 / 0");
+        }
+        Ok(())
+    });
+    let (registry, _) = recording(behaviour);
+    let report = drain(&cfg, "swallow", &registry, T);
+    assert_eq!(
+        (report.processed, report.dead_lettered),
+        (9, 1),
+        "{report:?}"
+    );
+    let e = effects(&db);
+    let expected: BTreeMap<i64, i64> = (0..10).filter(|s| *s != 3).map(|s| (s, 1)).collect();
+    assert_eq!(e, expected, "effects once each, none of seq 3");
+}
