@@ -91,7 +91,16 @@ fn relay_on_a_database_without_devour_s_tables_exits_2_naming_devour_migrate() {
     let block = [env[0], env[1], ("DEVOUR_RELAY_ON_DEAD_LETTER", "block_key")];
     let (_, err) = assert_code(run(relay, &["--drain"], &block), 2, &["(relay) block_key"]);
     assert!(err.contains("devour_key_releases"), "{err}");
-    // A column a later migration added is looked for too.
+    // Columns later migrations added are looked for too: what the relay may have sent...
+    c.batch_execute("ALTER TABLE devour_relay_leases DROP COLUMN sent_through")
+        .unwrap();
+    let (_, err) = assert_code(run(relay, &["--drain"], &env), 2, &["(relay) --drain"]);
+    assert!(err.contains("devour_relay_leases.sent_through"), "{err}");
+    c.batch_execute(
+        "ALTER TABLE devour_relay_leases ADD COLUMN sent_through INTEGER NOT NULL DEFAULT 0",
+    )
+    .unwrap();
+    // ... and each relay's lease TTL.
     c.batch_execute("ALTER TABLE devour_relays DROP COLUMN lease_ttl_ms")
         .unwrap();
     let (_, err) = assert_code(run(relay, &["--drain"], &env), 2, &["(relay) --drain"]);

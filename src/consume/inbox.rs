@@ -137,8 +137,8 @@ pub(crate) fn claim<C: InboxSql>(
     let before = if entries.iter().any(|e| e.resent) {
         c.advance(group, &marks)?
     } else {
-        // Usually every message is above its partition's mark: one statement moves the marks
-        // and records the batch, unless a mark says otherwise.
+        // Usually every message is above its partition's mark: the batch is recorded right
+        // after the marks move, with no lookup, unless a mark says otherwise.
         let none = vec![false; entries.len()];
         let new = first_of_each_key(entries, &none);
         let rows = batch_rows(entries, &none, &none);
@@ -686,6 +686,49 @@ mod tests {
             claim(c, "g", &[entry("dead-again", 1, 3, false)]).unwrap(),
             [true]
         );
+    }
+
+    /// An upgrade from the per-message inbox (migration 000007) keeps what it knew: its marks,
+    /// and each key wherever in its partition a copy is read again.
+    fn carried_over<C>(c: &mut C, migrations: fn() -> diesel_migrations::EmbeddedMigrations)
+    where
+        C: InboxSql + diesel_migrations::MigrationHarness<C::Backend> + diesel::Connection,
+    {
+        for _ in 0..6 {
+            c.run_next_migration(migrations()).unwrap();
+        }
+        c.batch_execute(
+            "INSERT INTO devour_inbox (consumer_group, message_key, topic, kafka_partition, kafka_offset) \
+             VALUES ('g', 'k1', 't', 0, 5), ('g', 'k2', 't', 0, 15000), ('g', 'k3', 't', 1, 2)",
+        )
+        .unwrap();
+        c.run_pending_migrations(migrations()).unwrap();
+        let again = [
+            // k1 sent twice by an older relay: its copy at 12000, read again, is skipped.
+            entry("k1", 0, 12000, false),
+            entry("k2", 0, 15000, false),
+            entry("new", 0, 15001, false),
+            entry("k3", 1, 2, false),
+        ];
+        assert_eq!(claim(c, "g", &again).unwrap(), [false, false, true, false]);
+    }
+
+    #[cfg(feature = "sqlite")]
+    #[test]
+    fn an_upgrade_keeps_what_the_old_inbox_knew_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        let mut c = diesel::SqliteConnection::establish(path.to_str().unwrap()).unwrap();
+        carried_over(&mut c, || crate::db::sqlite::MIGRATIONS);
+    }
+
+    #[cfg(feature = "postgres")]
+    #[test]
+    fn an_upgrade_keeps_what_the_old_inbox_knew_postgres() {
+        crate::db::testing::in_pg_database("inbox_upgrade", |url| {
+            let mut c = diesel::PgConnection::establish(url).unwrap();
+            carried_over(&mut c, || crate::db::postgres::MIGRATIONS);
+        });
     }
 
     #[cfg(feature = "sqlite")]

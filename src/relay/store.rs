@@ -534,7 +534,11 @@ impl Store {
             }
         }
         // Columns added to tables by later migrations.
-        const COLUMNS_ADDED: &[(&str, &str)] = &[("devour_relays", "lease_ttl_ms")];
+        const COLUMNS_ADDED: &[(&str, &str)] = &[
+            ("devour_relays", "lease_ttl_ms"),
+            ("devour_relays", "sent_through"),
+            ("devour_relay_leases", "sent_through"),
+        ];
         for &(table, column) in COLUMNS_ADDED {
             if !self.has(table, Some(column))? {
                 return Err(super::RelayError::Schema {

@@ -49,7 +49,9 @@ CREATE INDEX devour_inbox_batches_keys ON devour_inbox_batches (consumer_group, 
 CREATE INDEX devour_inbox_batches_processed_at ON devour_inbox_batches (processed_at);
 
 -- What the per-message table held, carried over: its marks, and its keys in rows of at most
--- 10,000 offsets. Kept as replay rows: they may overlap.
+-- 10,000 offsets. Kept as replay rows, each spanning its partition's whole range of offsets: the
+-- old table kept a key once, at its first offset, and a copy at another offset read again must
+-- still find it.
 INSERT INTO devour_inbox_offsets
     (consumer_group, topic, kafka_partition, through_offset, previous_offset, processed_at)
 SELECT consumer_group, topic, kafka_partition, max(kafka_offset), max(kafka_offset), max(processed_at)
@@ -57,10 +59,14 @@ FROM devour_inbox GROUP BY consumer_group, topic, kafka_partition;
 INSERT INTO devour_inbox_batches
     (consumer_group, topic, kafka_partition, first_offset, last_offset, replay, min_key, max_key,
      keys, processed_at)
-SELECT consumer_group, topic, kafka_partition, min(kafka_offset), max(kafka_offset), true,
-       min(message_key COLLATE "C"), max(message_key COLLATE "C"), array_agg(message_key),
-       max(processed_at)
-FROM devour_inbox GROUP BY consumer_group, topic, kafka_partition, kafka_offset / 10000;
+SELECT i.consumer_group, i.topic, i.kafka_partition, p.lo, p.hi, true,
+       min(i.message_key COLLATE "C"), max(i.message_key COLLATE "C"), array_agg(i.message_key),
+       max(i.processed_at)
+FROM devour_inbox i
+JOIN (SELECT consumer_group, topic, kafka_partition, min(kafka_offset) AS lo, max(kafka_offset) AS hi
+      FROM devour_inbox GROUP BY consumer_group, topic, kafka_partition) p
+  USING (consumer_group, topic, kafka_partition)
+GROUP BY i.consumer_group, i.topic, i.kafka_partition, p.lo, p.hi, i.kafka_offset / 10000;
 DROP TABLE devour_inbox;
 
 -- The relay's side. Each relay records the largest outbox id it may hand to a producer

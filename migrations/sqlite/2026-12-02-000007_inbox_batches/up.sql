@@ -30,6 +30,7 @@ CREATE INDEX devour_inbox_batches_replays ON devour_inbox_batches
 CREATE INDEX devour_inbox_batches_keys ON devour_inbox_batches (consumer_group, topic, max_key);
 CREATE INDEX devour_inbox_batches_processed_at ON devour_inbox_batches (processed_at);
 
+-- Carried over as on PostgreSQL: replay rows spanning each partition's whole range of offsets.
 INSERT INTO devour_inbox_offsets
     (consumer_group, topic, kafka_partition, through_offset, previous_offset, processed_at)
 SELECT consumer_group, topic, kafka_partition, max(kafka_offset), max(kafka_offset), max(processed_at)
@@ -37,9 +38,13 @@ FROM devour_inbox GROUP BY consumer_group, topic, kafka_partition;
 INSERT INTO devour_inbox_batches
     (consumer_group, topic, kafka_partition, first_offset, last_offset, replay, min_key, max_key,
      keys, processed_at)
-SELECT consumer_group, topic, kafka_partition, min(kafka_offset), max(kafka_offset), 1,
-       min(message_key), max(message_key), json_group_array(message_key), max(processed_at)
-FROM devour_inbox GROUP BY consumer_group, topic, kafka_partition, kafka_offset / 10000;
+SELECT i.consumer_group, i.topic, i.kafka_partition, p.lo, p.hi, 1,
+       min(i.message_key), max(i.message_key), json_group_array(i.message_key), max(i.processed_at)
+FROM devour_inbox i
+JOIN (SELECT consumer_group, topic, kafka_partition, min(kafka_offset) AS lo, max(kafka_offset) AS hi
+      FROM devour_inbox GROUP BY consumer_group, topic, kafka_partition) p
+  USING (consumer_group, topic, kafka_partition)
+GROUP BY i.consumer_group, i.topic, i.kafka_partition, p.lo, p.hi, i.kafka_offset / 10000;
 DROP TABLE devour_inbox;
 
 -- The relay's side (see the PostgreSQL migration).
