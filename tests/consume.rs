@@ -1011,6 +1011,34 @@ fn a_route_reads_every_topic_it_lists() {
 
 /// `start_from = "latest"`: a new group starts at the end, so only messages produced after it
 /// joined are handled.
+/// With `start_from = "latest"`, where a group starts is committed as it takes the partitions:
+/// a consumer that stops before its first commit (here, a drain with nothing new to read) leaves
+/// the next one to go on from there, not from the end as it is then.
+#[test]
+fn start_from_latest_commits_where_it_starts() {
+    let db = TestDb::new(Backend::Sqlite, "consume_latest_pin");
+    let topic = create_topic("consume-latest-pin", 2);
+    produce_seqs(&topic, 10, 2);
+    let cfg = config(&db, &route("pin", &topic, "start_from = \"latest\""));
+    let (registry, calls) = recording(accept());
+    let report = drain(&cfg, "pin", &registry, T);
+    assert_eq!(report.processed, 0, "{report:?}");
+    // The partitions' ends (10 messages in all), not "no offset" (-1).
+    let start = committed(&offsets_reader(&cfg.consumers["pin"].group), &topic, 2);
+    assert!(
+        start.iter().all(|o| *o >= 0) && start.iter().sum::<i64>() == 10,
+        "the start is committed: {start:?}"
+    );
+    produce(
+        &topic,
+        &(100..105).map(|i| Out::seq("new", i)).collect::<Vec<_>>(),
+    );
+    let report = drain(&cfg, "pin", &registry, T);
+    assert_eq!(report.processed, 5, "{report:?}");
+    let seqs: Vec<i64> = calls.lock().unwrap().iter().map(Seen::seq).collect();
+    assert_eq!(seqs, (100..105).collect::<Vec<_>>());
+}
+
 #[test]
 fn start_from_latest_skips_what_was_there_before() {
     let db = TestDb::new(Backend::Sqlite, "consume_latest");

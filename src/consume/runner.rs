@@ -145,12 +145,21 @@ struct RunnerContext {
     shared: Arc<Shared>,
     route: String,
     quiet: crate::kafka_log::Quiet,
+    /// `start_from = "latest"`: commit where a partition the group never committed starts.
+    pin_latest: bool,
+    /// `kafka.offsets_channel_socket_timeout_ms`.
+    offsets_timeout: Duration,
 }
 
 crate::kafka_log::quiet_client_context!(RunnerContext);
 
 impl ConsumerContext for RunnerContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            if self.pin_latest {
+                pin_latest(consumer, tpl, &self.route, self.offsets_timeout);
+            }
+        }
         if let Rebalance::Revoke(tpl) = rebalance {
             // A batch being filled on the polling thread (this callback runs inside its poll)
             // is dropped, not handled: its partitions are someone else's from now on.
@@ -175,6 +184,55 @@ impl ConsumerContext for RunnerContext {
             Rebalance::Error(e) => tracing::warn!(route = %self.route, "rebalance failed: {e}"),
             Rebalance::Revoke(_) => {}
         }
+    }
+}
+
+/// With `start_from = "latest"`, a partition its group never committed starts at its end. That
+/// end is committed before the partition is taken (so the consumer starts there too): a
+/// consumer that stops or dies before its own first commit would otherwise leave the next one
+/// to start at the end as it is then, skipping every message in between, and the group's lag
+/// would read 0 until that first commit. Best effort: on failure, the start is librdkafka's.
+fn pin_latest<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    tpl: &TopicPartitionList,
+    route: &str,
+    timeout: Duration,
+) {
+    let committed = match consumer.committed_offsets(tpl.clone(), timeout) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(route = %route, "reading committed offsets at assignment: {e}");
+            return;
+        }
+    };
+    let mut pin = TopicPartitionList::new();
+    for e in committed.elements() {
+        if matches!(e.offset(), Offset::Offset(_)) {
+            continue;
+        }
+        match consumer.fetch_watermarks(e.topic(), e.partition(), timeout) {
+            Ok((_, end)) => {
+                if let Err(err) =
+                    pin.add_partition_offset(e.topic(), e.partition(), Offset::Offset(end))
+                {
+                    tracing::warn!(route = %route, "{err}");
+                    return;
+                }
+            }
+            Err(err) => {
+                tracing::warn!(route = %route, "end of {}[{}] at assignment: {err}", e.topic(), e.partition());
+                return;
+            }
+        }
+    }
+    if pin.count() == 0 {
+        return;
+    }
+    match consumer.commit(&pin, CommitMode::Sync) {
+        Ok(()) => {
+            tracing::info!(route = %route, "start_from = \"latest\": starting at the end of {}", describe(&pin))
+        }
+        Err(e) => tracing::warn!(route = %route, "committing where it starts: {e}"),
     }
 }
 
@@ -459,6 +517,8 @@ fn create_consumer(
         quiet: Default::default(),
         shared,
         route: route.name.clone(),
+        pin_latest: route.start_from == crate::config::StartFrom::Latest,
+        offsets_timeout: config.kafka.offsets_timeout(),
     })
     .map_err(|e| {
         ConsumeError::Kafka(format!(
