@@ -1016,10 +1016,23 @@ fn a_route_reads_every_topic_it_lists() {
 /// the next one to go on from there, not from the end as it is then.
 #[test]
 fn start_from_latest_commits_where_it_starts() {
+    latest_pinned("consumer_type = \"balanced\"");
+}
+
+/// The same for a simple consumer (it assigns itself every partition, offsets in its group).
+#[test]
+fn start_from_latest_commits_where_it_starts_simple() {
+    latest_pinned("consumer_type = \"simple\"");
+}
+
+fn latest_pinned(extra: &str) {
     let db = TestDb::new(Backend::Sqlite, "consume_latest_pin");
     let topic = create_topic("consume-latest-pin", 2);
     produce_seqs(&topic, 10, 2);
-    let cfg = config(&db, &route("pin", &topic, "start_from = \"latest\""));
+    let cfg = config(
+        &db,
+        &route("pin", &topic, &format!("start_from = \"latest\"\n{extra}")),
+    );
     let (registry, calls) = recording(accept());
     let report = drain(&cfg, "pin", &registry, T);
     assert_eq!(report.processed, 0, "{report:?}");

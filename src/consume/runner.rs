@@ -188,7 +188,8 @@ impl ConsumerContext for RunnerContext {
 }
 
 /// With `start_from = "latest"`, a partition its group never committed starts at its end. That
-/// end is committed before the partition is taken (so the consumer starts there too): a
+/// end is committed before the partition is taken (assigned by the group, or by a simple
+/// consumer to itself), so the consumer starts there too: a
 /// consumer that stops or dies before its own first commit would otherwise leave the next one
 /// to start at the end as it is then, skipping every message in between, and the group's lag
 /// would read 0 until that first commit. Best effort: on failure, the start is librdkafka's.
@@ -583,6 +584,14 @@ fn assign_all(
             );
             std::thread::sleep(Duration::from_secs(1));
         }
+    }
+    if consumer.context().pin_latest {
+        pin_latest(
+            consumer,
+            &tpl,
+            &route.name,
+            consumer.context().offsets_timeout,
+        );
     }
     consumer
         .assign(&tpl)
