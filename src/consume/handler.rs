@@ -165,7 +165,7 @@ impl<'a> Meta<'a> {
 
     /// The devour `message-id` header: the same on every redelivery of one outbox row.
     pub fn message_id(&self) -> Option<&'a str> {
-        self.header_str(crate::outbox::HEADER_MESSAGE_ID)
+        self.id_and_resent().0
     }
 
     /// [`Meta::message_id`] and [`Meta::possible_duplicate`] in one pass over the headers.
@@ -190,7 +190,7 @@ impl<'a> Meta<'a> {
     /// Whether the relay marked the message as one it may have sent before (header
     /// `possible-duplicate: true`): it may have been read already, at another offset.
     pub fn possible_duplicate(&self) -> bool {
-        self.header(crate::outbox::HEADER_POSSIBLE_DUPLICATE) == Some(b"true")
+        self.id_and_resent().1
     }
 }
 

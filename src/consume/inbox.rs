@@ -70,25 +70,6 @@ pub(crate) trait InboxSql {
     /// Moves each partition's mark up to its largest offset here (creating it), locking it for
     /// the transaction; returns the marks as they were.
     fn advance(&mut self, group: &str, marks: &[Span<'_>]) -> QueryResult<Marks>;
-    /// [`advance`](Self::advance), then [`record`](Self::record) of `rows` (one per span, in
-    /// their order, none a replay) if every span lies above its mark; says whether it did.
-    fn advance_and_record(
-        &mut self,
-        group: &str,
-        marks: &[Span<'_>],
-        rows: &[BatchRow<'_>],
-    ) -> QueryResult<(Marks, bool)> {
-        let before = self.advance(group, marks)?;
-        let above = marks.iter().all(|m| {
-            before
-                .get(&(m.topic.to_string(), m.partition))
-                .is_none_or(|&mark| mark < m.lowest)
-        });
-        if above {
-            self.record(group, rows)?;
-        }
-        Ok((before, above))
-    }
     /// Of `at` (indices into `entries`, below their partition's mark), those whose key the row
     /// covering their offset holds.
     fn found_at_offsets(
@@ -134,29 +115,28 @@ pub(crate) fn claim<C: InboxSql>(
             highest,
         })
         .collect();
-    let before = if entries.iter().any(|e| e.resent) {
-        c.advance(group, &marks)?
-    } else {
-        // Usually every message is above its partition's mark: the batch is recorded right
-        // after the marks move, with no lookup, unless a mark says otherwise.
-        let none = vec![false; entries.len()];
-        let new = first_of_each_key(entries, &none);
-        let rows = batch_rows(entries, &none, &none);
-        match c.advance_and_record(group, &marks, &rows)? {
-            (_, true) => return Ok(new),
-            (before, false) => before,
-        }
-    };
+    let moved = c.advance(group, &marks)?;
     let before: HashMap<(&str, i32), i64> = marks
         .iter()
         .map(|m| {
-            let mark = before
+            let mark = moved
                 .get(&(m.topic.to_string(), m.partition))
                 .copied()
                 .unwrap_or(-1);
             ((m.topic, m.partition), mark)
         })
         .collect();
+    // Usually every message is above its partition's mark and none is marked: the batch is
+    // recorded with no lookup.
+    if !entries.iter().any(|e| e.resent)
+        && marks
+            .iter()
+            .all(|m| before[&(m.topic, m.partition)] < m.lowest)
+    {
+        let none = vec![false; entries.len()];
+        c.record(group, &batch_rows(entries, &none, &none))?;
+        return Ok(first_of_each_key(entries, &none));
+    }
     let mut below = vec![false; entries.len()];
     let mut at_offsets = Vec::new();
     // Messages come in runs of one partition: look its mark up once per run.
