@@ -641,7 +641,7 @@ fn a_route_gets_documented_defaults() {
     assert_eq!(r.consumer_type, devour::config::ConsumerType::Balanced);
     assert_eq!(r.dump, devour::config::Dump::Json);
     assert_eq!(r.start_from, devour::config::StartFrom::Earliest);
-    assert_eq!((r.concurrency, r.inbox, r.inbox_batch), (1, false, 1000));
+    assert_eq!((r.concurrency, r.inbox, r.inbox_batch), (1, false, 5000));
     assert_eq!(r.retry, devour::config::RetryPolicy::default());
     assert_eq!(r.dead_letter_topic_for("orders"), "orders.dlq");
     assert_eq!(

@@ -41,7 +41,7 @@ pub struct ConsumerRoute {
     pub inbox: bool,
     /// `inbox_retention_hours`: inbox rows older than this are deleted (default 168).
     pub inbox_retention_hours: u64,
-    /// `inbox_batch`: messages handled per inbox transaction, at most (default 1000).
+    /// `inbox_batch`: messages handled per inbox transaction, at most (default 5000).
     pub inbox_batch: usize,
     /// `command`: the program and arguments the `exec` handler runs per message.
     pub command: Vec<String>,
@@ -454,7 +454,7 @@ fn parse_route(
         .positive_at_most(&key("inbox_retention_hours"), super::MAX_RETENTION_HOURS)?
         .unwrap_or(168);
     let inbox_batch = match r.positive(&key("inbox_batch"))? {
-        None => 1000,
+        None => 5000,
         Some(n) if n <= 10_000 => n as usize,
         Some(n) => {
             return Err(r.err(

@@ -522,13 +522,13 @@ impl Dispatcher {
         let conn = self.conn.as_mut().expect("just set");
         let route = &*self.route;
         let handler = &mut *self.handler;
-        let entries: Vec<InboxEntry<'_>> = batch
-            .iter()
-            .map(|m| inbox_entry(m.meta(&route.name, attempt)))
-            .collect();
+        // Each message's meta once, for its inbox record and its handler (reading a
+        // message's topic and headers from librdkafka is not free).
+        let metas: Vec<Meta<'_>> = batch.iter().map(|m| m.meta(&route.name, attempt)).collect();
+        let entries: Vec<InboxEntry<'_>> = metas.iter().map(inbox_entry).collect();
         let result = crate::db::each_backend!(conn, c => {
             let c: &mut _ = &mut **c;
-            let r = run_inbox_tx(c, route, handler, batch, &entries, attempt);
+            let r = run_inbox_tx(c, route, handler, batch, &metas, &entries);
             (r, diesel::r2d2::R2D2Connection::is_broken(c))
         });
         let (handled, skipped) = match result {
@@ -559,7 +559,7 @@ impl Dispatcher {
 }
 
 /// A message's inbox record: keyed by its `message-id` header, else by where it was read.
-fn inbox_entry(meta: Meta<'_>) -> InboxEntry<'_> {
+fn inbox_entry<'a>(meta: &Meta<'a>) -> InboxEntry<'a> {
     let (id, resent) = meta.id_and_resent();
     InboxEntry {
         key: match id {
@@ -589,20 +589,19 @@ fn run_inbox_tx<C: InboxConnection, R: Record>(
     route: &ConsumerRoute,
     handler: &mut dyn DynConsumer,
     batch: &[R],
+    metas: &[Meta<'_>],
     entries: &[InboxEntry<'_>],
-    attempt: u32,
 ) -> Result<(u64, u64), TxError> {
     c.transaction::<_, TxError, _>(|c| {
         let new = c.claim(&route.group, entries)?;
         let (mut handled, mut skipped, mut lent) = (0, 0, false);
-        for (i, (m, new)) in batch.iter().zip(new).enumerate() {
+        for (i, ((m, meta), new)) in batch.iter().zip(metas).zip(new).enumerate() {
             if !new {
                 skipped += 1;
                 continue;
             }
-            let meta = m.meta(&route.name, attempt);
             let mut ctx = Ctx::with(c.lend());
-            let r = call(handler, &meta, m.payload_bytes(), route.dump, &mut ctx);
+            let r = call(handler, meta, m.payload_bytes(), route.dump, &mut ctx);
             lent |= ctx.lent;
             r.map_err(|f| TxError::Failed(i, f))?;
             handled += 1;
