@@ -323,6 +323,11 @@ pub(crate) const WRITER_WAIT: Duration = Duration::from_secs(2);
 /// How old the horizon's last sample may be for a read that finds rows.
 const SAMPLE_EVERY: Duration = Duration::from_millis(10);
 
+/// How old the horizon's last sample may be while reads run far below the cap (a backlog):
+/// well under `WRITER_WAIT`, so that a transaction is taken for one held open that long only
+/// when it was open almost that long.
+const SAMPLE_AT_LEAST: Duration = Duration::from_millis(250);
+
 /// Samples older than this are thinned to one per this much age (see [`Horizon::thin`]).
 const THIN_AFTER: Duration = Duration::from_millis(100);
 
@@ -869,6 +874,8 @@ impl Relay {
         pass.restart(&shared, true, horizon.settled);
         let mut restarts = 0;
         let mut fresh_sample_due = false;
+        // The last read, when it was a full batch: its last id and the ids it spanned.
+        let mut last_full_read: Option<(i64, i64)> = None;
         // Since when reads have found only rows held back behind an open transaction.
         let mut held_since: Option<Instant> = None;
         let mut progress = Progress::new(&self.options);
@@ -1020,7 +1027,17 @@ impl Relay {
             }
             // A sample per read would cost a query per batch: one every few ms, and a fresh one
             // before a read that found nothing is taken for "nothing to send".
-            let sampled = horizon.older_than(SAMPLE_EVERY) || fresh_sample_due;
+            // The cap only matters near it: while full reads end far below it (a backlog), the
+            // next one cannot reach it either, and a sample would change nothing it reads. Still
+            // one every SAMPLE_AT_LEAST: samples settle ids (a sample's age decides how long
+            // its holders have been open) and notice ids going back.
+            let cap_far = !horizon.older_than(SAMPLE_AT_LEAST)
+                && last_full_read.is_some_and(|(last, span)| {
+                    horizon
+                        .cap()
+                        .is_some_and(|c| last.saturating_add(span.saturating_mul(2)) < c)
+                });
+            let sampled = fresh_sample_due || (horizon.older_than(SAMPLE_EVERY) && !cap_far);
             fresh_sample_due = false;
             if sampled && horizon.refresh(&mut self.reader, &shared.relay_id) {
                 // Ids went back (the sequence was reset, or another server answers): rows may
@@ -1070,6 +1087,12 @@ impl Relay {
                 }
             };
             metrics::histogram!(names::RELAY_BATCH_ROWS).record(rows.len() as f64);
+            last_full_read = match (rows.first(), rows.last()) {
+                (Some(first), Some(last)) if rows.len() >= rc.batch_size as usize => {
+                    Some((last.id, last.id - first.id))
+                }
+                _ => None,
+            };
             // Read the next batch (the rows after this one) while this one is sent. It is used
             // only if the next read would be the same: same shards, same cursor.
             if let Some(last) = rows.last() {
