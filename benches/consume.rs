@@ -240,6 +240,15 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Each round's ratio, for the summary lines.
+fn listed(ratios: &[f64]) -> String {
+    ratios
+        .iter()
+        .map(|r| format!("{r:.2}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn main() {
     let p = Params {
         kafka: std::env::var("DEVOUR_BENCH_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into()),
@@ -367,21 +376,13 @@ fn main() {
     println!();
     println!(
         "devour / raw (median of rounds {}): {:.2}× (target ≥ 0.8×)",
-        ratios
-            .iter()
-            .map(|r| format!("{r:.2}"))
-            .collect::<Vec<_>>()
-            .join(", "),
+        listed(&ratios),
         median(ratios.clone())
     );
     if inbox {
         println!(
             "inbox / no-op (median of rounds {}): {:.2}× (target ≥ 0.3×); medians' ratio {:.2}×",
-            inbox_ratios
-                .iter()
-                .map(|r| format!("{r:.2}"))
-                .collect::<Vec<_>>()
-                .join(", "),
+            listed(&inbox_ratios),
             median(inbox_ratios.clone()),
             median(inbox_rates) / dev
         );
