@@ -794,14 +794,24 @@ impl Relay {
             .any(|(name, t)| *name == "committer" && !t.is_finished());
         let finished = committer_alive
             && shared.wait_in_flight_at_most(0, deadline.saturating_duration_since(Instant::now()));
-        let abandoned = if finished {
-            0
+        // Rows in flight when the time ran out; closing the producer below may still bring
+        // acks for some of them, which the committer removes: those are not abandoned. (In
+        // flight is read first: an ack counted between the two reads makes the figure err
+        // high, towards "delivered again", never low.)
+        let in_flight_at_deadline = if finished {
+            None
         } else {
-            shared.in_flight() as u64
+            Some((
+                shared.in_flight() as u64,
+                shared.delivered.load(Ordering::Relaxed),
+            ))
         };
         drop(producer);
         drop(tx);
         let panicked = threads.stop();
+        let abandoned = in_flight_at_deadline.map_or(0, |(rows, delivered)| {
+            rows.saturating_sub(shared.delivered.load(Ordering::Relaxed) - delivered)
+        });
         let latency = shared
             .latency
             .lock()
