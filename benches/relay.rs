@@ -39,7 +39,7 @@
 //! cache is flushed (`sync`) and the bench waits a second, so that no phase pays for the disk
 //! writes of the one before (PostgreSQL, the broker and the bench share one machine). The
 //! topics are deleted when the bench ends; a broker removes a deleted topic's files
-//! `log.segment.delete.delay.ms` later (60 s by default, 1 s on `bin/kafka-start`'s broker),
+//! `log.segment.delete.delay.ms` later (60 s by default, 1 s on a broker `bin/kafka-start` started),
 //! which stalls its produce requests for 100–200 ms: on a broker with the default, start the
 //! next run more than a minute after the last one ended, or the latency phase may meet it.
 //!

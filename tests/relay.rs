@@ -970,8 +970,8 @@ fn the_largest_message_a_save_accepts_fits_the_broker_s_default_limit() {
 }
 
 /// A stop whose time runs out leaves the rows still in flight in the outbox (delivered again by
-/// the next run) and says how many. Acks that come in while the producer closes are removed
-/// like any other, and are not counted as left behind.
+/// the next run) and says how many. Rows whose reports come in while the producer closes are
+/// removed like any other, and are not counted as left behind.
 #[test]
 fn a_stop_that_runs_out_of_time_counts_only_the_rows_it_left() {
     let db = TestDb::new(Backend::Postgres, "abandon");
@@ -981,25 +981,36 @@ fn a_stop_that_runs_out_of_time_counts_only_the_rows_it_left() {
     common::insert_rows(&mut c, &topic, 1, rows, 100);
     let mut config = common::config(&db, "");
     config.relay.shutdown_timeout_ms = 1;
-    // Big reads: the stop most likely finds rows in flight.
+    // Big reads: a stop is likely to find rows in flight.
     config.relay.batch_size = 5_000;
-    let handle = relay::start(&config, RunOptions::default()).unwrap();
-    wait_for("deliveries under way", || {
-        c.count("devour_outbox") < rows - 5_000
-    });
-    handle.shutdown();
-    let report = handle.join().unwrap();
-    let left = c.count("devour_outbox");
-    assert_eq!(
-        report.delivered as i64 + left,
-        rows,
-        "every row is either delivered (and removed) or still in the outbox: {report:?}"
-    );
-    assert!(
-        report.abandoned as i64 <= left,
-        "{} rows reported left in flight, but only {left} are in the outbox: {report:?}",
-        report.abandoned
-    );
+    // Stopped mid-stream up to 4 times (until a stop found rows in flight).
+    let (mut delivered, mut stops_with_rows_in_flight) = (0, 0);
+    for _ in 0..4 {
+        let before = c.count("devour_outbox");
+        let handle = relay::start(&config, RunOptions::default()).unwrap();
+        wait_for("deliveries under way", || {
+            c.count("devour_outbox") < before - 5_000
+        });
+        handle.shutdown();
+        let report = handle.join().unwrap();
+        let left = c.count("devour_outbox");
+        delivered += report.delivered as i64;
+        assert_eq!(
+            delivered + left,
+            rows,
+            "every row is either delivered (and removed) or still in the outbox: {report:?}"
+        );
+        assert!(
+            report.abandoned as i64 <= left,
+            "{} rows reported left in flight, but only {left} are in the outbox: {report:?}",
+            report.abandoned
+        );
+        if report.abandoned > 0 {
+            stops_with_rows_in_flight += 1;
+            break;
+        }
+    }
+    eprintln!("stops that found rows in flight: {stops_with_rows_in_flight}");
     // The next run delivers what was left: nothing is lost, and every key's order holds.
     common::relay_drain(&common::config(&db, ""));
     assert_eq!(c.count("devour_outbox"), 0);

@@ -34,7 +34,8 @@ pub struct RelayReport {
     /// Of those, the passes that started at the oldest row; the others started at the horizon
     /// below which no transaction could still commit a row.
     pub passes_from_oldest: u64,
-    /// Rows still in flight when a stop's time ran out (they will be delivered again).
+    /// Rows still in flight when a stop's time ran out and not removed or dead-lettered by
+    /// the time it ended: they stay in the outbox and will be delivered again.
     pub abandoned: u64,
     /// Rows left in the outbox when a drain ran to its end (not counting `abandoned`): rows of
     /// keys held back by a dead letter (`block_key`), rows written while it ran, or rows of
@@ -94,6 +95,9 @@ struct Shared {
     blocked: Mutex<HashSet<String>>,
     delivered: AtomicU64,
     dead_lettered: AtomicU64,
+    /// Rows the committer took out of the outbox: removed (or marked) after their ack, or
+    /// dead-lettered after the broker refused them. Counted before they leave `in_flight`.
+    settled: AtomicU64,
     latency: Mutex<hdrhistogram::Histogram<u64>>,
     /// A vital thread panicked: the relay stops.
     failed: AtomicBool,
@@ -681,6 +685,7 @@ impl Relay {
             blocked: Mutex::new(HashSet::new()),
             delivered: AtomicU64::new(0),
             dead_lettered: AtomicU64::new(0),
+            settled: AtomicU64::new(0),
             latency: Mutex::new(
                 hdrhistogram::Histogram::new_with_bounds(1, 3_600_000, 2).expect("valid bounds"),
             ),
@@ -794,23 +799,25 @@ impl Relay {
             .any(|(name, t)| *name == "committer" && !t.is_finished());
         let finished = committer_alive
             && shared.wait_in_flight_at_most(0, deadline.saturating_duration_since(Instant::now()));
-        // Rows in flight when the time ran out; closing the producer below may still bring
-        // acks for some of them, which the committer removes: those are not abandoned. (In
-        // flight is read first: an ack counted between the two reads makes the figure err
-        // high, towards "delivered again", never low.)
+        // Rows in flight when the time ran out. Closing the producer purges what it has not
+        // sent or heard back about (those reports come back failed), but reports it already
+        // has still come in, and the committer still removes or dead-letters those rows: they
+        // are not left behind. (In flight is read first and the committer counts a row settled
+        // before it leaves `in_flight`, so a row settled between the two reads makes the
+        // figure err high, towards "delivered again", never low.)
         let in_flight_at_deadline = if finished {
             None
         } else {
             Some((
                 shared.in_flight() as u64,
-                shared.delivered.load(Ordering::Relaxed),
+                shared.settled.load(Ordering::Relaxed),
             ))
         };
         drop(producer);
         drop(tx);
         let panicked = threads.stop();
-        let abandoned = in_flight_at_deadline.map_or(0, |(rows, delivered)| {
-            rows.saturating_sub(shared.delivered.load(Ordering::Relaxed) - delivered)
+        let abandoned = in_flight_at_deadline.map_or(0, |(rows, settled)| {
+            rows.saturating_sub(shared.settled.load(Ordering::Relaxed) - settled)
         });
         let latency = shared
             .latency
@@ -1440,6 +1447,7 @@ fn commit_loop(shared: &Shared, mut store: Store, config: &Config, reports: Rece
                     );
                     if moved == Some(true) {
                         shared.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                        shared.settled.fetch_add(1, Ordering::Relaxed);
                         metrics::counter!(names::RELAY_DEAD_LETTERED).increment(1);
                         tracing::warn!(relay = %shared.relay_id, id = row.id, "dead-lettered: {error}");
                     } else if moved == Some(false) {
@@ -1484,6 +1492,7 @@ fn commit_loop(shared: &Shared, mut store: Store, config: &Config, reports: Rece
                 |s| s.complete(&shared.relay_id, &leases, &ids, retention),
             );
             if let Some(n) = removed {
+                shared.settled.fetch_add(n as u64, Ordering::Relaxed);
                 if n < ids.len() {
                     tracing::warn!(
                         relay = %shared.relay_id,
