@@ -39,9 +39,10 @@
 //! cache is flushed (`sync`) and the bench waits a second, so that no phase pays for the disk
 //! writes of the one before (PostgreSQL, the broker and the bench share one machine). The
 //! topics are deleted when the bench ends; a broker removes a deleted topic's files
-//! `log.segment.delete.delay.ms` later (60 s by default, 1 s on a broker `bin/kafka-start` started),
-//! which stalls its produce requests for 100–200 ms: on a broker with the default, start the
-//! next run more than a minute after the last one ended, or the latency phase may meet it.
+//! `log.segment.delete.delay.ms` later (60 s by default, 1 s on a broker `bin/kafka-start`
+//! started), which stalls its produce requests for 100–200 ms: on a broker with the default,
+//! start the next run more than a minute after the last one ended, or the latency phase may
+//! meet it.
 //!
 //! The relay/raw comparison runs `ROUNDS` rounds (raw first in even rounds, relay first in odd
 //! ones, a fresh backlog and fresh topics each round); the ratio is the median of the rounds'
