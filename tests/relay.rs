@@ -890,6 +890,32 @@ fn a_drain_ends_while_rows_keep_coming<C: TestConn + Send + 'static>(db: &TestDb
 
 both_backends!(a_drain_ends_while_rows_keep_coming);
 
+/// A drain on PostgreSQL that holds every shard and passes over nothing ends after one pass: it
+/// neither starts over from the oldest row when its listener comes up (that connection listens
+/// before the first read) nor reads from the oldest row again at the end (which would walk the
+/// index entries of every row it just removed), and it counts only the rows above its bound.
+#[test]
+fn a_drain_needs_one_pass_from_the_oldest_row() {
+    let db = TestDb::new(Backend::Postgres, "drain_one_pass");
+    let topic = common::create_topic("drain-one-pass", 3);
+    let mut c = PgConnection::establish(&db.url).unwrap();
+    common::insert_rows(&mut c, &topic, 0, 3_000, 50);
+    let report = common::relay_drain(&common::config(&db, ""));
+    assert_eq!(
+        (
+            report.delivered,
+            report.left,
+            report.passes,
+            report.passes_from_oldest
+        ),
+        (3_000, 0, 1, 1),
+        "{report:?}"
+    );
+    assert_eq!(c.count("devour_outbox"), 0);
+    let msgs = common::consume_seqs(&topic, 3_000, Duration::from_secs(60));
+    common::check_delivery(&msgs, 0..3_000);
+}
+
 /// A drain that holds fewer than every shard waits for the shards of a relay that died, even
 /// one whose lease TTL is longer than its own: it takes them over when their leases run out
 /// and drains their rows too.

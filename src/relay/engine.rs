@@ -294,6 +294,19 @@ impl Pass {
     /// where a row may have committed late during this pass: the settled horizon this pass
     /// began with (or the cursor, if it did not get that far). `settled` is the settled
     /// horizon now. Keys dead-lettered in the last pass are then kept back by the query itself.
+    /// Whether no row this pass should send can lie below its cursor: every read of the pass
+    /// stopped at the settled horizon, none passed a row over, and the cursor is at or below
+    /// the horizon (a read under a cap also returns rows put back above the sequence's last
+    /// id, and the cursor can jump past ids still to be handed out); and no pass from the
+    /// oldest row is asked for or due.
+    fn nothing_below_cursor(&self, horizon: &Horizon, shared: &Shared) -> bool {
+        horizon.enabled
+            && !self.passed_over
+            && self.cursor <= horizon.settled
+            && self.full_at.elapsed() < FULL_PASS_EVERY
+            && !shared.wake.rescan_asked()
+    }
+
     fn restart(&mut self, shared: &Shared, full: bool, settled: i64) {
         if full {
             self.cursor = 0;
@@ -500,6 +513,9 @@ struct LoopCounts {
     passes: u64,
     passes_from_oldest: u64,
     drained_through: Option<i64>,
+    /// A drain that ended holding every shard, with no key held back: rows at or below its
+    /// bound can only be left in flight, so the rows left are those above it.
+    left_only_above: bool,
 }
 
 /// A connected relay, ready to run.
@@ -769,13 +785,18 @@ impl Relay {
                 Box::new(backlog_loop),
             )?);
         }
-        // Wake-ups only: without it (it failed to start, or panicked) the relay polls.
+        // Wake-ups only: without it (it failed to start, or panicked) the relay polls. It
+        // listens before the first read, so that it need not ask for a pass from the oldest
+        // row (which would wait for everything sent so far) for what it might have missed.
         #[cfg(feature = "postgres")]
         if let crate::config::DatabaseUrl::Postgres(url) = &self.config.database.url {
+            let first = listen(url)
+                .inspect_err(|(kind, e)| warn_db(&shared.relay_id, kind, e))
+                .ok();
             let (shared, url) = (shared.clone(), url.clone());
             match std::thread::Builder::new()
                 .name("devour-relay-listen".into())
-                .spawn(move || listen_loop(&shared, &url))
+                .spawn(move || listen_loop(&shared, &url, first))
             {
                 Ok(t) => threads.running.push(("listener", t)),
                 Err(e) => {
@@ -829,13 +850,14 @@ impl Relay {
         if let Some(message) = panicked {
             return Err(RelayError::Panicked(message));
         }
-        let left = if drained {
-            self.reader
-                .backlog()
-                .map_or(0, |n| (n.max(0) as u64).saturating_sub(abandoned))
-        } else {
-            0
-        };
+        // (Counting only above the bound skips the index entries of the rows just removed,
+        // which a count of the whole outbox would walk.)
+        let left = match counts.drained_through {
+            Some(bound) if drained && counts.left_only_above => self.reader.backlog_after(bound),
+            _ if drained => self.reader.backlog(),
+            _ => Ok(0),
+        }
+        .map_or(0, |n| (n.max(0) as u64).saturating_sub(abandoned));
         let report = RelayReport {
             left,
             delivered: shared.delivered.load(Ordering::Relaxed),
@@ -898,6 +920,7 @@ impl Relay {
         let mut progress = Progress::new(&self.options);
         let mut standby_since: Option<Instant> = None;
         let mut prefetch = Prefetcher::start(&self.config)?;
+        let mut left_only_above = false;
         // Rows up to `covered` may be handed to the producer: this relay's row says so
         // (`Store::cover`), for whoever takes its shards over.
         let mut covered = 0_i64;
@@ -1019,19 +1042,11 @@ impl Relay {
                 continue;
             }
             // Rows that committed late with a smaller id than the cursor: look again every
-            // second, once what is in flight has been removed. None can be there when every
-            // read of the pass stopped at the settled horizon, no row was passed over, and the
-            // cursor is still at or below the horizon (a read under a cap also returns rows
-            // put back above the sequence's last id, and the cursor can jump past ids still
-            // to be handed out): the pass goes on without that wait (which would hold up every
-            // row written meanwhile), unless a pass from the oldest row is due.
+            // second, once what is in flight has been removed. When none can be there
+            // (`Pass::nothing_below_cursor`), the pass goes on without that wait (which would
+            // hold up every row written meanwhile).
             if pass.cursor > 0 && pass.started.elapsed() > Duration::from_secs(1) {
-                if horizon.enabled
-                    && !pass.passed_over
-                    && pass.cursor <= horizon.settled
-                    && pass.full_at.elapsed() < FULL_PASS_EVERY
-                    && !shared.wake.rescan_asked()
-                {
+                if pass.nothing_below_cursor(&horizon, &shared) {
                     pass.started = Instant::now();
                     pass.horizon = horizon.settled;
                     continue;
@@ -1150,14 +1165,25 @@ impl Relay {
                     let others_attended = view.unattended.is_some_and(|(n, longest, at)| {
                         n == 0 && at >= reading_since + Duration::from_millis(longest)
                     });
-                    if pass.cursor == 0
-                        && self.options.mode == Mode::Drain
-                        && (shards.len() == crate::outbox::SHARDS as usize || others_attended)
+                    // Done once a pass from the oldest row finds nothing, or once this pass
+                    // (a drain's passes all begin at the oldest row) can have left nothing
+                    // behind its cursor: a pass from the oldest row would then only walk the
+                    // index entries of the rows just removed, a good part of a short drain.
+                    let every_shard = shards.len() == crate::outbox::SHARDS as usize;
+                    if self.options.mode == Mode::Drain
+                        && (every_shard || others_attended)
+                        && (pass.cursor == 0 || pass.nothing_below_cursor(&horizon, &shared))
                     {
+                        left_only_above = every_shard && !block_keys;
                         break;
                     }
+                    let cursor = pass.cursor;
                     let full = self.full_pass_due(&pass, &horizon);
                     pass.restart(&shared, full, horizon.settled);
+                    if pass.cursor != cursor {
+                        // The new pass begins lower: there may be rows to read now.
+                        continue;
+                    }
                 }
                 progress.tick(&shared, &mut self.reader);
                 shared.wake.wait(poll);
@@ -1306,6 +1332,7 @@ impl Relay {
             passes: pass.passes,
             passes_from_oldest: pass.from_oldest,
             drained_through: drain_bound,
+            left_only_above,
         })
     }
 
@@ -1780,31 +1807,46 @@ fn lease_loop(shared: &Shared, mut store: Store, config: &Config) {
 
 /// PostgreSQL: LISTEN on `devour_outbox` and wake the reader on every notification.
 #[cfg(feature = "postgres")]
-fn listen_loop(shared: &Shared, url: &str) {
+/// A connection that listens on the outbox's channel; or what failed (the warning's kind) and
+/// why.
+#[cfg(feature = "postgres")]
+fn listen(url: &str) -> Result<diesel::PgConnection, (&'static str, String)> {
+    use diesel::prelude::*;
+    let mut conn = diesel::PgConnection::establish(&crate::db::postgres::with_client_timeouts(url))
+        .map_err(|e| {
+            (
+                "LISTEN connection failed (polling meanwhile)",
+                e.to_string(),
+            )
+        })?;
+    diesel::sql_query("LISTEN devour_outbox")
+        .execute(&mut conn)
+        .map_err(|e| ("LISTEN failed (polling meanwhile)", e.to_string()))?;
+    Ok(conn)
+}
+
+/// Wakes the reader on the outbox's notifications, on `first` (listening since before the
+/// first read) and then on connections of its own.
+#[cfg(feature = "postgres")]
+fn listen_loop(shared: &Shared, url: &str, mut first: Option<diesel::PgConnection>) {
     use diesel::prelude::*;
     while !shared.threads_stop.load(Ordering::Acquire) {
-        let mut conn = match diesel::PgConnection::establish(
-            &crate::db::postgres::with_client_timeouts(url),
-        ) {
-            Ok(c) => c,
-            Err(e) => {
-                warn_db(
-                    &shared.relay_id,
-                    "LISTEN connection failed (polling meanwhile)",
-                    &e,
-                );
-                std::thread::sleep(Duration::from_secs(1));
-                continue;
-            }
+        let mut conn = match first.take() {
+            Some(c) => c,
+            None => match listen(url) {
+                Ok(c) => {
+                    // Notifications sent while no connection listened are lost, a rescan
+                    // request among them perhaps: look from the oldest row once.
+                    shared.wake.ask_rescan();
+                    c
+                }
+                Err((kind, e)) => {
+                    warn_db(&shared.relay_id, kind, &e);
+                    std::thread::sleep(Duration::from_secs(1));
+                    continue;
+                }
+            },
         };
-        if let Err(e) = diesel::sql_query("LISTEN devour_outbox").execute(&mut conn) {
-            warn_db(&shared.relay_id, "LISTEN failed (polling meanwhile)", &e);
-            std::thread::sleep(Duration::from_secs(1));
-            continue;
-        }
-        // Notifications sent while no connection listened are lost, a rescan request among
-        // them perhaps: look from the oldest row once.
-        shared.wake.ask_rescan();
         let mut last_check = Instant::now();
         'conn: while !shared.threads_stop.load(Ordering::Acquire) {
             let mut woke = false;

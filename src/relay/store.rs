@@ -851,6 +851,27 @@ impl Store {
         Ok(rows.first().map_or(0.0, |r| r.age.max(0.0)))
     }
 
+    /// Rows in the outbox above id `after`.
+    pub(crate) fn backlog_after(&mut self, after: i64) -> Result<i64, DbError> {
+        Ok(match self {
+            #[cfg(feature = "postgres")]
+            Store::Postgres(c) => {
+                diesel::sql_query("SELECT count(*) AS n FROM devour_outbox WHERE id > $1")
+                    .bind::<BigInt, _>(after)
+                    .get_result::<Count>(c)?
+                    .n
+            }
+            #[cfg(feature = "sqlite")]
+            Store::Sqlite(c) => {
+                diesel::sql_query("SELECT count(*) AS n FROM devour_outbox WHERE id > ?1")
+                    .bind::<BigInt, _>(after)
+                    .get_result::<Count>(c)?
+                    .n
+            }
+        })
+    }
+
+    /// Rows in the outbox.
     pub(crate) fn backlog(&mut self) -> Result<i64, DbError> {
         let q = diesel::sql_query("SELECT count(*) AS n FROM devour_outbox");
         Ok(match self {
